@@ -1,0 +1,296 @@
+"""Configuration a person writes: pydantic models and YAML loading.
+
+Every model forbids unknown keys. A YAML error or a validation error becomes a
+``ConfigError`` whose message names the file, the line (where it can be found) and the
+field path, e.g. ``site.yaml:12: tasks.0.uncertain: Input should be 'lsr-ones', ...``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .tasks import TaskSpec, TaskType
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is wrong; the message says where."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- model
+# Presets give the architecture of the paper's models; any field set next to a preset
+# overrides it.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # Ark+ (Nature 2025): Swin-L at 768, window 12, linear projector to 1376.
+    "ark_plus": {
+        "backbone": "swin_large_patch4_window12_384",
+        "img_size": 768,
+        "work_size": 896,
+        "projector": "linear",
+        "projector_dim": 1376,
+        "backbone_kwargs": {"window_size": 12},
+    },
+    # Ark (MICCAI 2023): Swin-B at 224, MLP projector to 1376.
+    "ark": {
+        "backbone": "swin_base_patch4_window7_224",
+        "img_size": 224,
+        "work_size": 256,
+        "projector": "mlp",
+        "projector_dim": 1376,
+        "backbone_kwargs": {},
+    },
+    # A tiny Swin for CPU tests and the embedded demo.
+    "tiny": {
+        "backbone": "swin_tiny_patch4_window7_224",
+        "img_size": 64,
+        "work_size": 72,
+        "projector": "linear",
+        "projector_dim": 64,
+        "backbone_kwargs": {
+            "window_size": 4,
+            "embed_dim": 32,
+            "depths": [2, 2, 2, 2],
+            "num_heads": [1, 2, 4, 8],
+        },
+    },
+}
+
+
+class ModelConfig(Strict):
+    """The network: timm backbone -> projector -> one head per task."""
+
+    preset: Literal["ark_plus", "ark", "tiny"] | None = Field(
+        None, description="Fill the architecture from a paper preset; other fields override it."
+    )
+    backbone: str = Field(
+        "swin_large_patch4_window12_384", description="timm model name of the backbone."
+    )
+    img_size: int = Field(768, gt=0, description="Network input size (square).")
+    work_size: int | None = Field(
+        None, gt=0, description="Images are first resized to this (default: img_size * 7/6)."
+    )
+    projector: Literal["linear", "mlp", "none"] = Field(
+        "linear", description="Ark+ uses one Linear; Ark used Linear-ReLU-Linear."
+    )
+    projector_dim: int = Field(1376, gt=0, description="Embedding size (projector output).")
+    backbone_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra timm.create_model keywords (window_size, ...)."
+    )
+    init: str = Field(
+        "random",
+        description="'random', 'imagenet' (timm pretrained weights, needs network), or a path to "
+        "a model file (.safetensors) or a released Ark checkpoint (.pth.tar).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset"):
+            preset = MODEL_PRESETS.get(data["preset"])
+            if preset is not None:
+                merged = {**preset, **data}
+                merged["backbone_kwargs"] = {
+                    **preset.get("backbone_kwargs", {}),
+                    **data.get("backbone_kwargs", {}),
+                }
+                return merged
+        return data
+
+    @property
+    def resolved_work_size(self) -> int:
+        return self.work_size or int(round(self.img_size * 7 / 6))
+
+
+# ----------------------------------------------------------------------------- tasks
+class SplitConfig(Strict):
+    """Patient-disjoint split, deterministic in ``seed``; official splits win where they exist."""
+
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of patients for validation.")
+    test_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of patients for test when there is no official test."
+    )
+    seed: int = Field(0, description="Seed of the patient hash that assigns splits.")
+    use_official: bool = Field(True, description="Use the dataset's official split files.")
+
+
+class TaskConfig(Strict):
+    """One task: a dataset in its public layout and how its labels are read."""
+
+    name: str = Field(description="Task name (the head's key); unique in a config.")
+    dataset: str = Field(
+        description="Adapter: chestxray14, chexpert, mimic_cxr, rsna_pneumonia, vindr_cxr, "
+        "shenzhen, pediatric_pneumonia, covidx or csv."
+    )
+    root: Path = Field(description="Dataset root directory (relative paths resolve against the "
+                       "config file's directory or the data root).")
+    labels: list[str] | None = Field(None, description="Override the adapter's label list.")
+    task_type: TaskType | None = Field(None, description="Override the adapter's task type.")
+    uncertain: Literal["lsr-ones", "ones", "zeros", "ignore"] | None = Field(
+        None, description="Policy for uncertain (-1) labels; default: the adapter's (paper's)."
+    )
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    max_images: int | None = Field(
+        None, gt=0, description="Keep at most this many images (whole patients, seeded)."
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Adapter-specific options (see the adapter's docs)."
+    )
+
+
+# ----------------------------------------------------------------------------- training
+class TrainConfig(Strict):
+    """Optimisation and the teacher-student schedule."""
+
+    optimizer: Literal["sgd", "adamw"] = Field(
+        "adamw", description="'sgd' is SGD with Nesterov momentum 0.9 as in the paper."
+    )
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate after warm-up.")
+    min_lr: float = Field(1e-6, ge=0, description="Learning rate at the end of the cosine.")
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: int = Field(0, ge=0, description="Linear warm-up epochs (or rounds).")
+    epochs: int = Field(10, gt=0, description="Passes over all tasks (centralized run).")
+    batch_size: int = Field(32, gt=0)
+    workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    ema_m0: float = Field(0.9, ge=0, lt=1, description="Initial teacher momentum m0.")
+    lam_max: float = Field(0.5, ge=0, le=1, description="Final consistency weight.")
+    amp: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="'auto' uses bf16 autocast on GPUs that support it."
+    )
+    grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm.")
+    bad_file_fraction: float = Field(
+        0.01, ge=0, le=1, description="Stop when more than this share of files is unreadable."
+    )
+    seed: int = 0
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads.")
+
+
+class ArkConfig(Strict):
+    """A centralized Ark+ run (``ark train CONFIG``)."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tasks: list[TaskConfig] = Field(min_length=1)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output_dir: Path = Field(Path("runs/centralized"), description="Run directory.")
+    data_root: Path | None = Field(
+        None, description="Relative task roots resolve against this (default: the config's dir)."
+    )
+
+    @model_validator(mode="after")
+    def _unique_task_names(self) -> ArkConfig:
+        names = [t.name for t in self.tasks]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"task names must be unique, repeated: {sorted(dup)}")
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+M = TypeVar("M", bound=BaseModel)
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Map each key path in a YAML document to its 1-based line number."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = k.value
+                lines[path + (key,)] = k.start_mark.line + 1
+                walk(v, path + (key,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, path + (i,))
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def format_validation_error(err: ValidationError, source: str, text: str | None = None) -> str:
+    """One line per problem: ``source:line: field.path: message``."""
+    key_lines = _key_lines(text) if text else {}
+    out = []
+    for e in err.errors():
+        loc = tuple(x for x in e["loc"])
+        line = None
+        for n in range(len(loc), -1, -1):
+            if loc[:n] in key_lines:
+                line = key_lines[loc[:n]]
+                break
+        where = f"{source}:{line}" if line else source
+        field = ".".join(str(x) for x in loc) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        out.append(f"{where}: {field}: {msg}")
+    return "\n".join(out)
+
+
+def parse_config(data: Any, cls: type[M], source: str = "<config>", text: str | None = None) -> M:
+    """Validate a mapping into ``cls``; errors name ``source`` and the field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source, text)) from None
+
+
+def load_yaml(path: str | Path) -> tuple[Any, str]:
+    """Read a YAML file; errors name the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}{line}: invalid YAML: {problem}") from None
+    if data is None:
+        raise ConfigError(f"{path}: file is empty")
+    return data, text
+
+
+def load_config(path: str | Path, cls: type[M] = ArkConfig) -> M:  # type: ignore[assignment]
+    """Load and validate a YAML config file into ``cls``.
+
+    Relative ``root``/``data_root``/``output_dir`` paths are kept as written; callers resolve
+    them with :func:`resolve_path` against the file's directory.
+    """
+    data, text = load_yaml(path)
+    return parse_config(data, cls, source=str(path), text=text)
+
+
+def resolve_path(p: Path, base: Path) -> Path:
+    """``p`` if absolute, else ``base / p`` (never the working directory)."""
+    p = Path(p).expanduser()
+    return p if p.is_absolute() else (Path(base) / p)
+
+
+def task_spec_of(cfg: TaskConfig, default: TaskSpec) -> TaskSpec:
+    """The task spec a config describes: the adapter's default with overrides applied."""
+    return TaskSpec(
+        name=cfg.name,
+        labels=tuple(cfg.labels) if cfg.labels else default.labels,
+        task_type=cfg.task_type or default.task_type,
+    )

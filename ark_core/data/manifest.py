@@ -1,0 +1,99 @@
+"""Manifests: the list of files and labels one task trains or evaluates on.
+
+A manifest is what every dataset adapter produces and every consumer (dataset, splitter,
+partitioner, evaluator) reads. Targets follow one convention for all tasks:
+
+- multi-label and binary: float32 array (N, C); 1 positive, 0 negative, fractional values
+  are soft labels (e.g. LSR-Ones), NaN means "ignore this label for this image" (masked loss).
+- multi-class: int64 array (N,) of class indices; -1 means unlabelled (ignored).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..tasks import TaskSpec, TaskType
+
+
+@dataclass
+class Manifest:
+    """Files and targets of one task.
+
+    Args:
+        task: The task's identity (labels, type).
+        root: Directory the relative ``paths`` resolve against.
+        paths: Image paths relative to ``root`` (posix separators).
+        targets: See the module docstring for the convention.
+        patient_ids: One id per image; used for patient-disjoint splits and bootstrap.
+        meta: Optional per-image metadata columns (e.g. ``sex``, ``age``, ``view``,
+            ``split``), each a list aligned with ``paths``.
+    """
+
+    task: TaskSpec
+    root: Path
+    paths: list[str]
+    targets: np.ndarray
+    patient_ids: list[str]
+    meta: dict[str, list] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        n = len(self.paths)
+        if len(self.patient_ids) != n or len(self.targets) != n:
+            raise ValueError(
+                f"manifest for task {self.task.name!r}: {n} paths, {len(self.targets)} targets, "
+                f"{len(self.patient_ids)} patient ids"
+            )
+        for key, col in self.meta.items():
+            if len(col) != n:
+                raise ValueError(f"manifest meta column {key!r} has {len(col)} rows, expected {n}")
+        if self.task.task_type is TaskType.MULTICLASS:
+            self.targets = np.asarray(self.targets, dtype=np.int64).reshape(n)
+        else:
+            self.targets = np.asarray(self.targets, dtype=np.float32).reshape(n, self.task.num_outputs)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> Manifest:
+        """A new manifest with the rows ``index`` (in that order)."""
+        idx = np.asarray(index, dtype=np.int64)
+        return Manifest(
+            task=self.task,
+            root=self.root,
+            paths=[self.paths[i] for i in idx],
+            targets=self.targets[idx],
+            patient_ids=[self.patient_ids[i] for i in idx],
+            meta={k: [v[i] for i in idx] for k, v in self.meta.items()},
+        )
+
+    def label_counts(self) -> dict[str, dict[str, int]]:
+        """Per label: positives, negatives and ignored rows (soft labels count as positive)."""
+        out: dict[str, dict[str, int]] = {}
+        if self.task.task_type is TaskType.MULTICLASS:
+            for c, name in enumerate(self.task.labels):
+                pos = int((self.targets == c).sum())
+                ign = int((self.targets < 0).sum())
+                out[name] = {"positive": pos, "negative": len(self) - pos - ign, "ignored": ign}
+            return out
+        for c, name in enumerate(self.task.labels):
+            col = self.targets[:, c]
+            ign = int(np.isnan(col).sum())
+            pos = int((col > 0).sum())
+            out[name] = {"positive": pos, "negative": len(self) - pos - ign, "ignored": ign}
+        return out
+
+    def fingerprint(self) -> str:
+        """A short hash of the file list and targets (provenance; never the data itself)."""
+        h = hashlib.sha256()
+        h.update(self.task.name.encode())
+        for p in self.paths:
+            h.update(p.encode())
+            h.update(b"\0")
+        h.update(np.ascontiguousarray(np.nan_to_num(self.targets, nan=-9.0)).tobytes())
+        return h.hexdigest()[:16]
