@@ -1,0 +1,166 @@
+"""A centralized Ark+ run: all tasks on one machine, the baseline for federated runs.
+
+Run directory layout::
+
+    config.yaml             the resolved config
+    metrics.jsonl           one line per epoch (losses, lr, momentum, validation AUC)
+    checkpoint.pt           resumable state: student, teacher, optimizer, epoch, schedule
+    student.safetensors     model files after the last finished epoch
+    teacher.safetensors
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from .config import ArkConfig, resolve_path
+from .evaluate import evaluate
+from .model import create_model, make_teacher
+from .schedule import lr_at
+from .train import build_optimizer, load_task_data, resolve_device, seed_everything, train_round
+
+log = logging.getLogger(__name__)
+
+
+def config_fingerprint(cfg: ArkConfig) -> str:
+    """Hash of what determines the result (not output paths, workers, device)."""
+    d = cfg.model_dump(mode="json", exclude={"output_dir": True, "train": {"workers", "device"}})
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def train_centralized(
+    cfg: ArkConfig, base_dir: Path, *, progress: bool = True, max_epochs: int | None = None
+) -> dict:
+    """Train Ark+ on all tasks of ``cfg`` centrally; resumes from ``output_dir`` if present.
+
+    Args:
+        cfg: The run config.
+        base_dir: Directory relative paths resolve against (the config file's directory).
+        progress: Show progress bars.
+        max_epochs: Stop after this many epochs in this call (the run stays resumable).
+
+    Returns:
+        ``{"epoch", "val": {task: {...}}, "teacher_auc_mean", "output_dir"}``.
+    """
+    from .checkpoint import save_model
+
+    base_dir = Path(base_dir)
+    data_root = resolve_path(cfg.data_root, base_dir) if cfg.data_root else base_dir
+    out = resolve_path(cfg.output_dir, base_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fp = config_fingerprint(cfg)
+    seed_everything(cfg.train.seed)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+
+    tasks = load_task_data(cfg.tasks, data_root)
+    for td in tasks:
+        log.info("task %s: %d train, %d val images", td.spec.name, len(td.train), len(td.val or []))
+    student = create_model(cfg.model, [td.spec for td in tasks]).to(device)
+    teacher = make_teacher(student)
+    optimizer = build_optimizer(student, cfg.train, cfg.train.lr)
+    start_epoch, ema_step = 0, 0
+
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if state["fingerprint"] != fp:
+            raise ValueError(
+                f"{ckpt_path} belongs to a different config (fingerprint {state['fingerprint']} "
+                f"!= {fp}); use a new output_dir or restore the config"
+            )
+        student.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, ema_step = int(state["epoch"]), int(state["ema_step"])
+        log.info("resuming %s at epoch %d", out, start_epoch + 1)
+    else:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+
+    epochs = cfg.train.epochs
+    work_size = cfg.model.resolved_work_size
+    total_ema = epochs * len(tasks)
+    end_epoch = epochs if max_epochs is None else min(epochs, start_epoch + max_epochs)
+    val: dict = {}
+    for epoch in range(start_epoch, end_epoch):
+        t0 = time.time()
+        lr = lr_at(epoch, epochs, cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_epochs)
+        result = train_round(
+            student, teacher, tasks, cfg.train, img_size=cfg.model.img_size, work_size=work_size,
+            lr=lr, local_epochs=1, ema_step=ema_step, ema_total_steps=total_ema, device=device,
+            optimizer=optimizer, progress=progress, desc=f"epoch {epoch + 1}/{epochs} ",
+        )
+        ema_step = result.ema_step
+        val = {
+            role: evaluate(
+                model, tasks, img_size=cfg.model.img_size, work_size=work_size,
+                batch_size=cfg.train.batch_size, workers=cfg.train.workers, device=device,
+            )
+            for role, model in (("teacher", teacher), ("student", student))
+        }
+        record = {
+            "epoch": epoch + 1,
+            "seconds": round(time.time() - t0, 2),
+            **result.metrics,
+            **{
+                f"auc_mean.{role}.{task}": v["auc_mean"]
+                for role, per_task in val.items()
+                for task, v in per_task.items()
+            },
+        }
+        append_jsonl(out / "metrics.jsonl", record)
+        atomic_torch_save(
+            {
+                "student": student.state_dict(),
+                "teacher": teacher.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1,
+                "ema_step": ema_step,
+                "fingerprint": fp,
+            },
+            ckpt_path,
+        )
+        provenance = {
+            "kind": "centralized",
+            "epochs": epoch + 1,
+            "tasks": {td.spec.name: td.train.fingerprint() for td in tasks},
+            "config_fingerprint": fp,
+        }
+        save_model(student, out / "student.safetensors", provenance=provenance, role="student")
+        save_model(teacher, out / "teacher.safetensors", provenance=provenance, role="teacher")
+        summary = ", ".join(
+            f"{t}: {v['auc_mean']:.3f}" if v["auc_mean"] is not None else f"{t}: n/a"
+            for t, v in val["teacher"].items()
+        )
+        print(f"epoch {epoch + 1}/{epochs}  lr {lr:.2e}  teacher val AUC  {summary}", flush=True)
+    teacher_means = [v["auc_mean"] for v in val.get("teacher", {}).values() if v["auc_mean"]]
+    return {
+        "epoch": end_epoch,
+        "val": val,
+        "teacher_auc_mean": sum(teacher_means) / len(teacher_means) if teacher_means else None,
+        "output_dir": str(out),
+    }

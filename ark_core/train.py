@@ -1,0 +1,310 @@
+"""The cyclic teacher-student trainer of Ark+ (one site's round, or a centralized run).
+
+One pass trains each task in turn for one epoch through its own head. The student sees an
+augmented crop, the teacher the whole resized image; the loss is
+``(1 - lam) * task_loss + lam * MSE(student embedding, teacher embedding)``. After every
+task-epoch the teacher follows the student by EMA with momentum ``m`` from a cosine schedule
+(m0 -> 1 over all task-epochs of the run) and ``lam`` follows ``m`` (0 -> lam_max).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .config import TaskConfig, TrainConfig
+from .data.manifest import Manifest
+from .model import ArkModel, ema_update
+from .schedule import consistency_weight, momentum_schedule
+from .tasks import TaskSpec, TaskType
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskData:
+    """One task's specification and its manifests per split."""
+
+    spec: TaskSpec
+    train: Manifest
+    val: Manifest | None = None
+    test: Manifest | None = None
+
+    def split(self, name: str) -> Manifest | None:
+        return getattr(self, name)
+
+
+@dataclass
+class RoundResult:
+    """What a round (or a centralized epoch) of cyclic training produced."""
+
+    metrics: dict[str, float]
+    ema_step: int
+    examples: dict[str, int] = field(default_factory=dict)
+
+
+def load_task_data(
+    task_cfgs: Sequence[TaskConfig], base_dir: Path, splits: Sequence[str] = ("train", "val")
+) -> list[TaskData]:
+    """Build each task's manifests (patient-disjoint splits) from its config."""
+    from .data import build_manifest, task_spec_for
+
+    out = []
+    for cfg in task_cfgs:
+        per_split = {s: build_manifest(cfg, s, base_dir) for s in splits}
+        out.append(TaskData(spec=task_spec_for(cfg), **per_split))
+    return out
+
+
+# ----------------------------------------------------------------------------- devices
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast where the hardware has it ('auto': CUDA with bf16 only)."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    if device.type == "cuda" and (amp == "bf16" or torch.cuda.is_bf16_supported()):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if amp == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- losses
+def task_loss(logits: torch.Tensor, target: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
+    """BCE-with-logits for multi-label/binary (NaN targets masked), CE for multi-class."""
+    logits = logits.float()
+    if spec.task_type is TaskType.MULTICLASS:
+        if (target >= 0).sum() == 0:
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, target.long(), ignore_index=-1)
+    mask = ~torch.isnan(target)
+    bce = F.binary_cross_entropy_with_logits(
+        logits, torch.nan_to_num(target, nan=0.0), reduction="none"
+    )
+    return (bce * mask).sum() / mask.sum().clamp(min=1)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """SGD-Nesterov (the paper) or AdamW; no weight decay on biases and norms (timm style)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, **fused)
+    return torch.optim.AdamW(groups, lr=lr, **fused)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+# ----------------------------------------------------------------------------- loaders
+def make_loader(
+    manifest: Manifest,
+    cfg: TrainConfig,
+    *,
+    img_size: int,
+    work_size: int,
+    training: bool,
+    seed: int = 0,
+    batch_size: int | None = None,
+) -> DataLoader:
+    """A loader of two-view batches (training) or whole-image batches (evaluation)."""
+    from .data.dataset import ArkDataset, collate
+    from .data.transforms import create_transform
+
+    ds = ArkDataset(manifest, create_transform(img_size, work_size, training), work_size=work_size)
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        ds,
+        batch_size=batch_size or cfg.batch_size,
+        shuffle=training,
+        num_workers=cfg.workers,
+        collate_fn=collate,
+        generator=gen,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=False,
+    )
+
+
+# ----------------------------------------------------------------------------- training
+def train_task_epoch(
+    student: ArkModel,
+    teacher: ArkModel,
+    loader: DataLoader,
+    spec: TaskSpec,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    *,
+    lam: float,
+    device: torch.device,
+    bad_files: list[str],
+    progress: bool = True,
+    desc: str = "",
+) -> dict[str, float]:
+    """One epoch of one task through its head; returns mean losses and the example count."""
+    student.train()
+    teacher.eval()
+    sums = {"loss": 0.0, "task-loss": 0.0, "consistency": 0.0}
+    seen = 0
+    bar = tqdm(loader, desc=desc or spec.name, disable=not progress, leave=False, unit="batch")
+    for batch in bar:
+        bad_files.extend(batch["bad"])
+        n = int(batch["n"])
+        if n == 0:
+            continue
+        xs = batch["student"].to(device, non_blocking=True)
+        xt = batch["teacher"].to(device, non_blocking=True)
+        y = batch["target"].to(device, non_blocking=True)
+        with autocast_for(device, cfg.amp):
+            z_s, logits = student.forward_task(xs, spec.name)
+            loss_task = task_loss(logits, y, spec)
+            if lam > 0:
+                with torch.no_grad():
+                    z_t = teacher.embed(xt)
+                loss_cons = F.mse_loss(z_s.float(), z_t.float())
+            else:  # the teacher's view has no weight yet: skip its forward pass
+                loss_cons = torch.zeros((), device=device)
+            loss = (1.0 - lam) * loss_task + lam * loss_cons
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss ({loss.item()}) in task {spec.name!r}: stopping before the "
+                "model is corrupted; lower the learning rate or check the labels"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        optimizer.step()
+        seen += n
+        sums["loss"] += loss.item() * n
+        sums["task-loss"] += loss_task.item() * n
+        sums["consistency"] += loss_cons.item() * n
+        bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}", lam=f"{lam:.3f}")
+    return {k: v / max(seen, 1) for k, v in sums.items()} | {"num-examples": seen}
+
+
+def check_bad_fraction(bad: Sequence[str], total: int, max_fraction: float, where: str) -> None:
+    """Stop (at the end of an epoch, never mid-epoch) when too many files were unreadable."""
+    if total and len(bad) / total > max_fraction:
+        listed = "\n  ".join(sorted(set(bad))[:20])
+        raise RuntimeError(
+            f"{where}: {len(bad)} of {total} images unreadable "
+            f"({len(bad) / total:.1%} > {max_fraction:.1%}):\n  {listed}"
+        )
+    for p in sorted(set(bad)):
+        log.warning("skipped unreadable image %s", p)
+
+
+def train_round(
+    student: ArkModel,
+    teacher: ArkModel,
+    tasks: Sequence[TaskData],
+    cfg: TrainConfig,
+    *,
+    img_size: int,
+    work_size: int,
+    lr: float,
+    local_epochs: int,
+    ema_step: int,
+    ema_total_steps: int,
+    device: torch.device | str = "cpu",
+    optimizer: torch.optim.Optimizer | None = None,
+    progress: bool = True,
+    desc: str = "",
+) -> RoundResult:
+    """Cyclic Ark+ training: ``local_epochs`` passes, each task in turn, EMA after each.
+
+    Args:
+        student: Trained in place.
+        teacher: Updated in place by EMA; never receives gradients.
+        tasks: This site's tasks, in training order.
+        cfg: Optimiser, batch size, EMA m0, lam_max, AMP.
+        img_size: Network input size.
+        work_size: Size images are first resized to.
+        lr: Learning rate of this round (or epoch).
+        local_epochs: Passes over all tasks.
+        ema_step: Position in the momentum schedule (EMA steps taken before this round).
+        ema_total_steps: Length of the momentum schedule (all task-epochs of the run).
+        device: Where to train.
+        optimizer: Reuse an optimizer (centralized runs); a fresh one is built otherwise,
+            which is what a federated site does every round.
+        progress: Show progress bars.
+        desc: Prefix of the progress-bar labels.
+
+    Returns:
+        Metrics (mean losses per task, examples per task), and the new schedule position.
+    """
+    device = torch.device(device)
+    if ema_step + local_epochs * len(tasks) > ema_total_steps:
+        raise ValueError(
+            f"schedule overrun: step {ema_step} + {local_epochs} x {len(tasks)} task-epochs "
+            f"> {ema_total_steps} planned"
+        )
+    teacher.requires_grad_(False)
+    momentum = momentum_schedule(ema_total_steps, cfg.ema_m0)
+    if optimizer is None:
+        optimizer = build_optimizer(student, cfg, lr)
+    set_lr(optimizer, lr)
+    metrics: dict[str, float] = {}
+    examples: dict[str, int] = {}
+    bad: list[str] = []
+    total_seen = 0
+    for epoch in range(local_epochs):
+        for td in tasks:
+            m = float(momentum[ema_step])
+            lam = consistency_weight(m, cfg.ema_m0, cfg.lam_max)
+            loader = make_loader(
+                td.train, cfg, img_size=img_size, work_size=work_size, training=True,
+                seed=cfg.seed * 1_000_003 + ema_step,
+            )
+            label = f"{desc}{td.spec.name} [{epoch + 1}/{local_epochs}]"
+            before = len(bad)
+            stats = train_task_epoch(
+                student, teacher, loader, td.spec, optimizer, cfg,
+                lam=lam, device=device, bad_files=bad, progress=progress, desc=label,
+            )
+            check_bad_fraction(bad[before:], len(td.train), cfg.bad_file_fraction, td.spec.name)
+            ema_update(teacher, student, m)
+            ema_step += 1
+            n = int(stats.pop("num-examples"))
+            examples[td.spec.name] = examples.get(td.spec.name, 0) + n
+            total_seen += n
+            for k, v in stats.items():  # the last epoch's means are the round's figures
+                metrics[f"{k}.{td.spec.name}"] = float(v)
+            metrics[f"momentum.{td.spec.name}"] = m
+            metrics[f"lam.{td.spec.name}"] = lam
+    for name, n in examples.items():
+        metrics[f"num-examples.{name}"] = float(n)
+    metrics["num-examples"] = float(total_seen)
+    metrics["bad-files"] = float(len(set(bad)))
+    metrics["lr"] = float(lr)
+    return RoundResult(metrics=metrics, ema_step=ema_step, examples=examples)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
