@@ -35,6 +35,8 @@ class ArkModel(nn.Module):
         projector_dim: Embedding size.
         pretrained: Load timm's pretrained backbone weights (needs network access).
         backbone_kwargs: Extra ``timm.create_model`` keywords (window_size, depths, ...).
+        work_size: Size images are first resized to (default: img_size * 7/6); stored in
+            model files so that users of the file preprocess as training did.
     """
 
     def __init__(
@@ -46,8 +48,13 @@ class ArkModel(nn.Module):
         projector_dim: int = 1376,
         pretrained: bool = False,
         backbone_kwargs: Mapping | None = None,
+        work_size: int | None = None,
     ) -> None:
         super().__init__()
+        # A model file rebuilds the backbone from its timm name and keywords.
+        self.backbone_name = backbone if isinstance(backbone, str) else None
+        self.backbone_kwargs = dict(backbone_kwargs or {})
+        self.work_size = work_size or int(round(img_size * 7 / 6))
         if isinstance(backbone, str):
             kwargs = dict(backbone_kwargs or {})
             if "swin" in backbone or "img_size" in kwargs:
@@ -127,6 +134,9 @@ class ArkModel(nn.Module):
     def config_dict(self) -> dict:
         """What it takes to rebuild this architecture (stored in model files)."""
         return {
+            "backbone": self.backbone_name,
+            "backbone_kwargs": self.backbone_kwargs,
+            "work_size": self.work_size,
             "img_size": self.img_size,
             "projector": self.projector_kind,
             "projector_dim": self.embed_dim,
@@ -149,6 +159,7 @@ def create_model(cfg: ModelConfig, tasks: Iterable[TaskSpec]) -> ArkModel:
         projector_dim=cfg.projector_dim,
         pretrained=cfg.init == "imagenet",
         backbone_kwargs=cfg.backbone_kwargs,
+        work_size=cfg.resolved_work_size,
     )
 
 
