@@ -120,6 +120,22 @@ class SplitConfig(Strict):
     use_official: bool = Field(True, description="Use the dataset's official split files.")
 
 
+class PartitionConfig(Strict):
+    """Which share of a task a site holds in a simulation."""
+
+    method: Literal["iid", "dirichlet"] = Field("iid", description="How patients are dealt out.")
+    num_sites: int = Field(gt=0, description="Number of parts the task is split into.")
+    site: int = Field(ge=0, description="Which part (0-based) this site holds.")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (label skew).")
+    seed: int = Field(0, description="Seed of the partition.")
+
+    @model_validator(mode="after")
+    def _site_in_range(self) -> PartitionConfig:
+        if self.site >= self.num_sites:
+            raise ValueError(f"site {self.site} out of range for num_sites {self.num_sites}")
+        return self
+
+
 class TaskConfig(Strict):
     """One task: a dataset in its public layout and how its labels are read."""
 
@@ -141,6 +157,9 @@ class TaskConfig(Strict):
     )
     options: dict[str, Any] = Field(
         default_factory=dict, description="Adapter-specific options (see the adapter's docs)."
+    )
+    partition: PartitionConfig | None = Field(
+        None, description="Simulations: hold only this site's patient-disjoint share of the task."
     )
 
 

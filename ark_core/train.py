@@ -56,12 +56,15 @@ class RoundResult:
 def load_task_data(
     task_cfgs: Sequence[TaskConfig], base_dir: Path, splits: Sequence[str] = ("train", "val")
 ) -> list[TaskData]:
-    """Build each task's manifests (patient-disjoint splits) from its config."""
+    """Build each task's manifests (patient-disjoint splits, then the site's partition)."""
     from .data import build_manifest, task_spec_for
+    from .data.partition import apply_partition
 
     out = []
     for cfg in task_cfgs:
         per_split = {s: build_manifest(cfg, s, base_dir) for s in splits}
+        if cfg.partition is not None:
+            per_split = {s: apply_partition(m, cfg.partition) for s, m in per_split.items()}
         out.append(TaskData(spec=task_spec_for(cfg), **per_split))
     return out
 
