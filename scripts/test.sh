@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run the whole test suite on the CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export CUDA_VISIBLE_DEVICES=""
+.venv/bin/ruff check .
+exec .venv/bin/pytest -q "$@"
