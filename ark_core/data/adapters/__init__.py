@@ -1,0 +1,31 @@
+"""One adapter per public chest X-ray release, registered by the name a task config uses."""
+
+from .base import Adapter, DatasetError
+from .chestxray14 import ChestXray14
+from .chexpert import CheXpert
+from .covidx import Covidx
+from .csv_generic import CsvDataset
+from .mimic_cxr import MimicCxr
+from .pediatric_pneumonia import PediatricPneumonia
+from .rsna_pneumonia import RsnaPneumonia
+from .shenzhen import Shenzhen
+from .vindr_cxr import VinDrCxr
+
+ADAPTERS: dict[str, type[Adapter]] = {
+    a.name: a
+    for a in (
+        ChestXray14, CheXpert, MimicCxr, RsnaPneumonia, VinDrCxr, Shenzhen, PediatricPneumonia,
+        Covidx, CsvDataset,
+    )
+}  # fmt: skip
+
+
+def get_adapter(name: str) -> type[Adapter]:
+    """The adapter class registered as ``name``."""
+    try:
+        return ADAPTERS[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; known: {sorted(ADAPTERS)}") from None
+
+
+__all__ = ["ADAPTERS", "Adapter", "DatasetError", "get_adapter"]

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import numpy as np
+from pydantic import Field
+
+from ...tasks import CHESTXRAY14_LABELS
+from .base import Adapter, AdapterOptions, DatasetError, find_file, read_csv, safe_relpath, where
+
+LABEL_FILES = ["Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv"]
+OFFICIAL_LISTS = {"train": "train_val_list.txt", "test": "test_list.txt"}
+
+
+class ChestXray14Options(AdapterOptions):
+    label_file: str | None = Field(
+        None, description="Label CSV relative to the root (default: Data_Entry_2017_v2020.csv, "
+        "else Data_Entry_2017.csv)."
+    )
+
+
+class ChestXray14(Adapter):
+    """NIH ChestX-ray14: 112,120 frontal radiographs of 30,805 patients, 14 findings.
+
+    Wang X, Peng Y, Lu L, Lu Z, Bagheri M, Summers RM. "ChestX-ray8: Hospital-scale Chest
+    X-ray Database and Benchmarks on Weakly-Supervised Classification and Localization of
+    Common Thorax Diseases", CVPR 2017. https://nihcc.app.box.com/v/ChestXray-NIHCC
+
+    Files: ``Data_Entry_2017_v2020.csv`` or ``Data_Entry_2017.csv`` (``Image Index``,
+    ``Finding Labels`` pipe-separated, ``Patient ID``, ``Patient Age``, ``Patient Gender``,
+    ``View Position``, ...), images under ``images/`` or the release's
+    ``images_NNN/images/``; the official ``train_val_list.txt``/``test_list.txt`` when
+    present (images in neither list get no official split).
+
+    Labels: ``CHESTXRAY14_LABELS``, multi-label. The labels are text-mined: there is no
+    uncertain value, so the uncertainty policy never applies. "No Finding" -> all 14 are 0;
+    "No Finding" together with a finding, or an unknown finding name, is an error.
+    Patient: ``Patient ID``. Meta: ``sex``, ``age``, ``view``, ``split``.
+    """
+
+    name = "chestxray14"
+    Options = ChestXray14Options
+
+    @classmethod
+    def default_labels(cls, options):
+        return CHESTXRAY14_LABELS
+
+    def _image_index(self) -> tuple[str, dict[str, str]]:
+        """The default image folder and, for the multi-folder release, name -> relative path."""
+        if (self.root / "images").is_dir():
+            return "images", {}
+        index: dict[str, str] = {}
+        for d in sorted(self.root.glob("images_*/images")):
+            for f in d.iterdir():
+                index[f.name] = f"{d.parent.name}/images/{f.name}"
+        return "images", index
+
+    def _official(self) -> dict[str, str]:
+        split: dict[str, str] = {}
+        for name, fname in OFFICIAL_LISTS.items():
+            path = self.root / fname
+            if path.is_file():
+                for line in path.read_text(encoding="utf-8").split():
+                    split[line.strip()] = name
+        return split
+
+    def _read(self) -> None:
+        opts: ChestXray14Options = self.options  # type: ignore[assignment]
+        path = (
+            self.root / opts.label_file if opts.label_file else find_file(self.root, LABEL_FILES)
+        )
+        if path is None:
+            raise DatasetError(f"{self.root}: none of {LABEL_FILES} found")
+        _, rows = read_csv(path, ["Image Index", "Finding Labels", "Patient ID"])
+        folder, index = self._image_index()
+        official = self._official()
+        col = {lab: i for i, lab in enumerate(self.pathologies)}
+        labels = np.zeros((len(rows), len(self.pathologies)), dtype=np.float32)
+        self.paths, self.patient_ids = [], []
+        sex, age, view, split = [], [], [], []
+        seen: dict[str, int] = {}
+        for i, (line, r) in enumerate(rows):
+            name = r["Image Index"]
+            if name in seen:
+                raise DatasetError(f"{where(path, line)}: image {name!r} repeats line {seen[name]}")
+            seen[name] = line
+            rel = index.get(name) or f"{folder}/{name}"
+            self.paths.append(safe_relpath(rel, path, line))
+            findings = [f.strip() for f in r["Finding Labels"].split("|") if f.strip()]
+            if not findings:
+                raise DatasetError(f"{where(path, line)}: empty 'Finding Labels'")
+            if "No Finding" in findings and len(findings) > 1:
+                raise DatasetError(f"{where(path, line)}: 'No Finding' together with findings")
+            for f in findings:
+                if f == "No Finding":
+                    continue
+                if f not in col:
+                    raise DatasetError(
+                        f"{where(path, line)}: unknown finding {f!r} in 'Finding Labels'"
+                    )
+                labels[i, col[f]] = 1.0
+            if not r["Patient ID"]:
+                raise DatasetError(f"{where(path, line)}: empty 'Patient ID'")
+            self.patient_ids.append(r["Patient ID"])
+            sex.append(r.get("Patient Gender", ""))
+            a = r.get("Patient Age", "").rstrip("Y")
+            age.append(int(a) if a.isdigit() else None)
+            view.append(r.get("View Position", ""))
+            split.append(official.get(name, ""))
+        self.labels = labels
+        self.meta = {"sex": sex, "age": age, "view": view, "split": split}

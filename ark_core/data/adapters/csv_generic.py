@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import numpy as np
+from pydantic import Field
+
+from ...tasks import TaskType
+from .base import Adapter, AdapterOptions, DatasetError, parse_label_value, read_csv, safe_relpath, where
+
+SPLIT_VALUES = {"train": "train", "val": "val", "valid": "val", "validate": "val", "test": "test"}
+
+
+class CsvOptions(AdapterOptions):
+    file: str = Field("labels.csv", description="The CSV, relative to the root.")
+    path_column: str = Field("path", description="Column with image paths relative to the root.")
+    label_columns: list[str] = Field(
+        min_length=1, description="Label columns (values 1/0/-1/blank), in output order."
+    )
+    patient_column: str | None = Field(
+        None, description="Column with patient ids (default: each image is its own patient)."
+    )
+    split_column: str | None = Field(
+        None, description="Column with an official split (train/val/test; blank for none)."
+    )
+    delimiter: str = Field(",", min_length=1, max_length=1, description="Field separator.")
+
+
+class CsvDataset(Adapter):
+    """Any dataset described by one CSV: an image path column and 0/1 label columns.
+
+    Files: ``options.file`` with ``path_column`` (paths relative to the root, never leaving
+    it), ``label_columns`` (1, 0, -1 = uncertain, blank = unknown), and optionally
+    ``patient_column`` and ``split_column``.
+
+    Labels: the ``label_columns``, multi-label (binary when there is one). Set ``task_type:
+    multiclass`` in the task to read one-hot columns as classes (rows without exactly one
+    1 are ignored). Uncertain (-1) default ``ignore``; blank -> NaN (ignored). Patient:
+    ``patient_column``, else the path. Meta: ``split``.
+    """
+
+    name = "csv"
+    Options = CsvOptions
+
+    @classmethod
+    def default_labels(cls, options):
+        return tuple(options.label_columns)
+
+    @classmethod
+    def default_task_type(cls, options):
+        return TaskType.BINARY if len(options.label_columns) == 1 else TaskType.MULTILABEL
+
+    def _read(self) -> None:
+        o: CsvOptions = self.options  # type: ignore[assignment]
+        path = self.root / safe_relpath(o.file, self.root, None)
+        extra = [c for c in (o.patient_column, o.split_column) if c]
+        _, rows = read_csv(path, [o.path_column, *o.label_columns, *extra], o.delimiter)
+        values, self.paths, self.patient_ids, split = [], [], [], []
+        for line, r in rows:
+            rel = safe_relpath(r[o.path_column], path, line)
+            values.append([parse_label_value(r[c], c, path, line) for c in o.label_columns])
+            pid = r[o.patient_column] if o.patient_column else rel
+            if not pid:
+                raise DatasetError(f"{where(path, line)}: empty {o.patient_column!r}")
+            s = r[o.split_column].lower() if o.split_column else ""
+            if s and s not in SPLIT_VALUES:
+                raise DatasetError(
+                    f"{where(path, line)}: split {r[o.split_column]!r} is not train/val/test"
+                )
+            self.paths.append(rel)
+            self.patient_ids.append(pid)
+            split.append(SPLIT_VALUES.get(s, ""))
+        self.labels = np.array(values, dtype=np.float32).reshape(-1, len(o.label_columns))
+        self.meta = {"split": split}
