@@ -1,0 +1,306 @@
+"""Image readers on real radiographs and on generated DICOM files."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from ark_core.data.readers import ImageReadError, read_image, read_image_resized
+
+NIH = Path("/work/shared/data/nih-cxr14-mini/images")
+PEDIATRIC = Path("/work/shared/data/pediatric-pneumonia/train")
+needs_data = pytest.mark.skipif(not NIH.is_dir() or not PEDIATRIC.is_dir(), reason="no data")
+
+
+def nih_png() -> Path:
+    return sorted(NIH.glob("*.png"))[0]
+
+
+def pediatric_jpeg() -> Path:
+    return sorted((PEDIATRIC / "NORMAL").glob("*.jpeg"))[0]
+
+
+def write_dicom(
+    path: Path,
+    stored: np.ndarray,
+    *,
+    bits_stored: int = 16,
+    photometric: str = "MONOCHROME2",
+    signed: bool = False,
+    rescale: tuple[float, float] | None = None,
+    window: tuple | None = None,
+    voi_function: str | None = None,
+    pixel_data: bool = True,
+    preamble: bool = True,
+) -> Path:
+    """A minimal DX-like DICOM file with 16-bit allocated pixels."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = int(signed)
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if voi_function is not None:
+        ds.VOILUTFunction = voi_function
+    if pixel_data:
+        ds.PixelData = stored.astype(np.int16 if signed else np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=preamble)
+    return path
+
+
+# ------------------------------------------------------------------------------ PNG / JPEG
+@needs_data
+def test_png_8bit_is_read_unchanged():
+    arr = read_image(nih_png())
+    assert arr.dtype == np.uint8 and arr.ndim == 2
+    np.testing.assert_array_equal(arr, np.asarray(Image.open(nih_png())))
+
+
+@needs_data
+@pytest.mark.parametrize("factor", [257, 16])  # full 16-bit range, 12 bits in 16
+def test_png_16bit_is_stretched_to_8bit(tmp_path, factor):
+    arr8 = np.asarray(Image.open(nih_png())).astype(np.int64)
+    path = tmp_path / "x16.png"
+    Image.fromarray((arr8 * factor).astype(np.uint16)).save(path)
+    assert Image.open(path).mode.startswith("I")
+    got = read_image(path)
+    expected = np.rint((arr8 - arr8.min()) / (arr8.max() - arr8.min()) * 255)
+    assert got.dtype == np.uint8
+    assert np.abs(got.astype(int) - expected).max() <= 1
+
+
+@needs_data
+def test_jpeg_rgb_becomes_grey():
+    arr = read_image(pediatric_jpeg())
+    assert arr.shape == (224, 224) and arr.dtype == np.uint8
+    np.testing.assert_array_equal(arr, np.asarray(Image.open(pediatric_jpeg()).convert("L")))
+
+
+def test_rgb_png_uses_luma(tmp_path):
+    rgb = np.zeros((8, 12, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 100, 50
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    arr = read_image(tmp_path / "c.png")
+    assert arr.shape == (8, 12)
+    assert abs(int(arr[0, 0]) - round(0.299 * 200 + 0.587 * 100 + 0.114 * 50)) <= 1
+
+
+@needs_data
+def test_resized_is_square_and_close_to_full_decode(tmp_path):
+    big = Image.open(pediatric_jpeg()).convert("L").resize((1000, 800), Image.Resampling.BICUBIC)
+    big.save(tmp_path / "big.jpeg", quality=95)
+    small = read_image_resized(tmp_path / "big.jpeg", 100)  # JPEG draft decoding
+    assert small.shape == (100, 100) and small.dtype == np.uint8
+    reference = np.asarray(big.resize((100, 100), Image.Resampling.BILINEAR)).astype(float)
+    assert np.abs(small.astype(float) - reference).mean() < 3.0
+    png = read_image_resized(nih_png(), 37)
+    assert png.shape == (37, 37)
+    up = read_image_resized(nih_png(), 300)
+    assert up.shape == (300, 300)
+    with pytest.raises(ValueError):
+        read_image_resized(nih_png(), 0)
+
+
+# ---------------------------------------------------------------------------------- DICOM
+def ramp(lo: int, hi: int, shape=(16, 16)) -> np.ndarray:
+    return np.linspace(lo, hi, shape[0] * shape[1]).round().astype(np.int64).reshape(shape)
+
+
+@pytest.mark.parametrize("bits", [12, 16])
+def test_dicom_without_window_is_min_max(tmp_path, bits):
+    stored = ramp(100, 2**bits - 1)
+    arr = read_image(write_dicom(tmp_path / "a.dcm", stored, bits_stored=bits))
+    assert arr.dtype == np.uint8 and arr.shape == (16, 16)
+    assert arr.min() == 0 and arr.max() == 255
+    assert np.all(np.diff(arr.ravel().astype(int)) >= 0)  # monotone
+    expected = np.rint((stored - 100) / (2**bits - 1 - 100) * 255)
+    assert np.abs(arr.astype(int) - expected).max() <= 1
+
+
+def test_dicom_12bit_ignores_bits_above_bits_stored(tmp_path):
+    stored = ramp(0, 4095)
+    dirty = stored | 0xF000  # garbage in the 4 unused high bits
+    clean = read_image(write_dicom(tmp_path / "c.dcm", stored, bits_stored=12))
+    got = read_image(write_dicom(tmp_path / "d.dcm", dirty, bits_stored=12))
+    np.testing.assert_array_equal(got, clean)
+
+
+def test_dicom_rescale_then_window(tmp_path):
+    # stored s -> HU = 2 s - 1024; window 40/400 covers HU -160..240.
+    hu = np.array([[-1024, -200, -160, 40, 240, 300, 1000, -100]])
+    stored = (hu + 1024) // 2
+    path = write_dicom(tmp_path / "w.dcm", stored, bits_stored=12, rescale=(2, -1024),
+                       window=(40, 400))  # fmt: skip
+    arr = read_image(path).astype(int)[0]
+    assert arr[0] == 0 and arr[1] == 0  # below the window
+    assert arr[5] == 255 and arr[6] == 255  # above the window
+    assert abs(arr[3] - 128) <= 1  # the window centre is mid-grey
+    # Inside the window the map is linear in HU, not in stored values.
+    assert abs(arr[7] - (-100 - (40 - 0.5)) / 399 * 255 - 127.5) <= 1
+    assert arr[2] <= 1 and arr[4] >= 254
+
+
+def test_dicom_monochrome1_is_inverted(tmp_path):
+    stored = ramp(0, 4095)
+    kw = dict(bits_stored=12, rescale=(1.0, 0.0), window=(2048, 3000))
+    mono2 = read_image(write_dicom(tmp_path / "m2.dcm", stored, **kw))
+    mono1 = read_image(write_dicom(tmp_path / "m1.dcm", stored, photometric="MONOCHROME1", **kw))
+    assert np.abs(mono1.astype(int) - (255 - mono2.astype(int))).max() <= 1  # rounding ties
+    assert np.corrcoef(mono1.ravel(), mono2.ravel())[0, 1] < -0.99
+    assert mono1[0, 0] == 255 and mono1[-1, -1] == 0  # low stored value = bright in MONOCHROME1
+
+
+@pytest.mark.parametrize(
+    ("function", "expected"),
+    [("LINEAR", [0, 0, 85, 170, 255, 255]), ("LINEAR_EXACT", [0, 0, 64, 128, 191, 255])],
+)
+def test_dicom_narrow_window_follows_the_standard(tmp_path, function, expected):
+    # PS3.3 C.11.2.1.2: LINEAR spans c - 0.5 +- (w - 1) / 2, LINEAR_EXACT spans c +- w / 2.
+    stored = np.array([[7, 8, 9, 10, 11, 12]])
+    path = write_dicom(tmp_path / "n.dcm", stored, window=(10, 4), voi_function=function)
+    assert read_image(path)[0].tolist() == expected
+
+
+def test_dicom_signed_with_multi_valued_window(tmp_path):
+    stored = ramp(-1000, 1000)
+    path = write_dicom(tmp_path / "s.dcm", stored, signed=True, window=([0, 500], [200, 1000]))
+    arr = read_image(path).astype(int)
+    flat, values = arr.ravel(), stored.ravel()
+    assert np.all(flat[values <= -101] == 0) and np.all(flat[values >= 100] == 255)  # first window
+
+
+def test_dicom_sigmoid_window(tmp_path):
+    stored = np.array([[0, 500, 1000]])
+    path = write_dicom(tmp_path / "g.dcm", stored, window=(500, 200), voi_function="SIGMOID")
+    arr = read_image(path).astype(int)[0]
+    assert arr[0] == 0 and abs(arr[1] - 128) <= 1 and arr[2] == 255
+
+
+def test_dicom_voi_lut_sequence(tmp_path):
+    stored = np.arange(256).reshape(16, 16)
+    path = write_dicom(tmp_path / "l.dcm", stored, bits_stored=8, window=(10, 20))
+    ds = pydicom.dcmread(path)
+    item = Dataset()
+    item.LUTDescriptor = [256, 0, 8]
+    item.add_new("LUTData", "US", [255 - i for i in range(256)])  # a VOI LUT that inverts
+    ds.VOILUTSequence = Sequence([item])
+    ds.save_as(path)
+    arr = read_image(path)  # the LUT takes precedence over the window
+    np.testing.assert_array_equal(arr.astype(int), 255 - stored)
+
+
+def test_dicom_detected_by_preamble_without_suffix(tmp_path):
+    path = write_dicom(tmp_path / "image", ramp(0, 4095), bits_stored=12)
+    assert read_image(path).max() == 255
+
+
+@needs_data
+def test_dicom_of_a_real_radiograph_round_trips(tmp_path):
+    arr8 = np.asarray(Image.open(nih_png())).astype(np.int64)
+    path = write_dicom(tmp_path / "r.dcm", arr8 * 16, bits_stored=12)
+    got = read_image_resized(path, 64)
+    ref = np.asarray(Image.fromarray(read_image(nih_png())).resize((64, 64), Image.BILINEAR))
+    lo, hi = arr8.min(), arr8.max()
+    ref = np.rint((ref.astype(float) - lo) / (hi - lo) * 255)
+    assert got.shape == (64, 64) and np.abs(got - ref).mean() < 1.5
+
+
+# ---------------------------------------------------------------------------------- errors
+def truncated(src: Path, dst: Path, keep: float = 0.5) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: int(len(data) * keep)])
+    return dst
+
+
+def bad_files(tmp: Path) -> dict[str, Path]:
+    """name -> a file no reader may accept."""
+    out = {
+        "missing": tmp / "missing.png",
+        "empty": tmp / "empty.png",
+        "random": tmp / "random.png",
+        "text": tmp / "notes.jpeg",
+        "directory": tmp / "dir.png",
+        "dicom_no_pixels": write_dicom(tmp / "np.dcm", ramp(0, 10), pixel_data=False),
+        "dicom_truncated": truncated(
+            write_dicom(tmp / "t0.dcm", ramp(0, 4095, (64, 64))), tmp / "t.dcm"
+        ),  # fmt: skip
+        "dicom_random": tmp / "random.dcm",
+    }
+    out["empty"].write_bytes(b"")
+    rng = np.random.default_rng(0)
+    out["random"].write_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    out["dicom_random"].write_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    out["text"].write_text("not an image\n")
+    out["directory"].mkdir()
+    if NIH.is_dir() and PEDIATRIC.is_dir():
+        out["png_truncated"] = truncated(nih_png(), tmp / "cut.png")
+        out["jpeg_truncated"] = truncated(pediatric_jpeg(), tmp / "cut.jpeg")
+        out["png_header_only"] = truncated(nih_png(), tmp / "head.png", keep=0.02)
+    return out
+
+
+def test_bad_files_raise_image_read_error_naming_the_file(tmp_path):
+    files = bad_files(tmp_path)
+    for name, path in files.items():
+        for read in (read_image, lambda p: read_image_resized(p, 32)):
+            with pytest.raises(ImageReadError) as info:
+                read(path)
+            assert str(path) in str(info.value), name
+            assert info.value.path == str(path) and info.value.reason
+            assert isinstance(info.value, ValueError)
+    assert "not found" in str(pytest.raises(ImageReadError, read_image, files["missing"]).value)
+    assert "empty" in str(pytest.raises(ImageReadError, read_image, files["empty"]).value)
+
+
+@needs_data
+def test_too_many_pixels_is_refused(tmp_path):
+    with pytest.raises(ImageReadError, match="too large"):
+        read_image(nih_png(), max_pixels=1000)
+    path = write_dicom(tmp_path / "big.dcm", ramp(0, 10, (40, 40)))
+    with pytest.raises(ImageReadError, match="too large"):
+        read_image(path, max_pixels=1000)
+
+
+def test_zero_size_dicom_is_refused(tmp_path):
+    path = write_dicom(tmp_path / "z.dcm", ramp(0, 10))
+    ds = pydicom.dcmread(path)
+    ds.Rows = 0
+    ds.save_as(path)
+    with pytest.raises(ImageReadError, match="zero-size"):
+        read_image(path)
+
+
+def test_error_survives_pickling():
+    err = pickle.loads(pickle.dumps(ImageReadError("/x/y.png", "empty file")))
+    assert err.path == "/x/y.png" and str(err) == "/x/y.png: empty file"
+
+
+@needs_data
+def test_copied_good_file_still_reads(tmp_path):
+    # Guards the corruption tests above: the same bytes, uncut, are fine.
+    dst = tmp_path / "ok.jpeg"
+    shutil.copy(pediatric_jpeg(), dst)
+    assert read_image(dst).shape == (224, 224)
