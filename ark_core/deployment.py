@@ -1,0 +1,78 @@
+"""Deployment settings: the ``deployment:`` section of a federation YAML and of a site YAML.
+
+They say where the server listens, which sites may join (their public keys) and how a site
+reaches the server. They never change the run's result, so the run fingerprint ignores them.
+Relative paths resolve against the YAML file's directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from .config import Strict
+
+__all__ = ["ServerDeployment", "SiteDeployment", "SiteKey"]
+
+
+class SiteKey(Strict):
+    """A site allowed to join: its name and its public key (OpenSSH ECDSA, from ``ark keys``)."""
+
+    name: str = Field(min_length=1)
+    public_key: Path = Field(description="The site's .pub file.")
+
+
+class ServerDeployment(Strict):
+    """The coordinator's side (``ark-server``)."""
+
+    host: str = Field("0.0.0.0", description="Address the sites' port listens on.")
+    port: int = Field(
+        9092, ge=1, le=65535,
+        description="The one port sites connect to (HTTPS, Fleet API only; open it to the sites).",
+    )
+    server_names: list[str] = Field(
+        default_factory=list,
+        description="DNS names and IPs the sites use for the server; `ark keys init` puts them "
+        "in the server certificate.",
+    )
+    keys_dir: Path = Field(Path("keys"), description="ca.crt, server.crt and server.key.")
+    sites: list[SiteKey] = Field(default_factory=list, description="Sites allowed to join.")
+    superlink_port: int = Field(
+        0, ge=0, le=65535,
+        description="Loopback port of the SuperLink itself (Control and runtime APIs never "
+        "leave the coordinator); 0 picks a free one at each start.",
+    )
+    startup_timeout_s: float = Field(60.0, gt=0, description="Wait for the SuperLink to answer.")
+
+    @field_validator("sites")
+    @classmethod
+    def _unique(cls, sites: list[SiteKey]) -> list[SiteKey]:
+        names = [s.name for s in sites]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"site names must be unique, repeated: {dup}")
+        return sites
+
+
+class SiteDeployment(Strict):
+    """A hospital's side (``ark-client``)."""
+
+    server: str = Field(description="host:port of the coordinator's site port.")
+    ca_cert: Path = Field(description="The federation's ca.crt (verifies the server).")
+    private_key: Path = Field(description="This site's private key from `ark keys` (0600).")
+    gpus: list[int] | None = Field(
+        None, description="GPU indices this site may use (CUDA_VISIBLE_DEVICES); [] hides all."
+    )
+    trusted_entities: Path | None = Field(
+        None,
+        description="Flower --trusted-entities YAML: run only app bundles signed by these "
+        "Ed25519 keys (apps published and reviewed on Flower Hub).",
+    )
+    startup_retries: int = Field(
+        10, ge=1, description="Tries to reach the server before ark-client gives up at start."
+    )
+    retry_wait_s: float = Field(3.0, gt=0, description="Seconds between start-up tries.")
+    runtime_port: int = Field(
+        9094, ge=1, le=65535, description="Loopback port of the SuperNode's app runtime API."
+    )
