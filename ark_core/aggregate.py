@@ -1,0 +1,267 @@
+"""Task-aware federated averaging of Ark+ students (and teachers), one update at a time.
+
+Every site sends the float tensors of its model: the shared parts (backbone, projector) and
+the heads of its own tasks (``heads.<task>.*``). Each tensor is averaged over the sites that
+sent it, weighted by examples: shared tensors by the site's total examples, a head by the
+site's examples of that task. Updates are checked first (names, shapes, dtypes, finite
+values); a rejected update leaves the result untouched. The aggregator keeps one fp32 running
+sum per tensor, so memory stays at about one model beside the master whatever the number of
+sites; tensors nobody sent keep the master's values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "AggregateReport",
+    "StreamingAggregator",
+    "TensorSpec",
+    "UpdateRejected",
+    "UpdateValidator",
+    "average_state_dicts",
+    "float_state",
+    "head_task",
+]
+
+SHARED = "shared"  # contributor group of the backbone and projector tensors
+
+
+class UpdateRejected(ValueError):
+    """A site's update failed validation; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype name (numpy spelling, e.g. ``float32``) a tensor must have."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def head_task(name: str) -> str | None:
+    """The task a tensor belongs to (``heads.<task>.weight`` -> ``task``), else None."""
+    if name.startswith("heads."):
+        task, _, rest = name[len("heads."):].rpartition(".")
+        return task or None if rest else None
+    return None
+
+
+def _dtype_name(value: Any) -> str:
+    """Numpy-style dtype name of a numpy array, torch tensor or Flower ``Array``."""
+    dt = value.dtype
+    if isinstance(dt, torch.dtype):
+        return str(dt).removeprefix("torch.")
+    return np.dtype(dt).name
+
+
+def _as_tensor(value: Any) -> torch.Tensor:
+    """A CPU tensor view of a numpy array, torch tensor or anything with ``.numpy()``."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if not isinstance(value, np.ndarray):
+        value = value.numpy()
+    return torch.from_numpy(np.ascontiguousarray(value))
+
+
+def float_state(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The floating-point entries of a state dict: what sites and the server exchange."""
+    state = (
+        model_or_state.state_dict()
+        if isinstance(model_or_state, torch.nn.Module)
+        else model_or_state
+    )
+    return {k: v for k, v in state.items() if torch.is_floating_point(v)}
+
+
+class UpdateValidator:
+    """Checks a site's update against the master and the site's declared tasks.
+
+    Args:
+        master: The master's float tensors (all catalogue heads).
+    """
+
+    def __init__(self, master: Mapping[str, Any]) -> None:
+        self.specs = {k: TensorSpec(tuple(v.shape), _dtype_name(v)) for k, v in master.items()}
+        self.tasks = {t for k in self.specs if (t := head_task(k)) is not None}
+
+    def expected(self, tasks: Iterable[str]) -> dict[str, TensorSpec]:
+        """Tensors an update of a site training ``tasks`` must hold, exactly."""
+        tasks = set(tasks)
+        unknown = sorted(tasks - self.tasks)
+        if unknown:
+            raise UpdateRejected(
+                f"declares tasks {unknown} that are not in the catalogue {sorted(self.tasks)}"
+            )
+        return {k: s for k, s in self.specs.items() if head_task(k) in (None, *tasks)}
+
+    def check(self, update: Mapping[str, Any], tasks: Iterable[str], *, values: bool = True) -> None:
+        """Raise :class:`UpdateRejected` with the reason if ``update`` is not acceptable.
+
+        Args:
+            update: Tensor name -> numpy array, torch tensor or Flower ``Array``.
+            tasks: The tasks the site declares it trained.
+            values: Also check that every value is finite (decodes each tensor once).
+        """
+        expected = self.expected(tasks)
+        extra = sorted(set(update) - set(expected))
+        if extra:
+            raise UpdateRejected(f"unexpected tensors {extra[:5]}{'...' if len(extra) > 5 else ''}")
+        missing = sorted(set(expected) - set(update))
+        if missing:
+            raise UpdateRejected(f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        for name, spec in expected.items():
+            v = update[name]
+            shape, dtype = tuple(v.shape), _dtype_name(v)
+            if shape != spec.shape:
+                raise UpdateRejected(f"{name}: shape {list(shape)}, expected {list(spec.shape)}")
+            if dtype != spec.dtype:
+                raise UpdateRejected(f"{name}: dtype {dtype}, expected {spec.dtype}")
+        if values:
+            for name in expected:
+                if not torch.isfinite(_as_tensor(update[name])).all():
+                    raise UpdateRejected(f"{name}: holds NaN or Inf values")
+
+
+@dataclass
+class AggregateReport:
+    """Who contributed to what in one aggregation.
+
+    Attributes:
+        contributors: Group (``"shared"`` or a task name) -> sites whose update was folded in.
+        weights: Same keys -> total weight (examples) behind the average.
+        rejected: Site -> reason its update was rejected.
+        kept: Tensors nobody sent, which keep the master's values.
+    """
+
+    contributors: dict[str, list[str]] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    kept: list[str] = field(default_factory=list)
+
+    @property
+    def sites(self) -> list[str]:
+        """Sites whose update was accepted, in arrival order."""
+        return list(self.contributors.get(SHARED, []))
+
+
+class StreamingAggregator:
+    """Folds sites' updates in one at a time into fp32 running sums, then divides.
+
+    Args:
+        master: The master's float tensors; the result keeps their dtypes, and tensors no
+            accepted update holds keep their values.
+    """
+
+    def __init__(self, master: Mapping[str, torch.Tensor]) -> None:
+        self.master = master
+        self.validator = UpdateValidator(master)
+        self._sums: dict[str, torch.Tensor] = {}
+        self._weights: dict[str, float] = {}
+        self.report = AggregateReport()
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.report.sites)
+
+    def add(
+        self,
+        site: str,
+        update: Mapping[str, Any],
+        num_examples: float,
+        task_examples: Mapping[str, float],
+    ) -> None:
+        """Validate ``update`` and fold it in; on rejection nothing changes and it raises.
+
+        Args:
+            site: The site's name (for the report).
+            update: Tensor name -> array (see :meth:`UpdateValidator.check`); read, not kept.
+            num_examples: Weight of the shared tensors (the site's examples this round).
+            task_examples: Task -> weight of that task's head; the keys are the site's
+                declared tasks.
+
+        Raises:
+            UpdateRejected: With the reason; the running sums are unchanged.
+        """
+        try:
+            if site in self.report.sites:
+                raise UpdateRejected("sent a second update in the same round")
+            if not np.isfinite(num_examples) or num_examples <= 0:
+                raise UpdateRejected(f"num-examples is {num_examples}, expected > 0")
+            bad = {t: w for t, w in task_examples.items() if not np.isfinite(w) or w < 0}
+            if bad:
+                raise UpdateRejected(f"invalid per-task examples {bad}")
+            self.validator.check(update, task_examples)
+        except UpdateRejected as e:
+            self.report.rejected[site] = str(e)
+            raise
+        for name in self.validator.expected(task_examples):
+            task = head_task(name)
+            w = float(num_examples if task is None else task_examples[task])
+            if w == 0:  # a declared task without examples this round: its head is untrained
+                continue
+            x = _as_tensor(update[name]).to(torch.float32)
+            acc = self._sums.get(name)
+            if acc is None:
+                self._sums[name] = x * w
+            else:
+                acc.add_(x, alpha=w)
+            self._weights[name] = self._weights.get(name, 0.0) + w
+        groups = {SHARED: float(num_examples)}
+        groups.update({t: float(w) for t, w in task_examples.items() if w > 0})
+        for g, w in groups.items():
+            self.report.contributors.setdefault(g, []).append(site)
+            self.report.weights[g] = self.report.weights.get(g, 0.0) + w
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The averaged tensors (master dtypes); also fills ``report.kept``."""
+        out: dict[str, torch.Tensor] = {}
+        kept = []
+        for name, ref in self.master.items():
+            if name in self._sums:
+                out[name] = (self._sums[name] / self._weights[name]).to(ref.dtype)
+            else:
+                out[name] = ref.detach().clone()
+                kept.append(name)
+        self.report.kept = kept
+        return out
+
+
+def average_state_dicts(
+    states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None = None
+) -> dict[str, torch.Tensor]:
+    """Average tensors by name over the states that hold them (e.g. sites' teachers).
+
+    A head present in only some states is averaged over those; weights default to equal.
+
+    Args:
+        states: State dicts; float entries are averaged, others taken from the first holder.
+        weights: One positive weight per state.
+    """
+    if not states:
+        raise ValueError("nothing to average")
+    weights = [1.0] * len(states) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(states) or any(w <= 0 for w in weights):
+        raise ValueError("need one positive weight per state")
+    sums: dict[str, torch.Tensor] = {}
+    totals: dict[str, float] = {}
+    ref: dict[str, torch.Tensor] = {}
+    for state, w in zip(states, weights, strict=True):
+        for name, v in state.items():
+            if name in ref and tuple(ref[name].shape) != tuple(v.shape):
+                raise ValueError(f"{name}: shapes differ {list(ref[name].shape)} vs {list(v.shape)}")
+            ref.setdefault(name, v)
+            if not torch.is_floating_point(v):
+                continue
+            x = v.detach().cpu().to(torch.float32) * w
+            sums[name] = sums[name] + x if name in sums else x
+            totals[name] = totals.get(name, 0.0) + w
+    return {
+        name: (sums[name] / totals[name]).to(v.dtype) if name in sums else v.detach().clone()
+        for name, v in ref.items()
+    }
