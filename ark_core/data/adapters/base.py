@@ -67,9 +67,7 @@ def read_csv(
         header = [h.strip() for h in next(reader, [])]
         missing = [c for c in required if c not in header]
         if missing:
-            raise DatasetError(
-                f"{where(path, 1)}: missing column(s) {missing}; the header has {header}"
-            )
+            raise DatasetError(f"{where(path, 1)}: missing column(s) {missing}; the header has {header}")
         n = len(header)
         for fields in reader:
             line = reader.line_num
@@ -122,8 +120,7 @@ def parse_label_value(value: str, column: str, source: Path, line: int) -> float
         x = None
     if x not in (1.0, 0.0, -1.0):
         raise DatasetError(
-            f"{where(source, line)}: column {column!r} has value {value!r}; "
-            "expected 1, 0, -1 or blank"
+            f"{where(source, line)}: column {column!r} has value {value!r}; expected 1, 0, -1 or blank"
         )
     return x
 

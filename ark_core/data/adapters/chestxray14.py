@@ -12,8 +12,9 @@ OFFICIAL_LISTS = {"train": "train_val_list.txt", "test": "test_list.txt"}
 
 class ChestXray14Options(AdapterOptions):
     label_file: str | None = Field(
-        None, description="Label CSV relative to the root (default: Data_Entry_2017_v2020.csv, "
-        "else Data_Entry_2017.csv)."
+        None,
+        description="Label CSV relative to the root (default: Data_Entry_2017_v2020.csv, "
+        "else Data_Entry_2017.csv).",
     )
 
 
@@ -64,9 +65,7 @@ class ChestXray14(Adapter):
 
     def _read(self) -> None:
         opts: ChestXray14Options = self.options  # type: ignore[assignment]
-        path = (
-            self.root / opts.label_file if opts.label_file else find_file(self.root, LABEL_FILES)
-        )
+        path = self.root / opts.label_file if opts.label_file else find_file(self.root, LABEL_FILES)
         if path is None:
             raise DatasetError(f"{self.root}: none of {LABEL_FILES} found")
         _, rows = read_csv(path, ["Image Index", "Finding Labels", "Patient ID"])
@@ -93,9 +92,7 @@ class ChestXray14(Adapter):
                 if f == "No Finding":
                     continue
                 if f not in col:
-                    raise DatasetError(
-                        f"{where(path, line)}: unknown finding {f!r} in 'Finding Labels'"
-                    )
+                    raise DatasetError(f"{where(path, line)}: unknown finding {f!r} in 'Finding Labels'")
                 labels[i, col[f]] = 1.0
             if not r["Patient ID"]:
                 raise DatasetError(f"{where(path, line)}: empty 'Patient ID'")

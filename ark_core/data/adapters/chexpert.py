@@ -94,9 +94,7 @@ class CheXpert(Adapter):
         self.labels = np.nan_to_num(labels, nan=0.0)  # blank = not mentioned = negative
         self.meta = meta
 
-    def _resolve(
-        self, raw: str, prefix: str, kept: dict[str, bool], source: Path, line: int
-    ) -> str:
+    def _resolve(self, raw: str, prefix: str, kept: dict[str, bool], source: Path, line: int) -> str:
         """``Path`` relative to the root.
 
         The first folder is kept if it exists under the root; otherwise it is dropped and

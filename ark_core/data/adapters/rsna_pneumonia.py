@@ -74,9 +74,7 @@ class RsnaPneumonia(Adapter):
                         f"{self.pathologies[classes[pid][0]]!r} in {CLASSES_CSV}"
                     )
                 boxes[pid] += target == "1"
-        self.paths = [
-            safe_relpath(f"{IMAGE_DIR}/{pid}.dcm", path, classes[pid][1]) for pid in order
-        ]
+        self.paths = [safe_relpath(f"{IMAGE_DIR}/{pid}.dcm", path, classes[pid][1]) for pid in order]
         self.patient_ids = order
         self.labels = np.array([classes[pid][0] for pid in order], dtype=np.int64)
         self.meta = {"boxes": [boxes[pid] for pid in order]}

@@ -82,9 +82,7 @@ class VinDrCxr(Adapter):
             for s in ("train", "test")
         ]
         kaggle = find_file(self.root, ["train.csv"])
-        use_physionet = opts.release == "physionet" or (
-            opts.release == "auto" and any(physionet)
-        )
+        use_physionet = opts.release == "physionet" or (opts.release == "auto" and any(physionet))
         # image id -> (split, rater -> set of full-label indices, list file, first line)
         images: dict[str, tuple[str, dict[str, set[int]], Path, int]] = {}
         known = np.ones(len(VINDR_FULL_LABELS), dtype=bool)

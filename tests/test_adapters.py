@@ -1,0 +1,400 @@
+"""Every dataset adapter on a fixture in its release's exact format, plus policies and splits."""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ark_core.config import ConfigError, SplitConfig, TaskConfig
+from ark_core.data import ADAPTERS, DatasetError, build_manifest, build_manifests, task_spec_for
+from ark_core.data.adapters import get_adapter
+from ark_core.data.manifest import Manifest
+from ark_core.data.splits import assign_splits
+from ark_core.tasks import TaskSpec, TaskType
+
+FX = Path(__file__).parent / "fixtures"
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------- expected, computed from files
+def expect_chestxray14(d: Path, _):
+    r = rows(d / "Data_Entry_2017_v2020.csv")
+    pos = {
+        lab: sum(lab in x["Finding Labels"].split("|") for x in r) for lab in ("Pneumonia", "Effusion")
+    }
+    return len(r), {x["Patient ID"] for x in r}, pos
+
+
+def expect_chexpert(d: Path, _):
+    r = rows(d / "train.csv") + rows(d / "valid.csv")
+    pos = {lab: sum(x[lab] == "1.0" or x[lab] == "-1.0" for x in r) for lab in ("Edema", "Cardiomegaly")}
+    return len(r), {re.search(r"patient\d+", x["Path"]).group() for x in r}, pos
+
+
+def expect_mimic(d: Path, _):
+    lab = {(x["subject_id"], x["study_id"]): x for x in rows(d / "mimic-cxr-2.0.0-chexpert.csv")}
+    r = [x for x in rows(d / "mimic-cxr-2.0.0-split.csv") if (x["subject_id"], x["study_id"]) in lab]
+    pos = {
+        c: sum(lab[(x["subject_id"], x["study_id"])][c] in ("1.0", "-1.0") for x in r)
+        for c in ("Pleural Effusion", "No Finding")
+    }
+    return len(r), {x["subject_id"] for x in r}, pos
+
+
+def expect_rsna(d: Path, _):
+    cls = {x["patientId"]: x["class"] for x in rows(d / "stage_2_detailed_class_info.csv")}
+    pos = {c: sum(v == c for v in cls.values()) for c in ("Normal", "Lung Opacity")}
+    return len(cls), set(cls), pos
+
+
+def expect_vindr_kaggle(d: Path, _):
+    r = rows(d / "train.csv")
+    ids = {x["image_id"] for x in r}
+    pe = {x["image_id"] for x in r if x["class_name"] == "Pleural effusion"}
+    nf = {i for i in ids if all(x["class_name"] == "No finding" for x in r if x["image_id"] == i)}
+    return len(ids), ids, {"Pleural effusion": len(pe), "No finding": len(nf)}
+
+
+def expect_vindr_physionet(d: Path, _):
+    tr, te = (
+        rows(d / "annotations/image_labels_train.csv"),
+        rows(d / "annotations/image_labels_test.csv"),
+    )
+    ids = {x["image_id"] for x in tr + te}
+    tb = {x["image_id"] for x in tr + te if float(x["Tuberculosis"])}
+    return len(ids), ids, {"Tuberculosis": len(tb)}
+
+
+def expect_shenzhen(d: Path, _):
+    names = [p.name for p in (d / "CXR_png").glob("*.png")]
+    return (
+        len(names),
+        {n.split("_")[1] for n in names},
+        {"Tuberculosis": sum(n.endswith("_1.png") for n in names)},
+    )
+
+
+def expect_pediatric(d: Path, opts):
+    files = list(d.glob("*/*/*.jpeg"))
+    pids = {re.match(r"(person\d+|(?:NORMAL2-)?IM-\d+)", f.name).group(1) for f in files}
+    if opts.get("classes") == 3:
+        pos = {"Viral pneumonia": sum("virus" in f.name for f in files)}
+    else:
+        pos = {"Pneumonia": sum(f.parent.name == "PNEUMONIA" for f in files)}
+    return len(files), pids, pos
+
+
+def expect_covidx(d: Path, _):
+    lines = [x.split() for p in d.glob("*.txt") for x in p.read_text().splitlines() if x.strip()]
+    return len(lines), {x[0] for x in lines}, {"COVID-19": sum(x[2] == "COVID-19" for x in lines)}
+
+
+def expect_csv(d: Path, _):
+    r = rows(d / "labels.csv")
+    return len(r), {x["patient"] for x in r}, {"Effusion": sum(x["Effusion"] == "1" for x in r)}
+
+
+CASES = [
+    ("chestxray14", "chestxray14", {}, expect_chestxray14),
+    ("chexpert", "chexpert", {}, expect_chexpert),
+    ("mimic_cxr", "mimic_cxr", {}, expect_mimic),
+    ("rsna_pneumonia", "rsna_pneumonia", {}, expect_rsna),
+    ("vindr_cxr", "vindr_cxr_kaggle", {}, expect_vindr_kaggle),
+    ("vindr_cxr", "vindr_cxr_physionet", {"label_set": "full"}, expect_vindr_physionet),
+    ("shenzhen", "shenzhen", {}, expect_shenzhen),
+    ("pediatric_pneumonia", "pediatric_pneumonia", {}, expect_pediatric),
+    ("pediatric_pneumonia", "pediatric_pneumonia", {"classes": 3}, expect_pediatric),
+    ("covidx", "covidx", {}, expect_covidx),
+    ("csv", "csv", {"label_columns": ["Effusion", "Pneumonia"], "patient_column": "patient",
+                    "split_column": "split"}, expect_csv),
+]  # fmt: skip
+
+
+def task(dataset: str, root: Path, **kw) -> TaskConfig:
+    return TaskConfig(name=f"t_{dataset}", dataset=dataset, root=root, **kw)
+
+
+def test_every_adapter_has_a_case():
+    assert {c[0] for c in CASES} == set(ADAPTERS)
+
+
+@pytest.mark.parametrize("dataset,folder,options,expect", CASES, ids=[c[1] + str(c[2]) for c in CASES])
+def test_adapter_on_fixture(dataset, folder, options, expect):
+    d = FX / folder
+    cfg = task(dataset, Path(folder), options=options)
+    m = build_manifest(cfg, "all", FX)
+    spec = task_spec_for(cfg)
+    n, patients, positives = expect(d, options)
+
+    assert isinstance(m, Manifest) and m.task == spec and len(m) == n
+    assert all((d / p).is_file() for p in m.paths), "every listed image exists in the fixture"
+    assert set(m.patient_ids) == patients
+    if spec.task_type is TaskType.MULTICLASS:
+        assert m.targets.dtype == np.int64 and m.targets.shape == (n,)
+        assert set(np.unique(m.targets)) <= set(range(len(spec.labels)))
+    else:
+        assert m.targets.dtype == np.float32 and m.targets.shape == (n, len(spec.labels))
+        t = m.targets[~np.isnan(m.targets)]
+        assert ((t == 0) | (t == 1) | ((t >= 0.55) & (t <= 0.85))).all()
+    counts = m.label_counts()
+    for label, pos in positives.items():
+        assert counts[label]["positive"] == pos, label
+    assert set(m.meta["split"]) <= {"train", "val", "test", ""}
+    # splits are a partition of the rows
+    parts = build_manifests(cfg, FX)
+    assert sum(len(parts[s]) for s in ("train", "val", "test")) == n
+
+
+# ----------------------------------------------------------------- label policies
+def chexpert_uncertain_cells() -> np.ndarray:
+    labels = task_spec_for(task("chexpert", FX / "chexpert")).labels
+    r = rows(FX / "chexpert/train.csv") + rows(FX / "chexpert/valid.csv")
+    return np.array([[x[c] == "-1.0" for c in labels] for x in r]), np.array(
+        [[x[c] == "" for c in labels] for x in r]
+    )
+
+
+def test_lsr_ones_is_seeded_reproducible_and_in_range():
+    unc, blank = chexpert_uncertain_cells()
+    assert unc.sum() > 5
+    a = build_manifest(task("chexpert", FX / "chexpert"), "all", FX).targets
+    b = build_manifest(task("chexpert", FX / "chexpert"), "all", FX).targets
+    c = build_manifest(task("chexpert", FX / "chexpert", split=SplitConfig(seed=1)), "all", FX).targets
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a[unc], c[unc])
+    assert ((a[unc] >= 0.55) & (a[unc] <= 0.85)).all() and len(np.unique(a[unc])) > 1
+    assert (a[blank] == 0).all()
+    assert set(np.unique(a[~unc & ~blank])) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("policy,value", [("ones", 1.0), ("zeros", 0.0), ("ignore", np.nan)])
+def test_uncertain_policies(policy, value):
+    unc, _ = chexpert_uncertain_cells()
+    t = build_manifest(task("chexpert", FX / "chexpert", uncertain=policy), "all", FX).targets
+    np.testing.assert_array_equal(t[unc], np.full(unc.sum(), value, dtype=np.float32))
+    assert not np.isnan(t[~unc]).any()
+
+
+def test_mimic_defaults_to_ones_and_drops_unlabelled_studies():
+    m = build_manifest(task("mimic_cxr", FX / "mimic_cxr"), "all", FX)
+    t = m.targets[:, m.task.labels.index("Cardiomegaly")]
+    assert t.max() == 1.0  # the study's -1.0 became 1
+    assert "10001401" not in m.patient_ids
+    frontal = build_manifest(
+        task("mimic_cxr", FX / "mimic_cxr", options={"frontal_only": True}), "all", FX
+    )
+    assert set(frontal.meta["view"]) == {"PA", "AP"} and len(frontal) < len(m)
+
+
+def test_chexpert_frontal_only_and_valid_is_official_test():
+    cfg = task("chexpert", FX / "chexpert", options={"frontal_only": True})
+    m = build_manifest(cfg, "all", FX)
+    assert set(m.meta["view"]) == {"Frontal"}
+    test = build_manifest(cfg, "test", FX)
+    assert test.paths and all(p.startswith("valid/") for p in test.paths)
+
+
+def test_chexpert_keeps_release_folder_when_it_exists(tmp_path):
+    shutil.copytree(FX / "chexpert", tmp_path / "CheXpert-v1.0-small")
+    m = build_manifest(task("chexpert", tmp_path), "all", tmp_path)
+    assert all(p.startswith("CheXpert-v1.0-small/") and (tmp_path / p).is_file() for p in m.paths)
+
+
+def test_nih_multi_folder_layout_and_official_lists(tmp_path):
+    shutil.copytree(FX / "chestxray14", tmp_path / "nih")
+    (tmp_path / "nih/images").rename(tmp_path / "nih/images_001")
+    (tmp_path / "nih/images_001/images").mkdir()
+    for f in (tmp_path / "nih/images_001").glob("*.png"):
+        f.rename(tmp_path / "nih/images_001/images" / f.name)
+    cfg = task("chestxray14", tmp_path / "nih")
+    m = build_manifest(cfg, "all", tmp_path)
+    assert all(p.startswith("images_001/images/") and (tmp_path / "nih" / p).is_file() for p in m.paths)
+    test = build_manifest(cfg, "test", tmp_path)
+    listed = (FX / "chestxray14/test_list.txt").read_text().split()
+    assert sorted(Path(p).name for p in test.paths) == sorted(listed)
+    nf = [i for i, p in enumerate(m.paths) if "00001362" in p]
+    assert nf and (m.targets[nf] == 0).all()  # "No Finding" -> all zeros
+
+
+def test_vindr_any_vs_majority_kaggle():
+    d = FX / "vindr_cxr_kaggle"
+    r = rows(d / "train.csv")
+    votes: dict[str, dict[str, set]] = {}
+    for x in r:
+        votes.setdefault(x["image_id"], {}).setdefault(x["class_name"], set()).add(x["rad_id"])
+    n_rads = {i: len({x["rad_id"] for x in r if x["image_id"] == i}) for i in votes}
+    full = {"label_set": "full"}
+    a = build_manifest(task("vindr_cxr", d, options={**full, "vote": "any"}), "all", FX)
+    b = build_manifest(task("vindr_cxr", d, options={**full, "vote": "majority"}), "all", FX)
+    c = a.task.labels.index("Pleural effusion")
+    for k, iid in enumerate(a.patient_ids):
+        marks = len(votes[iid].get("Pleural effusion", ()))
+        assert a.targets[k, c] == (marks >= 1)
+        assert b.targets[k, c] == (marks * 2 > n_rads[iid])
+    assert (a.targets[:, c] != b.targets[:, c]).any(), "the fixture has a 1-of-3 vote"
+    assert np.isnan(a.targets[:, a.task.labels.index("Tuberculosis")]).all()  # not in Kaggle
+
+
+def test_vindr_physionet_ark6_mapping():
+    d = FX / "vindr_cxr_physionet"
+    m = build_manifest(task("vindr_cxr", d, options={"vote": "majority"}), "all", FX)
+    assert m.task.labels == task_spec_for(task("vindr_cxr", d)).labels
+    row = {iid: m.targets[k] for k, iid in enumerate(m.patient_ids)}
+    lab = {name: i for i, name in enumerate(m.task.labels)}
+    # PE by 2 of 3, pneumonia by 1 of 3 -> majority keeps PE only
+    t = row["00053190460d56c53cc3e57321387478"]
+    assert t[lab["Pleural effusion"]] == 1 and t[lab["Pneumonia"]] == 0 and t[lab["No finding"]] == 0
+    # COPD by 1 of 3: no majority -> "No finding"
+    assert row["0007d316f756b3fa0baea2ff514ce945"][lab["No finding"]] == 1
+    anyv = build_manifest(task("vindr_cxr", d), "all", FX)
+    i = anyv.patient_ids.index("0007d316f756b3fa0baea2ff514ce945")
+    assert anyv.targets[i, lab["Other diseases"]] == 1  # COPD folds into Other diseases
+    assert sorted(build_manifest(task("vindr_cxr", d), "test", FX).patient_ids) == sorted(
+        r["image_id"] for r in rows(d / "annotations/image_labels_test.csv")
+    )
+
+
+def test_label_and_type_overrides():
+    rsna = task("rsna_pneumonia", FX / "rsna_pneumonia", labels=["Lung Opacity"], task_type="binary")
+    m = build_manifest(rsna, "all", FX)
+    cls = rows(FX / "rsna_pneumonia/stage_2_detailed_class_info.csv")
+    assert m.targets.sum() == len({x["patientId"] for x in cls if x["class"] == "Lung Opacity"})
+    assert task_spec_for(rsna) == TaskSpec("t_rsna_pneumonia", ("Lung Opacity",), TaskType.BINARY)
+    nih = task("chestxray14", FX / "chestxray14", labels=["Pneumonia"], task_type="binary")
+    assert build_manifest(nih, "all", FX).targets.shape[1] == 1
+    with pytest.raises(ConfigError, match="Nodule/Mass"):
+        build_manifest(task("chestxray14", FX / "chestxray14", labels=["Nodule/Mass"]), "all", FX)
+
+
+def test_covidx_two_way(tmp_path):
+    shutil.copytree(FX / "covidx", tmp_path / "c")
+    m = build_manifest(task("covidx", tmp_path / "c", options={"classes": 2}), "all", tmp_path)
+    assert m.task.task_type is TaskType.BINARY and m.targets.sum() == 3
+    (tmp_path / "c/test_COVIDx9A.txt").write_text("p1 a.png positive ricord\np2 b.png negative rsna\n")
+    (tmp_path / "c/train_COVIDx9A.txt").unlink()
+    m2 = build_manifest(task("covidx", tmp_path / "c", options={"classes": 2}), "all", tmp_path)
+    assert m2.targets[:, 0].tolist() == [1.0, 0.0]
+    with pytest.raises(DatasetError, match=r"test_COVIDx9A.txt:1: .*2-way"):
+        build_manifest(task("covidx", tmp_path / "c"), "all", tmp_path)
+
+
+# ----------------------------------------------------------------- splits
+def test_splits_are_deterministic_and_patient_disjoint():
+    cfg = task("chestxray14", Path("../../simulations/demo_data/nih"), split=SplitConfig(seed=3))
+    base = FX
+    parts = build_manifests(cfg, base)
+    again = build_manifests(cfg, base)
+    ids = {s: set(parts[s].patient_ids) for s in ("train", "val", "test")}
+    assert all(parts[s].paths == again[s].paths for s in parts)
+    assert not (ids["train"] & ids["val"] or ids["train"] & ids["test"] or ids["val"] & ids["test"])
+    n = len(parts["all"])
+    assert 0.03 * n < len(parts["val"]) < 0.2 * n and 0.03 * n < len(parts["test"]) < 0.2 * n
+    other = build_manifests(cfg.model_copy(update={"split": SplitConfig(seed=4)}), base)
+    assert other["test"].paths != parts["test"].paths
+
+
+def test_adding_patients_moves_nobody():
+    full = build_manifest(
+        task("pediatric_pneumonia", Path("../../simulations/demo_data/pediatric")), "all", FX
+    )
+    cfg = SplitConfig(seed=0, use_official=False)
+    small = full.subset(range(0, len(full), 3))
+    where_full = dict(zip(full.paths, assign_splits(full, cfg), strict=True))
+    where_small = dict(zip(small.paths, assign_splits(small, cfg), strict=True))
+    assert all(where_full[p] == s for p, s in where_small.items())
+
+
+def test_official_split_and_carved_val():
+    cfg = task("pediatric_pneumonia", FX / "pediatric_pneumonia", split=SplitConfig(val_fraction=0.5))
+    parts = build_manifests(cfg, FX)
+    assert all(p.startswith("test/") for p in parts["test"].paths)
+    assert parts["val"].paths and all(p.startswith("train/") for p in parts["val"].paths)
+    off = build_manifests(cfg.model_copy(update={"split": SplitConfig(use_official=False)}), FX)
+    assert any(p.startswith("test/") for p in off["train"].paths + off["val"].paths)
+
+
+def test_max_images_keeps_whole_patients():
+    cfg = task("chestxray14", FX / "chestxray14", max_images=8, split=SplitConfig(seed=1))
+    m = build_manifest(cfg, "all", FX)
+    full = build_manifest(task("chestxray14", FX / "chestxray14"), "all", FX)
+    assert 0 < len(m) <= 8
+    for pid in set(m.patient_ids):
+        assert m.patient_ids.count(pid) == full.patient_ids.count(pid)
+    assert build_manifest(cfg, "all", FX).paths == m.paths
+
+
+# ----------------------------------------------------------------- bad input
+def copy(src: str, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(FX / src, tmp_path / src))
+
+
+def edit_line(path: Path, line: int, old: str, new: str) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    assert old in lines[line - 1]
+    lines[line - 1] = lines[line - 1].replace(old, new, 1)
+    path.write_text("".join(lines))
+
+
+def test_error_unknown_chexpert_value(tmp_path):
+    d = copy("chexpert", tmp_path)
+    edit_line(d / "train.csv", 4, ",1.0,", ",2.0,")
+    with pytest.raises(DatasetError, match=r"train\.csv:4: column .* value '2\.0'"):
+        build_manifest(task("chexpert", d), "all", tmp_path)
+
+
+def test_error_unknown_nih_finding(tmp_path):
+    d = copy("chestxray14", tmp_path)
+    edit_line(d / "Data_Entry_2017_v2020.csv", 3, "Pneumonia", "Pneumonitis")
+    with pytest.raises(
+        DatasetError, match=r"Data_Entry_2017_v2020\.csv:3: unknown finding 'Pneumonitis'"
+    ):
+        build_manifest(task("chestxray14", d), "all", tmp_path)
+
+
+def test_error_missing_column(tmp_path):
+    d = copy("rsna_pneumonia", tmp_path)
+    edit_line(d / "stage_2_detailed_class_info.csv", 1, "class", "klass")
+    with pytest.raises(
+        DatasetError, match=r"stage_2_detailed_class_info\.csv:1: missing column.*'class'"
+    ):
+        build_manifest(task("rsna_pneumonia", d), "all", tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["../outside.png", "/etc/passwd", "images/../../x.png"])
+def test_error_path_outside_root(tmp_path, bad):
+    d = copy("csv", tmp_path)
+    edit_line(d / "labels.csv", 5, "images/c1.png", bad)
+    opts = {"label_columns": ["Effusion"]}
+    with pytest.raises(DatasetError, match=r"labels\.csv:5: image path .* leaves the dataset root"):
+        build_manifest(task("csv", d, options=opts), "all", tmp_path)
+
+
+def test_error_vindr_unknown_class_and_rsna_conflict(tmp_path):
+    d = copy("vindr_cxr_kaggle", tmp_path)
+    edit_line(d / "train.csv", 7, "Pleural effusion", "Pleural efusion")
+    with pytest.raises(DatasetError, match=r"train\.csv:7: unknown class_name"):
+        build_manifest(task("vindr_cxr", d), "all", tmp_path)
+    r = copy("rsna_pneumonia", tmp_path)
+    edit_line(r / "stage_2_train_labels.csv", 2, ",0", ",1")
+    with pytest.raises(DatasetError, match=r"stage_2_train_labels\.csv:2: Target 1 disagrees"):
+        build_manifest(task("rsna_pneumonia", r), "all", tmp_path)
+
+
+def test_error_missing_root_and_bad_options(tmp_path):
+    with pytest.raises(DatasetError, match="nowhere.*not found"):
+        build_manifest(task("shenzhen", tmp_path / "nowhere"), "all", tmp_path)
+    with pytest.raises(ConfigError, match="vote"):
+        task_spec_for(task("vindr_cxr", tmp_path, options={"vote": "all"}))
+    with pytest.raises(ConfigError, match="colour"):
+        get_adapter("shenzhen").parse_options({"colour": 1})
+    with pytest.raises(ValueError, match="unknown dataset"):
+        task_spec_for(task("padchest", tmp_path))
