@@ -16,6 +16,8 @@ from .config import ConfigError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ark_core.commands.train", "centralized Ark+ training from a YAML config"),
+    "import": ("ark_core.commands.import_ark", "convert a released Ark checkpoint to a model file"),
+    "export": ("ark_core.commands.export", "write a model's backbone as a timm state dict"),
 }
 
 

@@ -1,0 +1,419 @@
+"""The model file: one ``.safetensors`` holding an ArkModel's tensors and its description.
+
+The safetensors header (str -> str) carries JSON strings::
+
+    format          "ark-model"
+    format_version  "1"
+    code_version    ark_core.__version__ of the writer
+    role            "student" or "teacher"
+    config          backbone (timm name), backbone_kwargs, img_size, work_size,
+                    projector, projector_dim
+    tasks           [{name, labels, task_type}, ...] in head order
+    provenance      whatever the writer passed (rounds, sites, tasks, data hashes, ...)
+
+Only floating-point tensors are stored: integer buffers (Swin's ``relative_position_index``)
+and masks are rebuilt by timm from the architecture. Files are written atomically (temp
+file in the same directory, fsync, rename), so a crash never leaves half a model behind.
+:func:`load_model` also reads a released Ark ``.pth.tar`` (see :mod:`ark_core.ark_import`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import ModelConfig
+from .model import ArkModel
+from .tasks import TaskSpec
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "ModelFileError",
+    "export_backbone",
+    "file_to_state_dict",
+    "init_from_file",
+    "load_model",
+    "load_state_checked",
+    "load_tensors",
+    "read_metadata",
+    "save_model",
+    "save_tensors",
+    "state_dict_to_file",
+    "timm_create_call",
+]
+
+_logger = logging.getLogger(__name__)
+
+FORMAT = "ark-model"
+FORMAT_VERSION = 1
+ROLES = ("student", "teacher")
+_REQUIRED = ("format", "format_version", "role", "config", "tasks")
+_CONFIG_KEYS = ("backbone", "backbone_kwargs", "img_size", "projector", "projector_dim")
+_RELEASED_SUFFIXES = (".tar", ".pth", ".pt", ".ckpt", ".bin")
+
+
+class ModelFileError(ValueError):
+    """A model file is missing, damaged or does not fit; the message names file and key."""
+
+
+# ----------------------------------------------------------------------------- raw tensors
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)``, fsync, and rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:  # make the rename itself durable; not every filesystem lets a directory be opened
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def float_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The floating-point tensors of a state dict, detached, contiguous, on the CPU."""
+    return {
+        k: v.detach().to("cpu").contiguous()
+        for k, v in state_dict.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+    }
+
+
+def save_tensors(
+    tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write tensors (float ones only) and a str -> str header to ``path`` atomically.
+
+    Args:
+        tensors: Tensors by name (e.g. a state dict).
+        path: Destination ``.safetensors`` file.
+        metadata: Header entries; values must be strings (store JSON for structures).
+    """
+    meta = dict(metadata or {})
+    bad = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"safetensors metadata must map str -> str; not so for {bad}")
+    data = float_tensors(tensors)
+    _atomic_write(Path(path), lambda tmp: save_file(data, str(tmp), metadata=meta))
+
+
+def _open(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model file not found")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelFileError(f"{path}: not a readable .safetensors file ({e})") from None
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a ``.safetensors`` file, by name, on the CPU."""
+    path = Path(path)
+    with _open(path) as f:
+        try:
+            return {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:  # truncated data section
+            raise ModelFileError(f"{path}: damaged tensor data ({e})") from None
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The header of a model file, with JSON values decoded (reads only the header).
+
+    Raises:
+        ModelFileError: The file is not a model file, or a required key is missing or invalid.
+    """
+    path = Path(path)
+    with _open(path) as f:
+        raw = f.metadata() or {}
+    if raw.get("format") != FORMAT:
+        raise ModelFileError(
+            f"{path}: not an Ark model file (metadata key 'format' is {raw.get('format')!r}, "
+            f"expected {FORMAT!r})"
+        )
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        raise ModelFileError(f"{path}: metadata lacks required key(s) {missing}")
+    meta: dict = {}
+    for k, v in raw.items():
+        try:
+            meta[k] = json.loads(v) if k in ("config", "tasks", "provenance") else v
+        except json.JSONDecodeError as e:
+            raise ModelFileError(f"{path}: metadata key {k!r} is not valid JSON ({e})") from None
+    try:
+        version = int(meta["format_version"])
+    except ValueError:
+        raise ModelFileError(f"{path}: metadata key 'format_version' is not a number") from None
+    if version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: format_version {version} is newer than this code reads ({FORMAT_VERSION}); "
+            "update ark-fl"
+        )
+    meta["format_version"] = version
+    if meta["role"] not in ROLES:
+        raise ModelFileError(f"{path}: metadata key 'role' is {meta['role']!r}, not one of {ROLES}")
+    cfg = meta["config"]
+    if not isinstance(cfg, dict):
+        raise ModelFileError(f"{path}: metadata key 'config' is not a mapping")
+    missing = [k for k in _CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise ModelFileError(f"{path}: metadata 'config' lacks key(s) {missing}")
+    try:
+        meta["tasks"] = [TaskSpec.from_dict(t) for t in meta["tasks"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"{path}: metadata key 'tasks' is invalid ({e})") from None
+    meta.setdefault("provenance", {})
+    return meta
+
+
+def state_dict_to_file(model: nn.Module, path: str | Path, metadata: Mapping[str, str] | None = None):
+    """Save a module's float tensors (parameters and float buffers) with a header."""
+    save_tensors(model.state_dict(), path, metadata)
+
+
+def file_to_state_dict(path: str | Path, model: nn.Module) -> None:
+    """Load a tensors file into ``model``, checking names and shapes (see load_state_checked)."""
+    load_state_checked(model, load_tensors(path), str(path))
+
+
+def load_state_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str):
+    """``model.load_state_dict`` with errors that name the source and the offending key.
+
+    Every float entry of the model's state dict must be present with the right shape, and
+    the source must hold nothing the model lacks. Integer buffers may be absent (timm
+    rebuilds them).
+    """
+    own = model.state_dict()
+    for k, v in state_dict.items():
+        if k not in own:
+            raise ModelFileError(f"{source}: tensor {k!r} has no place in the model")
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ModelFileError(
+                f"{source}: tensor {k!r} has shape {tuple(v.shape)}, the model expects "
+                f"{tuple(own[k].shape)}"
+            )
+    missing = [k for k, v in own.items() if v.is_floating_point() and k not in state_dict]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ModelFileError(f"{source}: tensor {missing[0]!r}{more} missing")
+    model.load_state_dict(dict(state_dict), strict=False)
+
+
+# ----------------------------------------------------------------------------- model files
+def save_model(
+    model: ArkModel,
+    path: str | Path,
+    *,
+    provenance: Mapping | None = None,
+    role: str = "teacher",
+) -> None:
+    """Write an ArkModel to one ``.safetensors`` model file (atomically).
+
+    Args:
+        model: The model; its backbone must have been built from a timm name.
+        path: Destination file.
+        provenance: JSON-serialisable description of where the weights come from.
+        role: ``"student"`` or ``"teacher"``.
+    """
+    from . import __version__
+
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if not getattr(model, "backbone_name", None):
+        raise ValueError("only a model built from a timm backbone name can be saved as a model file")
+    config = model.config_dict()
+    tasks = config.pop("tasks")
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "code_version": __version__,
+        "role": role,
+        "config": json.dumps(config),
+        "tasks": json.dumps(tasks),
+        "provenance": json.dumps(dict(provenance or {}), default=str),
+    }
+    save_tensors(model.state_dict(), path, metadata)
+
+
+def _build(meta: dict, tasks: Iterable[TaskSpec]) -> ArkModel:
+    cfg = meta["config"]
+    return ArkModel(
+        cfg["backbone"],
+        tasks,
+        img_size=int(cfg["img_size"]),
+        projector=cfg["projector"],
+        projector_dim=int(cfg["projector_dim"]),
+        backbone_kwargs=cfg["backbone_kwargs"],
+        work_size=cfg.get("work_size"),
+    )
+
+
+def _is_released(path: Path) -> bool:
+    """A torch.save file (zip or pickle), as opposed to a safetensors file."""
+    if path.suffix == ".safetensors":
+        return False
+    if path.suffix in _RELEASED_SUFFIXES:
+        return True
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
+
+
+def load_model(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    task_names=None,
+    role: str | None = None,
+    img_size: int | None = None,
+    allow_pickle: bool = False,
+) -> ArkModel:
+    """Load a model file, a released Ark ``.pth.tar``, or published weights by name.
+
+    Args:
+        path: A ``.safetensors`` model file, a released checkpoint, or a key of
+            :data:`ark_core.pretrained.default_cfgs` (fails offline unless the file is present).
+        device: Where to put the model.
+        task_names: Released checkpoints only: names, labels and types of the heads, as a
+            YAML path, a list of ``{name, labels, task_type}`` or TaskSpecs.
+        role: ``"teacher"`` or ``"student"``. For a released checkpoint it picks
+            ``'teacher'`` (default) or ``'state_dict'``; for a model file it must match the
+            file's role if given.
+        img_size: Released checkpoints only: input size, if it cannot be read off the tensors.
+        allow_pickle: Released checkpoints only: unpickle arbitrary objects (trusted files).
+
+    Returns:
+        The model in eval mode.
+    """
+    p = Path(path)
+    if not p.exists():
+        from .pretrained import default_cfgs, load_pretrained
+
+        if str(path) in default_cfgs:
+            return load_pretrained(str(path), device=device, role=role)
+        raise FileNotFoundError(f"{p}: model file not found")
+    if p.is_dir():
+        raise ModelFileError(f"{p}: is a directory; name a model file in it")
+    if _is_released(p):
+        from .ark_import import load_released
+
+        model = load_released(
+            p, role=role or "teacher", task_names=task_names, img_size=img_size,
+            allow_pickle=allow_pickle,
+        )
+        return model.to(device).eval()
+    meta = read_metadata(p)
+    if role is not None and meta["role"] != role:
+        raise ModelFileError(f"{p}: holds the {meta['role']}, not the {role}")
+    try:
+        model = _build(meta, meta["tasks"])
+    except Exception as e:  # noqa: BLE001 - any timm failure means the config is unusable
+        raise ModelFileError(f"{p}: cannot build the model its metadata 'config' describes ({e})") from e
+    load_state_checked(model, load_tensors(p), str(p))
+    return model.to(device).eval()
+
+
+def init_from_file(cfg: ModelConfig, tasks: Iterable[TaskSpec]) -> ArkModel:
+    """Start a model from a file (``cfg.init``), with one head per requested task.
+
+    The backbone and projector come from the file. A task whose name AND labels match a head
+    in the file keeps that head; every other task gets a fresh head. Heads of the file that
+    no requested task matches are dropped. The file decides the architecture; a config that
+    explicitly asks for another backbone or input size is an error.
+
+    Args:
+        cfg: Model config whose ``init`` is a path.
+        tasks: The tasks to train, in order.
+
+    Returns:
+        The model in train mode.
+    """
+    model = load_model(cfg.init)
+    explicit = cfg.model_fields_set
+    if "backbone" in explicit and cfg.backbone != model.backbone_name:
+        _logger.warning(
+            "%s: holds a %s backbone; the config's %s is ignored", cfg.init, model.backbone_name,
+            cfg.backbone,
+        )
+    if "img_size" in explicit and cfg.img_size != model.img_size:
+        raise ValueError(
+            f"{cfg.init}: the model was built for img_size {model.img_size}, the config asks for "
+            f"{cfg.img_size}; set model.img_size to {model.img_size}"
+        )
+    if "work_size" in explicit and cfg.work_size:
+        model.work_size = cfg.work_size
+    old_heads, old_tasks = model.heads, model.tasks
+    model.heads, model.tasks = nn.ModuleDict(), {}
+    for spec in tasks:
+        old = old_tasks.get(spec.name)
+        if old is not None and old.labels == spec.labels:
+            model.heads[spec.name] = old_heads[spec.name]
+            model.tasks[spec.name] = spec
+            _logger.info("%s: task %s keeps its head", cfg.init, spec.name)
+        else:
+            model.add_task(spec)
+            _logger.info("%s: task %s gets a new head", cfg.init, spec.name)
+    return model.train()
+
+
+# ----------------------------------------------------------------------------- export
+def timm_create_call(model: ArkModel, file: str | Path | None = None) -> str:
+    """The ``timm.create_model`` call that rebuilds ``model``'s backbone (from ``file``)."""
+    kwargs = {**model.backbone_kwargs}
+    if "swin" in (model.backbone_name or "") or "img_size" in kwargs:
+        kwargs.setdefault("img_size", model.img_size)
+    args = [repr(model.backbone_name)]
+    if file is not None:
+        args += ["pretrained=True", f"pretrained_cfg_overlay=dict(file={str(file)!r})"]
+    args.append("num_classes=0")
+    args += [f"{k}={v!r}" for k, v in kwargs.items()]
+    return f"timm.create_model({', '.join(args)})"
+
+
+def export_backbone(model: ArkModel, path: str | Path) -> str:
+    """Write the backbone as a timm state dict (``.safetensors`` or ``.pth`` by extension).
+
+    Args:
+        model: The model whose backbone to export (normally the teacher).
+        path: Destination; ``.safetensors`` gets the timm name and keywords in its header.
+
+    Returns:
+        The ``timm.create_model`` call that loads the file.
+    """
+    path = Path(path)
+    if not model.backbone_name:
+        raise ValueError("only a timm backbone (built from a timm name) can be exported")
+    tensors = float_tensors(model.backbone.state_dict())
+    call = timm_create_call(model, path.resolve())
+    if path.suffix == ".safetensors":
+        meta = {
+            "timm_model": model.backbone_name,
+            "timm_kwargs": json.dumps(model.backbone_kwargs),
+            "img_size": str(model.img_size),
+            "create_model": call,
+        }
+        save_tensors(tensors, path, meta)
+    elif path.suffix in (".pth", ".pt", ".bin"):
+        _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+    else:
+        raise ValueError(f"{path}: use a .safetensors or .pth file name")
+    return call
