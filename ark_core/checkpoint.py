@@ -40,6 +40,7 @@ __all__ = [
     "ModelFileError",
     "export_backbone",
     "file_to_state_dict",
+    "float_tensors",
     "init_from_file",
     "load_model",
     "load_state_checked",
@@ -326,7 +327,7 @@ def load_model(
         raise ModelFileError(f"{p}: holds the {meta['role']}, not the {role}")
     try:
         model = _build(meta, meta["tasks"])
-    except Exception as e:  # noqa: BLE001 - any timm failure means the config is unusable
+    except Exception as e:  # any timm failure means the stored config is unusable
         raise ModelFileError(f"{p}: cannot build the model its metadata 'config' describes ({e})") from e
     load_state_checked(model, load_tensors(p), str(p))
     return model.to(device).eval()
