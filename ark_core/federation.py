@@ -1,0 +1,227 @@
+"""Federation and site configuration, and the per-round schedule both sides agree on.
+
+A federation YAML (the coordinator's) holds the model, the task catalogue (every task any
+site may train, with its labels and type), the number of rounds and the training settings.
+A site YAML holds the site's name, its tasks (datasets on its disk; each must be a catalogue
+task with identical labels), its state directory and local overrides (batch size, workers,
+device, threads). A simulation YAML is a federation YAML with a ``sites:`` list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+
+from .config import ModelConfig, Strict, TaskConfig, TrainConfig
+from .deployment import ServerDeployment, SiteDeployment
+from .schedule import lr_at
+from .tasks import TaskSpec, TaskType, check_same_labels
+
+__all__ = [
+    "CatalogueTask",
+    "FederationConfig",
+    "SimulationConfig",
+    "SiteConfig",
+    "SiteTrainOverrides",
+    "check_site_tasks",
+    "ema_position",
+    "round_lr",
+    "run_fingerprint",
+    "site_train_config",
+]
+
+
+class CatalogueTask(Strict):
+    """One task of the federation's catalogue (the master holds a head for each)."""
+
+    name: str = Field(description="Task name (the head's key).")
+    labels: list[str] = Field(min_length=1, description="Label names in output order.")
+    task_type: TaskType = Field(description="multilabel, binary or multiclass.")
+
+    @model_validator(mode="after")
+    def _valid_spec(self) -> CatalogueTask:
+        self.spec()  # raises ValueError on a binary task with two labels, duplicates, ...
+        return self
+
+    def spec(self) -> TaskSpec:
+        return TaskSpec(self.name, tuple(self.labels), self.task_type)
+
+
+class FederationConfig(Strict):
+    """A federated Ark+ run (the coordinator's YAML).
+
+    ``train`` is read per round: ``lr``/``min_lr``/``warmup_epochs`` schedule the learning
+    rate over rounds (``warmup_epochs`` = warm-up rounds); ``train.epochs`` is not used.
+    """
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    catalogue: list[CatalogueTask] = Field(min_length=1, description="Every task of the run.")
+    rounds: int = Field(gt=0, description="Federated rounds.")
+    local_epochs: int = Field(1, gt=0, description="Passes over the site's tasks per round.")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    min_sites: int = Field(1, gt=0, description="Valid replies a round needs.")
+    round_timeout_s: float = Field(
+        6 * 3600.0, gt=0, description="How long a round waits for replies (Swin-L: hours)."
+    )
+    retries: int = Field(2, ge=0, description="Retries of a round with too few valid replies.")
+    keep_rounds: int = Field(3, ge=1, description="Round checkpoints kept (besides round 0).")
+    evaluate_every: int = Field(
+        1, ge=0, description="Ask sites for validation AUC every N rounds (0: never)."
+    )
+    run_dir: Path = Field(Path("runs/federated"), description="The server's run directory.")
+    deployment: ServerDeployment | None = Field(
+        None, description="ark-server: port, server names, keys, sites allowed to join."
+    )
+
+    @model_validator(mode="after")
+    def _unique_tasks(self) -> FederationConfig:
+        names = [t.name for t in self.catalogue]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"catalogue task names must be unique, repeated: {dup}")
+        return self
+
+    def task_specs(self) -> list[TaskSpec]:
+        return [t.spec() for t in self.catalogue]
+
+
+class SiteTrainOverrides(Strict):
+    """What a site may choose for itself; unset fields keep the federation's values."""
+
+    batch_size: int | None = Field(None, gt=0)
+    workers: int | None = Field(None, ge=0)
+    device: str | None = Field(None, description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads.")
+
+
+class SiteConfig(Strict):
+    """A hospital site: its tasks on local disk and where it keeps its teacher."""
+
+    name: str = Field(min_length=1, description="Site name (appears in the server's logs).")
+    tasks: list[TaskConfig] = Field(min_length=1)
+    state_dir: Path | None = Field(
+        None, description="Teacher store (default: 'state' beside the site YAML; in "
+        "simulation: <run_dir>/sites/<name>)."
+    )
+    data_root: Path | None = Field(
+        None, description="Relative task roots resolve against this (default: the YAML's dir)."
+    )
+    train: SiteTrainOverrides = Field(default_factory=SiteTrainOverrides)
+    deployment: SiteDeployment | None = Field(
+        None, description="ark-client: server address, CA certificate, private key, GPUs."
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique(cls, tasks: list[TaskConfig]) -> list[TaskConfig]:
+        names = [t.name for t in tasks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"task names must be unique, repeated: {dup}")
+        return tasks
+
+
+class SimulationConfig(FederationConfig):
+    """A simulation on one node: the federation plus its sites (one per partition id)."""
+
+    sites: list[SiteConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _sites_match_catalogue(self) -> SimulationConfig:
+        names = [s.name for s in self.sites]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"site names must be unique, repeated: {dup}")
+        catalogue = {t.name: t for t in self.catalogue}
+        for site in self.sites:
+            for task in site.tasks:
+                if task.name not in catalogue:
+                    raise ValueError(
+                        f"site {site.name!r}: task {task.name!r} is not in the catalogue "
+                        f"{sorted(catalogue)}"
+                    )
+                # Labels left to the adapter are checked by the site once its data is read.
+                if task.labels is not None:
+                    cat = catalogue[task.name]
+                    got = TaskSpec(task.name, tuple(task.labels), task.task_type or cat.task_type)
+                    check_same_labels(cat.spec(), got, f"site {site.name!r}")
+        return self
+
+    def federation(self) -> FederationConfig:
+        """The federation part (what the server fingerprints)."""
+        return FederationConfig.model_validate(self.model_dump(exclude={"sites"}))
+
+
+# Operational settings may change between restarts without changing the run.
+_NOT_FINGERPRINTED = {
+    "min_sites", "round_timeout_s", "retries", "keep_rounds", "evaluate_every", "run_dir", "sites",
+    "deployment",
+}  # fmt: skip
+
+
+def run_fingerprint(cfg: FederationConfig) -> str:
+    """Hash of what determines the run's result: model, catalogue, rounds, training."""
+    d = cfg.model_dump(mode="json", exclude=_NOT_FINGERPRINTED)
+    d["train"].pop("workers", None)
+    d["train"].pop("device", None)
+    d["train"].pop("threads", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_site_tasks(site: str, specs: Sequence[TaskSpec], catalogue: Sequence[TaskSpec]) -> None:
+    """Raise ``ValueError`` unless every site task is a catalogue task with the same labels."""
+    by_name = {t.name: t for t in catalogue}
+    for spec in specs:
+        if spec.name not in by_name:
+            raise ValueError(
+                f"site {site!r}: task {spec.name!r} (labels {list(spec.labels)}) is not in the "
+                f"federation's catalogue {sorted(by_name)}"
+            )
+        check_same_labels(by_name[spec.name], spec, f"site {site!r}")
+
+
+def round_lr(train: TrainConfig, round_: int, num_rounds: int) -> float:
+    """Learning rate of round ``round_`` (1-based): warm-up rounds, then cosine."""
+    return lr_at(round_ - 1, num_rounds, train.lr, train.min_lr, train.warmup_epochs)
+
+
+def ema_position(round_: int, num_rounds: int, local_epochs: int, num_tasks: int) -> tuple[int, int]:
+    """A site's (EMA step before ``round_``, total EMA steps) over its own task-epochs."""
+    per_round = local_epochs * num_tasks
+    return (round_ - 1) * per_round, num_rounds * per_round
+
+
+def site_train_config(train: TrainConfig, overrides: SiteTrainOverrides) -> TrainConfig:
+    """The federation's training settings with the site's local overrides applied."""
+    return train.model_copy(update=overrides.model_dump(exclude_none=True))
+
+
+def load_simulation(
+    sim_config: str | Path, data_root: str | Path = "", run_dir: str | Path = ""
+) -> tuple[SimulationConfig, Path, Path]:
+    """Read a simulation YAML the way ``flwr run`` names it in the run config.
+
+    Args:
+        sim_config: The YAML's path; relative paths resolve against ``data_root`` if given.
+        data_root: Directory relative data and output paths resolve against (default: the
+            YAML's directory; never the working directory of the engine).
+        run_dir: Overrides the YAML's ``run_dir``.
+
+    Returns:
+        The config, the directory relative task roots resolve against, the absolute run dir.
+    """
+    from .config import load_config, resolve_path
+
+    root = Path(data_root).expanduser() if str(data_root) else None
+    path = Path(sim_config).expanduser()
+    if root is not None and not path.is_absolute():
+        path = root / path
+    path = path.resolve()
+    cfg = load_config(path, SimulationConfig)
+    base = root.resolve() if root is not None else path.parent
+    out = resolve_path(Path(run_dir) if str(run_dir) else cfg.run_dir, base).resolve()
+    return cfg, base, out

@@ -1,0 +1,204 @@
+"""One hospital site's side of federated Ark+, free of Flower: train, evaluate, hand over.
+
+The Flower ClientApp (``client.app``) only turns messages into calls of :class:`Site` and
+results back into messages. What leaves the site: float tensors of its student (or, once at
+the end, of its teacher) restricted to the shared parts and its own heads, and numbers
+(example counts, losses, AUCs). Never images, labels, file names or per-image values.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ark_core.aggregate import float_state
+from ark_core.config import TrainConfig, load_config, resolve_path
+from ark_core.evaluate import evaluate
+from ark_core.federation import (
+    SiteConfig,
+    check_site_tasks,
+    ema_position,
+    load_simulation,
+    site_train_config,
+)
+from ark_core.model import ArkModel, create_model, make_teacher
+from ark_core.protocol import Instruction
+from ark_core.train import TaskData, load_task_data, resolve_device, seed_everything, train_round
+
+from .state import TeacherStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Site:
+    """A site: its config, where its data and its state live.
+
+    Args:
+        cfg: The site's config.
+        data_root: Directory relative task roots resolve against.
+        state_dir: The site's state directory (teachers per run).
+        progress: Show progress bars while training.
+    """
+
+    cfg: SiteConfig
+    data_root: Path
+    state_dir: Path
+    progress: bool = False
+
+    # -- construction --------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Site:
+        """A deployed site from its YAML (relative paths resolve against its directory)."""
+        path = Path(path).expanduser().resolve()
+        cfg = load_config(path, SiteConfig)
+        base = path.parent
+        root = resolve_path(cfg.data_root, base) if cfg.data_root else base
+        state = resolve_path(cfg.state_dir, base) if cfg.state_dir else base / "state"
+        return cls(cfg, root, state)
+
+    @classmethod
+    def from_simulation(
+        cls, sim_config: str, data_root: str, run_dir: str, partition_id: int
+    ) -> Site:
+        """Site number ``partition_id`` of a simulation YAML."""
+        sim, base, out = load_simulation(sim_config, data_root, run_dir)
+        if not 0 <= partition_id < len(sim.sites):
+            raise ValueError(
+                f"partition-id {partition_id}: the simulation config defines {len(sim.sites)} "
+                "sites; run with as many supernodes (--federation-config num-supernodes=N)"
+            )
+        cfg = sim.sites[partition_id]
+        root = resolve_path(cfg.data_root, base) if cfg.data_root else base
+        state = resolve_path(cfg.state_dir, base) if cfg.state_dir else out / "sites" / cfg.name
+        return cls(cfg, root, state)
+
+    @classmethod
+    def from_flower_config(cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Site:
+        """Deployment: ``node_config['site-config']``; simulation: run config + partition-id."""
+        if node_config.get("site-config"):
+            return cls.from_yaml(str(node_config["site-config"]))
+        if "partition-id" in node_config:
+            return cls.from_simulation(
+                str(run_config.get("sim-config", "")),
+                str(run_config.get("data-root", "")),
+                str(run_config.get("run-dir", "")),
+                int(node_config["partition-id"]),
+            )
+        raise ValueError(
+            "no site configuration: start the SuperNode with --node-config "
+            "'site-config=\"/path/to/site.yaml\"'"
+        )
+
+    # -- helpers -------------------------------------------------------------------
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.cfg.tasks]
+
+    def _setup(self, ins: Instruction) -> tuple[list[TaskData], TrainConfig, torch.device]:
+        train = site_train_config(ins.train, self.cfg.train)
+        if train.threads:
+            torch.set_num_threads(train.threads)
+        tasks = load_task_data(self.cfg.tasks, self.data_root)
+        check_site_tasks(self.cfg.name, [t.spec for t in tasks], ins.catalogue)
+        return tasks, train, resolve_device(train.device)
+
+    def _model(self, ins: Instruction, tasks: list[TaskData], tensors: Mapping[str, Any]) -> ArkModel:
+        """The site's model (its own heads only) holding ``tensors``."""
+        model = create_model(ins.model.model_copy(update={"init": "random"}), [t.spec for t in tasks])
+        wanted = float_state(model)
+        missing = sorted(set(wanted) - set(tensors))
+        if missing:
+            raise ValueError(f"site {self.cfg.name!r}: the model sent lacks {missing[:5]}")
+        state = {k: torch.as_tensor(_numpy(tensors[k])) for k in wanted}
+        model.load_state_dict(state, strict=False)
+        return model
+
+    def _store(self, ins: Instruction) -> TeacherStore:
+        return TeacherStore(self.state_dir, ins.fingerprint)
+
+    def _teacher(
+        self, ins: Instruction, tasks: list[TaskData], round_: int
+    ) -> tuple[ArkModel, int] | None:
+        """The teacher saved after the latest round before ``round_``, with that round."""
+        store = self._store(ins)
+        prev = store.latest_before(round_)
+        if prev is None:
+            return None
+        return make_teacher(self._model(ins, tasks, store.load(prev))), prev
+
+    # -- the three operations ------------------------------------------------------
+    def train(
+        self, ins: Instruction, master: Mapping[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """One federated round: master student + the site's teacher -> cyclic training.
+
+        Returns:
+            The student's float tensors (shared parts and this site's heads) and metrics.
+        """
+        tasks, train, device = self._setup(ins)
+        seed_everything(train.seed + ins.round)
+        student = self._model(ins, tasks, master).to(device)
+        found = self._teacher(ins, tasks, ins.round)
+        # Round 1 (or a site without an earlier teacher of this run) starts from the master.
+        teacher = (found[0] if found else make_teacher(student)).to(device)
+        ema_step, ema_total = ema_position(ins.round, ins.num_rounds, ins.local_epochs, len(tasks))
+        result = train_round(
+            student, teacher, tasks, train,
+            img_size=ins.model.img_size, work_size=ins.model.resolved_work_size, lr=ins.lr,
+            local_epochs=ins.local_epochs, ema_step=ema_step, ema_total_steps=ema_total,
+            device=device, progress=self.progress, desc=f"{self.cfg.name} r{ins.round} ",
+        )
+        self._store(ins).save(ins.round, float_state(teacher))
+        metrics = dict(result.metrics)
+        metrics["ema-step"] = float(result.ema_step)
+        metrics["teacher-from-round"] = float(found[1] if found else 0)
+        return float_state(student.cpu()), metrics
+
+    def evaluate(self, ins: Instruction, master: Mapping[str, Any]) -> dict[str, float]:
+        """Validation AUC per task (mean and per label) of the master student and the teacher."""
+        tasks, train, device = self._setup(ins)
+        models = {"student": self._model(ins, tasks, master)}
+        found = self._teacher(ins, tasks, ins.round + 1)
+        if found:
+            models["teacher"] = found[0]
+        out: dict[str, float] = {}
+        for role, model in models.items():
+            res = evaluate(
+                model.to(device), tasks, img_size=ins.model.img_size,
+                work_size=ins.model.resolved_work_size, batch_size=train.batch_size,
+                workers=train.workers, device=device,
+            )
+            for task, r in res.items():
+                out[f"num-examples.{task}"] = float(r["num-examples"])
+                if r["auc_mean"] is not None:
+                    out[f"{role}.auc.{task}"] = float(r["auc_mean"])
+                for label, auc in r["auc"].items():
+                    if auc is not None:
+                        out[f"{role}.auc.{task}.{label}"] = float(auc)
+        if found:
+            out["teacher-round"] = float(found[1])
+        return out
+
+    def teacher(self, ins: Instruction) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The latest teacher of this run, with the site's training example counts."""
+        store = self._store(ins)
+        rounds = store.rounds()
+        if not rounds:
+            raise RuntimeError(f"site {self.cfg.name!r} holds no teacher of run {ins.fingerprint}")
+        tasks = load_task_data(self.cfg.tasks, self.data_root, splits=("train",))
+        check_site_tasks(self.cfg.name, [t.spec for t in tasks], ins.catalogue)
+        metrics = {f"num-examples.{t.spec.name}": float(len(t.train)) for t in tasks}
+        metrics["num-examples"] = float(sum(len(t.train) for t in tasks))
+        metrics["teacher-round"] = float(rounds[-1])
+        return store.load(rounds[-1]), metrics
+
+
+def _numpy(v: Any) -> Any:
+    """Flower ``Array`` -> numpy; numpy arrays and tensors pass through."""
+    return v.numpy() if hasattr(v, "numpy") and not isinstance(v, torch.Tensor) else v

@@ -1,0 +1,69 @@
+"""A site's state directory: its teacher after each round, per run.
+
+Layout::
+
+    <state_dir>/<run fingerprint>/teacher_round_NNN.safetensors
+
+Round r trains from the teacher saved after the latest round before r (the master in round
+1), so a round the server replays starts again from the teacher before it, and a state
+directory of another run (another fingerprint) is never read. Files are written to a
+temporary name, synced and renamed, so a crash leaves either the old or the new teacher.
+The teacher never enters Flower's ``Context.state`` (the deployment runtime drops large
+states).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ark_core.checkpoint import load_tensors, save_tensors
+
+_NAME = re.compile(r"teacher_round_(\d{3,})\.safetensors")
+
+
+class TeacherStore:
+    """The teachers one site keeps for one run.
+
+    Args:
+        state_dir: The site's state directory.
+        fingerprint: The run's fingerprint.
+        keep: Teachers kept (the latest rounds); older ones are deleted after a save.
+    """
+
+    def __init__(self, state_dir: Path, fingerprint: str, keep: int = 3) -> None:
+        if not fingerprint or "/" in fingerprint or fingerprint.startswith("."):
+            raise ValueError(f"invalid run fingerprint {fingerprint!r}")
+        self.dir = Path(state_dir) / fingerprint
+        self.keep = keep
+
+    def path(self, round_: int) -> Path:
+        return self.dir / f"teacher_round_{round_:03d}.safetensors"
+
+    def rounds(self) -> list[int]:
+        """Rounds with a saved teacher, ascending."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := _NAME.fullmatch(p.name)))
+
+    def latest_before(self, round_: int) -> int | None:
+        """The latest saved round < ``round_`` (the teacher round ``round_`` starts from)."""
+        earlier = [r for r in self.rounds() if r < round_]
+        return earlier[-1] if earlier else None
+
+    def load(self, round_: int) -> dict[str, torch.Tensor]:
+        return load_tensors(self.path(round_))
+
+    def save(self, round_: int, tensors: dict[str, torch.Tensor]) -> Path:
+        """Save the teacher after ``round_``; drop teachers of later rounds (a replay) and old ones."""
+        path = self.path(round_)
+        save_tensors(tensors, path, {"round": str(round_)})
+        rounds = self.rounds()
+        for r in rounds:
+            if r > round_:
+                self.path(r).unlink(missing_ok=True)
+        for r in [r for r in rounds if r <= round_][: -self.keep]:
+            self.path(r).unlink(missing_ok=True)
+        return path

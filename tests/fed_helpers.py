@@ -1,0 +1,42 @@
+"""Shared setup of the federated tests: a tiny two-task simulation on the embedded demo data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+DEMO = Path(__file__).resolve().parents[1] / "simulations" / "demo_data"
+NIH_LABELS = [
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening",
+    "Hernia",
+]  # fmt: skip
+SPLIT = {"val_fraction": 0.4, "test_fraction": 0.0, "seed": 1}  # both classes in val
+NIH = {"name": "nih", "dataset": "chestxray14", "root": "nih", "max_images": 16, "split": SPLIT}
+PED = {"name": "ped", "dataset": "pediatric_pneumonia", "root": "pediatric", "max_images": 16,
+       "split": SPLIT}
+
+
+def write_sim(tmp: Path, sites: list[dict] | None = None, **fed) -> dict:
+    """Write a simulation YAML; returns the run config a ClientApp/ServerApp would see."""
+    cfg = {
+        "model": {"preset": "tiny"},
+        "catalogue": [
+            {"name": "nih", "labels": NIH_LABELS, "task_type": "multilabel"},
+            {"name": "ped", "labels": ["Pneumonia"], "task_type": "binary"},
+        ],
+        "rounds": 2,
+        "train": {"batch_size": 8, "lr": 1e-3, "threads": 1},
+        "round_timeout_s": 30,
+        "retries": 0,
+        "sites": sites if sites is not None else [
+            {"name": "hosp-a", "tasks": [NIH, PED]},
+            {"name": "hosp-b", "tasks": [{**PED, "split": {**SPLIT, "seed": 0}}]},
+        ],
+        **fed,
+    }
+    path = tmp / "sim.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return {"sim-config": str(path), "data-root": str(DEMO), "run-dir": str(tmp / "run"),
+            "fed-config": ""}
