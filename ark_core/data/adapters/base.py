@@ -77,7 +77,7 @@ def read_csv(
                 raise DatasetError(
                     f"{where(path, line)}: expected {n} fields as in the header, got {len(fields)}"
                 )
-            rows.append((line, dict(zip(header, (x.strip() for x in fields), strict=False))))
+            rows.append((line, dict(zip(header, map(str.strip, fields), strict=False))))
     return header, rows
 
 
@@ -109,16 +109,13 @@ def safe_relpath(rel: str, source: Path, line: int | None) -> str:
     return norm
 
 
+_CELL = {"": float("nan"), "1": 1.0, "0": 0.0, "-1": -1.0, "1.0": 1.0, "0.0": 0.0, "-1.0": -1.0}
+
+
 def parse_label_value(value: str, column: str, source: Path, line: int) -> float:
     """A CheXpert-style cell: 1/0/-1 (or 1.0/0.0/-1.0) or blank (-> NaN)."""
-    v = value.strip()
-    if v == "":
-        return float("nan")
-    try:
-        x = float(v)
-    except ValueError:
-        x = None
-    if x not in (1.0, 0.0, -1.0):
+    x = _CELL.get(value.strip())
+    if x is None:
         raise DatasetError(
             f"{where(source, line)}: column {column!r} has value {value!r}; expected 1, 0, -1 or blank"
         )
