@@ -164,7 +164,21 @@ def _read_dicom(path: Path, max_pixels: int) -> np.ndarray:
     if "PixelData" not in ds:
         raise ImageReadError(path, "DICOM file without pixel data")
     _check_shape(path, int(ds.get("Rows", 0)), int(ds.get("Columns", 0)), max_pixels)
+    need = native_pixel_bytes(ds)
+    if need is not None and len(ds.PixelData) < need:
+        raise ImageReadError(path, f"truncated DICOM pixel data ({len(ds.PixelData)} of {need} bytes)")
     return dicom_to_uint8(ds, path)
+
+
+def native_pixel_bytes(ds) -> int | None:
+    """Bytes the pixel data of an uncompressed DICOM dataset must hold; None if compressed."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and (syntax.is_compressed or syntax.is_deflated):
+        return None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1))
+    bits = int(ds.get("BitsAllocated", 16))
+    return (int(ds.Rows) * int(ds.Columns) * frames * samples * bits + 7) // 8
 
 
 def dicom_to_uint8(ds, path: str | os.PathLike = "<dataset>") -> np.ndarray:
