@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from .config import ArkConfig, resolve_path
+from .data.dataset import check_files
 from .evaluate import evaluate
 from .model import create_model, make_teacher
 from .schedule import lr_at
@@ -78,7 +79,10 @@ def train_centralized(
     device = resolve_device(cfg.train.device)
 
     tasks = load_task_data(cfg.tasks, data_root)
-    for td in tasks:
+    for td in tasks:  # unreadable files stop the run here, before any training
+        for m in (td.train, td.val):
+            if m is not None:
+                check_files(m, cfg.train.bad_file_fraction, workers=4, progress=False)
         log.info("task %s: %d train, %d val images", td.spec.name, len(td.train), len(td.val or []))
     student = create_model(cfg.model, [td.spec for td in tasks]).to(device)
     teacher = make_teacher(student)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import TaskConfig, TrainConfig
+from .data.dataset import BadFileCounter
 from .data.manifest import Manifest
 from .model import ArkModel, ema_update
 from .schedule import consistency_weight, momentum_schedule
@@ -57,12 +58,13 @@ def load_task_data(
     task_cfgs: Sequence[TaskConfig], base_dir: Path, splits: Sequence[str] = ("train", "val")
 ) -> list[TaskData]:
     """Build each task's manifests (patient-disjoint splits, then the site's partition)."""
-    from .data import build_manifest, task_spec_for
+    from .data import build_manifests, task_spec_for
     from .data.partition import apply_partition
 
     out = []
     for cfg in task_cfgs:
-        per_split = {s: build_manifest(cfg, s, base_dir) for s in splits}
+        every = build_manifests(cfg, base_dir)  # reads the release's label files once
+        per_split = {s: every[s] for s in splits}
         if cfg.partition is not None:
             per_split = {s: apply_partition(m, cfg.partition) for s, m in per_split.items()}
         out.append(TaskData(spec=task_spec_for(cfg), **per_split))
@@ -138,7 +140,10 @@ def make_loader(
     from .data.dataset import ArkDataset, collate
     from .data.transforms import create_transform
 
-    ds = ArkDataset(manifest, create_transform(img_size, work_size, training), work_size=work_size)
+    ds = ArkDataset(
+        manifest, create_transform(img_size, work_size, training), work_size=work_size,
+        seed=seed if training else None,
+    )
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(
         ds,
@@ -164,7 +169,7 @@ def train_task_epoch(
     *,
     lam: float,
     device: torch.device,
-    bad_files: list[str],
+    bad_files: BadFileCounter,
     progress: bool = True,
     desc: str = "",
 ) -> dict[str, float]:
@@ -175,7 +180,7 @@ def train_task_epoch(
     seen = 0
     bar = tqdm(loader, desc=desc or spec.name, disable=not progress, leave=False, unit="batch")
     for batch in bar:
-        bad_files.extend(batch["bad"])
+        bad_files.add(batch["bad"], batch["bad_reasons"])
         n = int(batch["n"])
         if n == 0:
             continue
@@ -208,18 +213,6 @@ def train_task_epoch(
         sums["consistency"] += loss_cons.item() * n
         bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}", lam=f"{lam:.3f}")
     return {k: v / max(seen, 1) for k, v in sums.items()} | {"num-examples": seen}
-
-
-def check_bad_fraction(bad: Sequence[str], total: int, max_fraction: float, where: str) -> None:
-    """Stop (at the end of an epoch, never mid-epoch) when too many files were unreadable."""
-    if total and len(bad) / total > max_fraction:
-        listed = "\n  ".join(sorted(set(bad))[:20])
-        raise RuntimeError(
-            f"{where}: {len(bad)} of {total} images unreadable "
-            f"({len(bad) / total:.1%} > {max_fraction:.1%}):\n  {listed}"
-        )
-    for p in sorted(set(bad)):
-        log.warning("skipped unreadable image %s", p)
 
 
 def train_round(
@@ -274,7 +267,7 @@ def train_round(
     set_lr(optimizer, lr)
     metrics: dict[str, float] = {}
     examples: dict[str, int] = {}
-    bad: list[str] = []
+    bad_total = 0
     total_seen = 0
     for epoch in range(local_epochs):
         for td in tasks:
@@ -285,12 +278,14 @@ def train_round(
                 seed=cfg.seed * 1_000_003 + ema_step,
             )
             label = f"{desc}{td.spec.name} [{epoch + 1}/{local_epochs}]"
-            before = len(bad)
+            bad = BadFileCounter(td.spec.name)
             stats = train_task_epoch(
                 student, teacher, loader, td.spec, optimizer, cfg,
                 lam=lam, device=device, bad_files=bad, progress=progress, desc=label,
             )
-            check_bad_fraction(bad[before:], len(td.train), cfg.bad_file_fraction, td.spec.name)
+            # Checked at the end of the epoch, never mid-epoch; the teacher is not yet updated.
+            bad.check(len(td.train), cfg.bad_file_fraction)
+            bad_total += len(bad)
             ema_update(teacher, student, m)
             ema_step += 1
             n = int(stats.pop("num-examples"))
@@ -303,7 +298,7 @@ def train_round(
     for name, n in examples.items():
         metrics[f"num-examples.{name}"] = float(n)
     metrics["num-examples"] = float(total_seen)
-    metrics["bad-files"] = float(len(set(bad)))
+    metrics["bad-files"] = float(bad_total)
     metrics["lr"] = float(lr)
     return RoundResult(metrics=metrics, ema_step=ema_step, examples=examples)
 
