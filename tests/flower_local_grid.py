@@ -36,8 +36,9 @@ class LocalGrid(Grid):
         silent: Node ids that never reply.
         on_reply: Called with every reply before the server sees it; may return a
             replacement (tests tamper with replies or record them).
-        crash_after: Raise ``KeyboardInterrupt`` in ``pull_messages`` once this many replies
-            have been produced (a server killed mid-round).
+        crash_after: Raise ``KeyboardInterrupt`` in ``pull_messages`` as soon as this many
+            replies have been produced, before the server reads the last (a server killed
+            mid-round).
     """
 
     def __init__(
@@ -96,13 +97,13 @@ class LocalGrid(Grid):
             if msg is None or msg.metadata.dst_node_id in self.silent:
                 continue
             del self._pending[mid]
-            if self.crash_after is not None and self.produced >= self.crash_after:
-                raise KeyboardInterrupt("server killed")
             try:
                 reply = self.app(msg, self._context(msg.metadata.dst_node_id))
             except Exception as e:  # noqa: BLE001 - Flower turns any ClientApp failure into an error reply
                 reply = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
             self.produced += 1
+            if self.crash_after is not None and self.produced >= self.crash_after:
+                raise KeyboardInterrupt("server killed")
             if self.on_reply is not None:
                 reply = self.on_reply(reply) or reply
             out.append(reply)

@@ -1,0 +1,321 @@
+"""The federated Ark+ round loop on a Flower ``Grid`` (push/pull, not ``Strategy.start``).
+
+Each round the server sends the master student to every connected site in a ``train``
+message whose ``config`` record carries (see :mod:`ark_core.protocol`):
+
+- ``round``: the round (1-based); ``num-rounds``: rounds of the run;
+- ``lr``: the round's learning rate (warm-up rounds, then cosine); the site's optimiser
+  starts fresh every round at this rate;
+- ``local-epochs``: passes over the site's tasks; each site derives its EMA momentum from
+  its own rounds x local epochs x tasks;
+- ``run-fingerprint``: keys the site's teacher store; ``model-config``, ``train-config``,
+  ``catalogue``: JSON of the architecture, training settings and task catalogue.
+
+Replies are validated and folded into running sums as they arrive
+(:class:`ark_core.aggregate.StreamingAggregator`), then dropped. A round needs ``min_sites``
+valid replies within ``round_timeout_s``; otherwise it is retried ``retries`` times and then
+the run stops (:class:`FederationStopped`), the last master intact in the run directory.
+After the last round the server asks every site once for its teacher (``query``) and averages
+the teachers it receives into the master teacher.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from ark_core.aggregate import StreamingAggregator, UpdateRejected, float_state
+from ark_core.federation import FederationConfig
+from ark_core.model import ArkModel, create_model, make_teacher
+from ark_core.protocol import ARRAYS, CONFIG, METRICS, SITE, Instruction
+from ark_core.train import seed_everything
+
+from .rundir import RunDir
+
+log = logging.getLogger("flwr.ark.server")
+
+
+class FederationStopped(RuntimeError):
+    """A round could not gather enough valid replies; the run directory keeps the last master."""
+
+
+@dataclass
+class Reply:
+    """What the loop reads from one site's reply (its tensors stay in ``arrays``)."""
+
+    node_id: int
+    site: str
+    tasks: list[str]
+    metrics: dict[str, float]
+    arrays: ArrayRecord | None
+
+
+def _read_reply(msg: Message) -> Reply:
+    """Parse a reply; raises ``ValueError`` naming what is malformed."""
+    node = msg.metadata.src_node_id
+    if msg.has_error():
+        raise ValueError(f"node {node} replied with an error: {msg.error.reason}")
+    c = msg.content
+    if METRICS not in c.metric_records or SITE not in c.config_records:
+        raise ValueError(f"node {node}: reply lacks the '{METRICS}' or '{SITE}' record")
+    site = c.config_records[SITE]
+    return Reply(
+        node_id=node,
+        site=str(site.get("name", f"node-{node}")),
+        tasks=[str(t) for t in site.get("tasks", [])],
+        metrics={k: float(v) for k, v in c.metric_records[METRICS].items()
+                 if isinstance(v, int | float)},
+        arrays=c.array_records.get(ARRAYS),
+    )
+
+
+class ArkFederation:
+    """Federated Ark+ on a Grid, resumable from its run directory.
+
+    Args:
+        cfg: The federation config.
+        run_dir: The run directory (created, or resumed if it holds this run).
+        poll_interval: Seconds between pulls of replies.
+        node_wait_s: How long to wait for ``min_sites`` sites to connect before a round
+            (default: ``round_timeout_s``).
+    """
+
+    def __init__(
+        self,
+        cfg: FederationConfig,
+        run_dir: str | Path,
+        *,
+        poll_interval: float = 1.0,
+        node_wait_s: float | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run = RunDir(run_dir, cfg)
+        self.poll_interval = poll_interval
+        self.node_wait_s = cfg.round_timeout_s if node_wait_s is None else node_wait_s
+
+    # -- messaging -----------------------------------------------------------------
+    def _nodes(self, grid: Grid) -> list[int]:
+        deadline = time.monotonic() + self.node_wait_s
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= self.cfg.min_sites or time.monotonic() >= deadline:
+                return nodes
+            time.sleep(self.poll_interval)
+
+    def _exchange(
+        self,
+        grid: Grid,
+        kind: str,
+        content: RecordDict,
+        round_: int,
+        handle: Callable[[Message], None],
+    ) -> int:
+        """Send ``content`` to every site, hand each reply to ``handle`` as it arrives.
+
+        Returns:
+            The number of sites the message went to.
+        """
+        nodes = self._nodes(grid)
+        ttl = self.cfg.round_timeout_s
+        msgs = [
+            Message(content, dst_node_id=n, message_type=kind, ttl=ttl, group_id=str(round_))
+            for n in nodes
+        ]
+        pending = set(grid.push_messages(msgs))
+        del msgs
+        deadline = time.monotonic() + ttl
+        while pending:
+            replies = list(grid.pull_messages(pending))
+            while replies:
+                reply = replies.pop()
+                pending.discard(reply.metadata.reply_to_message_id)
+                handle(reply)
+                del reply
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(self.poll_interval)
+        if pending:
+            log.warning("%s round %d: %d site(s) did not reply within %.0f s",
+                        kind, round_, len(pending), ttl)
+        return len(nodes)
+
+    # -- one training round ----------------------------------------------------------
+    def train_round(self, grid: Grid, master: ArkModel, round_: int) -> dict | None:
+        """Send, fold in, and (with enough valid replies) load the average into ``master``.
+
+        Returns:
+            The round's record for state.json, or None if the round failed.
+        """
+        state = float_state(master)
+        ins = Instruction.for_round(self.cfg, round_, self.run.lr(round_))
+        content = RecordDict(
+            {ARRAYS: ArrayRecord(state), CONFIG: ConfigRecord(ins.to_config())}
+        )
+        agg = StreamingAggregator(state)
+        lines: list[dict] = []
+
+        def handle(msg: Message) -> None:
+            try:
+                r = _read_reply(msg)
+                if r.arrays is None:
+                    raise ValueError(f"node {r.node_id}: train reply without '{ARRAYS}'")
+            except ValueError as e:
+                log.warning("round %d: reply rejected: %s", round_, e)
+                return
+            try:
+                missing = [t for t in r.tasks if f"num-examples.{t}" not in r.metrics]
+                if missing:
+                    raise UpdateRejected(f"no example counts for tasks {missing}")
+                agg.add(
+                    r.site, r.arrays, r.metrics.get("num-examples", 0.0),
+                    {t: r.metrics[f"num-examples.{t}"] for t in r.tasks},
+                )
+                accepted, reason = True, ""
+                log.info("round %d: update of site %s (node %d) folded in: %s", round_, r.site,
+                         r.node_id, _losses(r.metrics))
+            except UpdateRejected as e:
+                accepted, reason = False, str(e)
+                agg.report.rejected.setdefault(r.site, reason)
+                log.warning("round %d: update of site %s (node %d) REJECTED, master unchanged "
+                            "by it: %s", round_, r.site, r.node_id, e)
+            lines.append({"round": round_, "kind": "train", "site": r.site, "node_id": r.node_id,
+                          "accepted": accepted, **({"reason": reason} if reason else {}),
+                          **r.metrics})
+
+        sent = self._exchange(grid, MessageType.TRAIN, content, round_, handle)
+        del content
+        if agg.num_accepted < self.cfg.min_sites:
+            log.warning("round %d: %d valid update(s) from %d site(s) asked, %d needed",
+                        round_, agg.num_accepted, sent, self.cfg.min_sites)
+            return None
+        master.load_state_dict(agg.result(), strict=False)
+        self.run.append_metrics(lines)
+        rep = agg.report
+        return {"sites": rep.sites, "contributors": rep.contributors, "weights": rep.weights,
+                "rejected": rep.rejected, "kept": len(rep.kept)}
+
+    def evaluate_round(self, grid: Grid, master: ArkModel, round_: int) -> None:
+        """Ask every site for validation AUC of the master student and its teacher; log it."""
+        ins = Instruction.for_round(self.cfg, round_, self.run.lr(round_))
+        content = RecordDict(
+            {ARRAYS: ArrayRecord(float_state(master)), CONFIG: ConfigRecord(ins.to_config())}
+        )
+        lines: list[dict] = []
+
+        def handle(msg: Message) -> None:
+            try:
+                r = _read_reply(msg)
+            except ValueError as e:
+                log.warning("round %d: evaluation failed: %s", round_, e)
+                return
+            for task in r.tasks:
+                s, t = r.metrics.get(f"student.auc.{task}"), r.metrics.get(f"teacher.auc.{task}")
+                log.info("round %d  site %-12s task %-16s AUC student %s  teacher %s",
+                         round_, r.site, task, _fmt(s), _fmt(t))
+            lines.append({"round": round_, "kind": "evaluate", "site": r.site,
+                          "node_id": r.node_id, **r.metrics})
+
+        self._exchange(grid, MessageType.EVALUATE, content, round_, handle)
+        self.run.append_metrics(lines)
+
+    def query_teachers(self, grid: Grid, master: ArkModel) -> tuple[ArkModel | None, list[str]]:
+        """Collect each site's teacher once and average those received (heads by task)."""
+        ins = Instruction.for_round(self.cfg, 0)
+        content = RecordDict({CONFIG: ConfigRecord(ins.to_config())})
+        agg = StreamingAggregator(float_state(master))
+        lines: list[dict] = []
+
+        def handle(msg: Message) -> None:
+            try:
+                r = _read_reply(msg)
+                if r.arrays is None:
+                    raise ValueError(f"node {r.node_id}: teacher reply without '{ARRAYS}'")
+                agg.add(r.site, r.arrays, r.metrics.get("num-examples", 0.0),
+                        {t: r.metrics.get(f"num-examples.{t}", 0.0) for t in r.tasks})
+            except (ValueError, UpdateRejected) as e:
+                log.warning("teacher not used: %s", e)
+                return
+            lines.append({"round": self.cfg.rounds, "kind": "query", "site": r.site,
+                          "node_id": r.node_id, **r.metrics})
+
+        self._exchange(grid, MessageType.QUERY, content, self.cfg.rounds, handle)
+        self.run.append_metrics(lines)
+        if agg.num_accepted == 0:
+            log.error("no site sent its teacher: no master teacher is written")
+            return None, []
+        teacher = make_teacher(master)
+        teacher.load_state_dict(agg.result(), strict=False)
+        return teacher, agg.report.sites
+
+    # -- the run -------------------------------------------------------------------
+    def _initial_master(self) -> ArkModel:
+        if self.run.last_round >= 0:
+            log.info("resuming %s after round %d", self.run.path, self.run.last_round)
+            return self.run.load_master()
+        seed_everything(self.cfg.train.seed)
+        master = create_model(self.cfg.model, self.cfg.task_specs())
+        self.run.commit_round(0, master, {"initial": True})
+        return master
+
+    def start(self, grid: Grid, *, max_rounds: int | None = None) -> RunDir:
+        """Run (or continue) the federation to the end, or for ``max_rounds`` rounds more.
+
+        Raises:
+            FederationStopped: A round failed ``1 + retries`` times.
+        """
+        master = self._initial_master()
+        first = self.run.last_round + 1
+        last = self.cfg.rounds if max_rounds is None else min(self.cfg.rounds, first + max_rounds - 1)
+        for r in range(first, last + 1):
+            for attempt in range(self.cfg.retries + 1):
+                if attempt:
+                    log.warning("round %d: retry %d of %d", r, attempt, self.cfg.retries)
+                record = self.train_round(grid, master, r)
+                if record is not None:
+                    break
+            else:
+                raise FederationStopped(
+                    f"round {r} did not get {self.cfg.min_sites} valid update(s) in "
+                    f"{self.cfg.retries + 1} attempt(s); the run stops here. The master after "
+                    f"round {r - 1} is in {self.run.round_path(r - 1)}; restarting with the same "
+                    f"run directory continues at round {r}."
+                )
+            self.run.commit_round(r, master, record)
+            log.info("round %d/%d done: sites %s", r, self.cfg.rounds, ", ".join(record["sites"]))
+            every = self.cfg.evaluate_every
+            if every and (r % every == 0 or r == self.cfg.rounds):
+                self.evaluate_round(grid, master, r)
+        if self.run.last_round == self.cfg.rounds and not self.run.finished:
+            self._finish(grid, master)
+        return self.run
+
+    def _finish(self, grid: Grid, master: ArkModel) -> None:
+        teacher, teacher_sites = self.query_teachers(grid, master)
+        hist = self.run.history()
+        sites = sorted({s for rec in hist.values() for s in rec.get("sites", [])})
+        tasks: dict[str, list[str]] = {}
+        for rec in hist.values():
+            for group, who in rec.get("contributors", {}).items():
+                if group != "shared":
+                    tasks.setdefault(group, [])
+                    tasks[group] += [s for s in who if s not in tasks[group]]
+        provenance = {"rounds": self.cfg.rounds, "sites": sites, "tasks": tasks,
+                      "fingerprint": self.run.fingerprint, "teacher_sites": teacher_sites}
+        self.run.finish(master, teacher, provenance)
+        log.info("federation finished: %s (teachers of %s)", self.run.path,
+                 ", ".join(teacher_sites) or "no site")
+
+
+def _fmt(v: float | None) -> str:
+    return "  -  " if v is None else f"{v:.3f}"
+
+
+def _losses(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("loss."))
+

@@ -1,0 +1,202 @@
+"""The ServerApp's round loop driven over real Flower Messages to the real ClientApp."""
+
+import json
+import math
+
+import pytest
+import torch
+from fed_helpers import write_sim
+from flower_local_grid import LocalGrid
+from flwr.app import Array, Context, Message, RecordDict
+
+from ark_core.aggregate import head_task
+from ark_core.checkpoint import load_tensors, read_metadata
+from ark_core.federation import load_simulation
+from ark_core.model import create_model
+from client.app import app as client_app
+from server.app import app as server_app
+from server.app import federation_from_run_config
+from server.loop import ArkFederation, FederationStopped
+from server.rundir import RunDir, RunDirError
+
+torch.set_num_threads(1)
+SITE_TASKS = {"hosp-a": {"nih", "ped"}, "hosp-b": {"ped"}}
+
+
+def _lines(run_dir, kind=None):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if kind is None or x["kind"] == kind]
+
+
+def _inspect(reply: Message, seen: list) -> None:
+    """Every reply holds only the expected records, tensors and numeric metrics."""
+    assert not reply.has_error(), reply.error.reason
+    c = reply.content
+    kind = reply.metadata.message_type
+    site = dict(c.config_records["site"])
+    assert set(site) == {"name", "tasks"} and set(site["tasks"]) == SITE_TASKS[site["name"]]
+    assert set(c.config_records) == {"site"}
+    assert set(c.metric_records) == {"metrics"}
+    for k, v in c.metric_records["metrics"].items():
+        assert isinstance(v, float) and math.isfinite(v), (k, v)
+        assert k.split(".")[0] in {
+            "num-examples", "loss", "task-loss", "consistency", "momentum", "lam", "bad-files",
+            "lr", "ema-step", "teacher-from-round", "student", "teacher", "teacher-round",
+        }, k
+    if kind == "evaluate":
+        assert not c.array_records
+    else:
+        arrays = c.array_records["arrays"]
+        assert set(c.array_records) == {"arrays"}
+        heads = {head_task(k) for k in arrays} - {None}
+        assert heads == SITE_TASKS[site["name"]]
+        assert all(a.dtype == "float32" for a in arrays.values())
+    seen.append((kind, site["name"]))
+
+
+def test_full_run_layout_provenance_and_reply_contents(tmp_path):
+    rc = write_sim(tmp_path)
+    seen: list = []
+    grid = LocalGrid(client_app, 2, rc, on_reply=lambda m: _inspect(m, seen))
+    # Through the ServerApp object, as Flower calls it.
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                             run_config=dict(rc)))
+    run = tmp_path / "run"
+    state = json.loads((run / "state.json").read_text())
+    assert state["last_round"] == 2 and state["finished"] and state["num_rounds"] == 2
+    assert len(state["schedule"]["lr"]) == 2
+    contributors = {g: sorted(s) for g, s in state["rounds"]["1"]["contributors"].items()}
+    assert contributors == {"shared": ["hosp-a", "hosp-b"], "nih": ["hosp-a"],
+                            "ped": ["hosp-a", "hosp-b"]}
+    assert sorted(p.name for p in (run / "rounds").iterdir()) == [
+        "round_000.safetensors", "round_001.safetensors", "round_002.safetensors"]
+    assert (run / "config.yaml").exists()
+    meta = read_metadata(run / "master_teacher.safetensors")
+    prov = meta["provenance"]
+    assert prov["rounds"] == 2 and prov["sites"] == ["hosp-a", "hosp-b"]
+    assert sorted(prov["teacher_sites"]) == ["hosp-a", "hosp-b"]
+    assert prov["tasks"]["nih"] == ["hosp-a"] and sorted(prov["tasks"]["ped"]) == ["hosp-a", "hosp-b"]
+    assert meta["role"] == "teacher" and [t.name for t in meta["tasks"]] == ["nih", "ped"]
+    assert read_metadata(run / "master_student.safetensors")["role"] == "student"
+    train = _lines(run, "train")
+    assert sorted((x["round"], x["site"]) for x in train) == [
+        (1, "hosp-a"), (1, "hosp-b"), (2, "hosp-a"), (2, "hosp-b")]
+    assert all(x["accepted"] for x in train)
+    ev = _lines(run, "evaluate")
+    assert len(ev) == 4 and all("student.auc.ped" in x for x in ev)
+    assert sorted(k for k, _ in seen) == ["evaluate"] * 4 + ["query"] * 2 + ["train"] * 4
+    # The master student is the last round's checkpoint.
+    last = load_tensors(run / "rounds" / "round_002.safetensors")
+    final = load_tensors(run / "master_student.safetensors")
+    assert all(torch.equal(last[k], final[k]) for k in last)
+
+
+def test_rejected_update_leaves_master_unchanged_by_it(tmp_path, caplog):
+    rc = write_sim(tmp_path, rounds=1, evaluate_every=0)
+    good: dict = {}
+
+    def tamper(reply: Message):
+        if reply.has_error():
+            return None
+        name = reply.content.config_records["site"]["name"]
+        arrays = reply.content.array_records.get("arrays")
+        if reply.metadata.message_type != "train":
+            return None
+        if name == "hosp-b":  # a poisoned update: NaN in one tensor
+            k = next(iter(arrays))
+            x = arrays[k].numpy().copy()
+            x.flat[0] = float("nan")
+            arrays[k] = Array(x)
+        else:
+            good.update(arrays.to_torch_state_dict())
+        return None
+
+    grid = LocalGrid(client_app, 2, rc, on_reply=tamper)
+    cfg, run_dir = federation_from_run_config(rc)
+    with caplog.at_level("WARNING", logger="flwr.ark.server"):
+        ArkFederation(cfg, run_dir, poll_interval=0.01).start(grid)
+    assert any("hosp-b" in r.getMessage() and "REJECTED" in r.getMessage() for r in caplog.records)
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["rounds"]["1"]["sites"] == ["hosp-a"]
+    assert "NaN" in state["rounds"]["1"]["rejected"]["hosp-b"]
+    # One valid site: the master is exactly its update (both heads are hosp-a's).
+    master = load_tensors(run_dir / "rounds" / "round_001.safetensors")
+    assert set(master) == set(good)
+    for k in good:  # x * w / w: equal up to float rounding
+        torch.testing.assert_close(master[k], good[k], rtol=1e-6, atol=1e-7)
+    line = [x for x in _lines(run_dir, "train") if x["site"] == "hosp-b"][0]
+    assert line["accepted"] is False and "NaN" in line["reason"]
+
+
+def test_resume_after_kill_mid_round(tmp_path):
+    rc = write_sim(tmp_path, rounds=2, evaluate_every=0)
+    cfg, run_dir = federation_from_run_config(rc)
+    # Killed in round 2 after both sites trained (and saved their round-2 teachers).
+    grid = LocalGrid(client_app, 2, rc, crash_after=4)
+    with pytest.raises(KeyboardInterrupt):
+        ArkFederation(cfg, run_dir, poll_interval=0.01).start(grid)
+    assert json.loads((run_dir / "state.json").read_text())["last_round"] == 1
+    # A metric line of the unfinished round left behind by the crash is dropped on restart.
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"round": 2, "kind": "train", "site": "ghost"}) + "\n")
+    seen = []
+    grid2 = LocalGrid(client_app, 2, rc, on_reply=lambda m: seen.append(
+        (m.metadata.message_type, dict(m.content.metric_records["metrics"]))))
+    ArkFederation(cfg, run_dir, poll_interval=0.01).start(grid2)
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["last_round"] == 2 and state["finished"] and sorted(state["rounds"]) == ["1", "2"]
+    train = _lines(run_dir, "train")
+    assert sorted((x["round"], x["site"]) for x in train) == [
+        (1, "hosp-a"), (1, "hosp-b"), (2, "hosp-a"), (2, "hosp-b")]
+    # The replayed round 2 starts each site's teacher from round 1 (rolled back).
+    replayed = [m for kind, m in seen if kind == "train"]
+    assert len(replayed) == 2 and all(m["teacher-from-round"] == 1 for m in replayed)
+    # Restarting a finished run does nothing more.
+    ArkFederation(cfg, run_dir, poll_interval=0.01).start(LocalGrid(client_app, 2, rc))
+    assert len(_lines(run_dir, "train")) == 4
+
+
+def test_too_few_sites_retries_then_stops_with_master_intact(tmp_path):
+    rc = write_sim(tmp_path, rounds=1, min_sites=2, retries=1, round_timeout_s=0.5,
+                   evaluate_every=0)
+    cfg, run_dir = federation_from_run_config(rc)
+    grid = LocalGrid(client_app, 2, rc, silent={2})
+    with pytest.raises(FederationStopped, match="round 1 did not get 2 valid"):
+        ArkFederation(cfg, run_dir, poll_interval=0.01).start(grid)
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["last_round"] == 0 and not state["finished"]
+    assert grid.produced == 2  # the site that answered trained in both attempts
+    assert sorted(p.name for p in (run_dir / "rounds").iterdir()) == ["round_000.safetensors"]
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_changed_config_is_refused_and_pruning(tmp_path):
+    rc = write_sim(tmp_path, rounds=6, keep_rounds=2)
+    sim, _, run_dir = load_simulation(rc["sim-config"], rc["data-root"], rc["run-dir"])
+    cfg = sim.federation()
+    rd = RunDir(run_dir, cfg)
+    model = create_model(cfg.model, cfg.task_specs())
+    for r in range(0, 5):
+        rd.commit_round(r, model, {"sites": []})
+    assert sorted(p.name for p in (run_dir / "rounds").iterdir()) == [
+        "round_000.safetensors", "round_003.safetensors", "round_004.safetensors"]
+    with pytest.raises(RunDirError, match="round 6 follows round 4"):
+        rd.commit_round(6, model)
+    # Operational settings may change; what determines the result may not.
+    RunDir(run_dir, cfg.model_copy(update={"round_timeout_s": 5.0, "min_sites": 2}))
+    changed = cfg.model_copy(update={"rounds": 8, "local_epochs": 2})
+    with pytest.raises(RunDirError, match="changed: local_epochs, rounds"):
+        RunDir(run_dir, changed)
+    assert RunDir(run_dir, cfg).last_round == 4
+
+
+def test_failing_site_gives_a_clean_stop(tmp_path):
+    # A ClientApp raising in every message (no data at its root) makes error replies only:
+    # the round fails cleanly instead of crashing the server.
+    rc = write_sim(tmp_path, rounds=1, sites=[{"name": "lost", "tasks": [
+        {"name": "ped", "dataset": "pediatric_pneumonia", "root": "nowhere"}]}],
+        retries=0, evaluate_every=0)
+    cfg, run_dir = federation_from_run_config(rc)
+    with pytest.raises(FederationStopped):
+        ArkFederation(cfg, run_dir, poll_interval=0.01).start(LocalGrid(client_app, 1, rc))
+    assert json.loads((run_dir / "state.json").read_text())["last_round"] == 0
