@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -145,7 +146,10 @@ def verify_server_cert(keys_dir: Path, check_time: bool = True) -> x509.Certific
     """Check that ``server.crt`` is signed by ``ca.crt`` (and valid now); return it."""
     ca = x509.load_pem_x509_certificate((keys_dir / "ca.crt").read_bytes())
     cert = x509.load_pem_x509_certificate((keys_dir / "server.crt").read_bytes())
-    cert.verify_directly_issued_by(ca)  # raises on a wrong issuer or signature
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ValueError(f"{keys_dir / 'server.crt'} is not signed by {keys_dir / 'ca.crt'}") from None
     if not check_time:
         return cert
     now = _now()

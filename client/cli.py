@@ -1,0 +1,201 @@
+"""``ark-client``: a hospital site joining a federated Ark+ run.
+
+From a site YAML with a ``deployment:`` section it checks, in this order, and stops with a
+clear message and a non-zero exit at the first problem:
+
+1. the YAML, the private key (an OpenSSH ECDSA key, 0600) and the CA certificate;
+2. the data: each task's images and label counts, and unreadable files;
+3. the server: a TLS handshake verified by the CA, a bounded number of tries.
+
+Then it runs ``flower-supernode`` with the key, the CA and ``site-config`` in its node
+config; the SuperNode keeps reconnecting when the server restarts. Nothing but model
+tensors and numbers leaves the site (see client/site.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import ssl
+import stat
+import sys
+import time
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+from ark_core.config import ConfigError, TrainConfig, load_config, resolve_path
+from ark_core.deployment import SiteDeployment
+from ark_core.federation import SiteConfig
+from server import procs
+
+EXIT_CONFIG, EXIT_DATA, EXIT_UNREACHABLE = 2, 3, 4
+
+
+class SiteError(Exception):
+    """A problem the site must fix; ``code`` is the exit status."""
+
+    def __init__(self, msg: str, code: int = EXIT_CONFIG) -> None:
+        super().__init__(msg)
+        self.code = code
+
+
+def check_credentials(dep: SiteDeployment, base: Path, insecure: bool) -> tuple[Path, Path | None]:
+    """The private key's and CA certificate's absolute paths, after reading both."""
+    key = resolve_path(dep.private_key, base).resolve()
+    try:
+        k = load_ssh_private_key(key.read_bytes(), None)
+    except FileNotFoundError:
+        raise SiteError(f"private key {key} not found (made by `ark keys`)") from None
+    except (OSError, ValueError) as e:
+        raise SiteError(f"private key {key}: unreadable or not an OpenSSH private key ({e})") from None
+    if not isinstance(k, ec.EllipticCurvePrivateKey):
+        raise SiteError(f"private key {key}: not an ECDSA key (Flower needs a NIST curve)")
+    if stat.S_IMODE(key.stat().st_mode) & 0o077:
+        print(f"[ark-client] WARNING: {key} is readable by others; chmod 600 it", file=sys.stderr)
+    if insecure:
+        return key, None
+    ca = resolve_path(dep.ca_cert, base).resolve()
+    try:
+        x509.load_pem_x509_certificate(ca.read_bytes())
+    except FileNotFoundError:
+        raise SiteError(f"CA certificate {ca} not found (the coordinator's ca.crt)") from None
+    except (OSError, ValueError) as e:
+        raise SiteError(f"CA certificate {ca}: unreadable or not a PEM certificate ({e})") from None
+    return key, ca
+
+
+def check_data(yaml_path: Path) -> str:
+    """Build every task's manifests and check its files; return the report (raise on errors)."""
+    from ark_core.data.dataset import check_files
+    from ark_core.train import load_task_data
+
+    from .site import Site
+
+    site = Site.from_yaml(yaml_path)
+    lines = [f"site {site.cfg.name}: data under {site.data_root}, state in {site.state_dir}"]
+    try:
+        tasks = load_task_data(site.cfg.tasks, site.data_root)
+    except (ValueError, OSError) as e:
+        raise SiteError(f"task data: {e}", EXIT_DATA) from None
+    bad_fraction = TrainConfig().bad_file_fraction  # the trainer's own stop rule
+    problems = []
+    for t in tasks:
+        lines.append(f"  task {t.spec.name} ({t.spec.task_type.value}): "
+                     f"{len(t.train)} train, {len(t.val)} validation images")
+        for label, c in t.train.label_counts().items():
+            lines.append(f"    {label:<24} {c['positive']:>6} pos {c['negative']:>6} neg "
+                         f"{c['ignored']:>6} ignored")
+        for split, m in (("train", t.train), ("val", t.val)):
+            if len(m) == 0:
+                if split == "train":
+                    problems.append(f"task {t.spec.name}: no training images")
+                continue
+            rep = check_files(m, progress=False)
+            if rep.bad:
+                lines.append("    " + rep.summary().replace("\n", "\n    "))
+            if rep.bad_fraction > bad_fraction:
+                problems.append(f"task {t.spec.name} ({split}): {len(rep.bad)} of {rep.total} "
+                                f"files unreadable (more than {bad_fraction:.0%})")
+    report = "\n".join(lines)
+    if problems:
+        raise SiteError(report + "\n" + "\n".join(problems), EXIT_DATA)
+    return report
+
+
+def wait_for_server(address: str, ca: Path | None, tries: int, wait_s: float) -> None:
+    """Open a TLS connection (verified by ``ca``) to ``address``; bounded retries."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    ctx = ssl.create_default_context(cafile=str(ca)) if ca else None
+    err: Exception | None = None
+    for attempt in range(1, tries + 1):
+        try:
+            with socket.create_connection((host, int(port)), timeout=5) as sock:
+                if ctx is not None:
+                    with ctx.wrap_socket(sock, server_hostname=host):
+                        pass
+            return
+        except ssl.SSLCertVerificationError as e:
+            raise SiteError(f"server {address}: its certificate does not verify with the CA "
+                            f"({e.verify_message}); check ca_cert and the server address") from None
+        except OSError as e:
+            err = e
+            print(f"[ark-client] server {address} not reachable (try {attempt}/{tries}): {e}",
+                  file=sys.stderr)
+            if attempt < tries:
+                time.sleep(wait_s)
+    raise SiteError(f"server {address} unreachable after {tries} tries: {err}", EXIT_UNREACHABLE)
+
+
+def supernode_command(yaml_path: Path, dep: SiteDeployment, key: Path, ca: Path | None,
+                      base: Path) -> list[str]:
+    cmd = [procs.flwr_bin("flower-supernode"), "--superlink", dep.server,
+           "--auth-supernode-private-key", str(key),
+           "--node-config", f'site-config="{yaml_path}"',
+           "--host", "127.0.0.1", "--port", str(dep.runtime_port)]
+    cmd += ["--root-certificates", str(ca)] if ca else ["--insecure"]
+    if dep.trusted_entities is not None:
+        cmd += ["--trusted-entities", str(resolve_path(dep.trusted_entities, base).resolve())]
+    return cmd
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ark-client", description=__doc__.splitlines()[0])
+    p.add_argument("config", type=Path, help="site YAML with a deployment: section")
+    p.add_argument("--check-only", action="store_true", help="check credentials and data, then exit")
+    p.add_argument("--insecure", action="store_true",
+                   help="no TLS (local experiments only, against ark-server --insecure)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    procs.terminate_on_sigterm()
+    node = None
+    try:
+        path = args.config.expanduser().resolve()
+        cfg = load_config(path, SiteConfig)
+        if cfg.deployment is None:
+            raise SiteError(f"{path}: no deployment: section (server, ca_cert, private_key)")
+        dep, base = cfg.deployment, path.parent
+        if args.insecure:
+            print("[ark-client] WARNING: --insecure: the server is not authenticated and traffic "
+                  "is not encrypted. Use it for local experiments only.", file=sys.stderr)
+        key, ca = check_credentials(dep, base, args.insecure)
+        print(check_data(path), flush=True)
+        if args.check_only:
+            return 0
+        wait_for_server(dep.server, ca, dep.startup_retries, dep.retry_wait_s)
+        env = procs.child_env()
+        if not env.get("FLWR_HOME"):  # installed app bundles stay in the site's state dir
+            from .site import Site
+
+            env["FLWR_HOME"] = str(Site.from_yaml(path).state_dir / "flwr")
+        if dep.gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in dep.gpus)
+        print(f"[ark-client] site {cfg.name} joining {dep.server}", flush=True)
+        node = procs.start(supernode_command(path, dep, key, ca, base), env)
+        code = node.wait()
+        if code != 0:
+            print(f"ark-client: error: the SuperNode stopped (exit {code}). 'Failed to activate "
+                  "SuperNode' above means the server refused this site's key: send "
+                  "the site's .pub file to the coordinator to be registered.", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print("\n[ark-client] stopping", file=sys.stderr)
+        return 130
+    except ConfigError as e:
+        print(f"ark-client: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except SiteError as e:
+        print(f"ark-client: error: {e}", file=sys.stderr)
+        return e.code
+    finally:
+        procs.stop(node)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""``ark-server``: the coordinator of a federated Ark+ run.
+
+From a federation YAML with a ``deployment:`` section it
+
+1. starts ``flower-superlink`` on loopback with TLS, site authentication, a persistent
+   database in the run directory and runtime dependency installation off;
+2. registers the public key of every site the YAML lists (and unregisters keys that were
+   replaced or whose site was removed);
+3. opens the sites' port: a gate that passes only the Fleet API (see :mod:`server.gate`);
+4. submits the Ark+ run with ``flwr run`` and streams its log until it ends.
+
+Everything lands in the run directory; Ctrl-C stops every process it started; started again
+on the same run directory, the SuperLink keeps its registrations and the ServerApp resumes
+after the last completed round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from ark_core.commands.keys import verify_server_cert
+from ark_core.config import ConfigError, load_config, resolve_path
+from ark_core.deployment import ServerDeployment
+from ark_core.federation import FederationConfig
+
+from . import procs
+
+CONNECTION = "ark"  # the SuperLink connection name in $FLWR_HOME/config.toml
+
+
+@dataclass
+class Tls:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def app_dir() -> Path:
+    """The Flower app (the directory whose pyproject.toml has [tool.flwr.app])."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").exists():
+        raise FileNotFoundError(f"{root}: no pyproject.toml; run ark-server from a source checkout")
+    return root
+
+
+class Coordinator:
+    """The processes of one ark-server session over a run directory."""
+
+    def __init__(self, cfg_path: Path, cfg: FederationConfig, run_dir: Path, tls: Tls | None) -> None:
+        if cfg.deployment is None:
+            raise ConfigError(f"{cfg_path}: no deployment: section (host, port, keys, sites)")
+        self.cfg_path, self.cfg, self.run_dir, self.tls = cfg_path, cfg, run_dir, tls
+        self.dep: ServerDeployment = cfg.deployment
+        self.base = cfg_path.parent
+        self.flwr_home = run_dir / "flwr"
+        self.logs = run_dir / "logs"
+        self.env = procs.child_env(
+            FLWR_HOME=str(self.flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1"
+        )
+        self.superlink: subprocess.Popen | None = None
+        self.gate: subprocess.Popen | None = None
+        self.port = 0
+
+    # -- SuperLink -----------------------------------------------------------------
+    def start_superlink(self) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        self.port = self.dep.superlink_port or procs.free_port()
+        cmd = [
+            procs.flwr_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+            "--database", str(self.run_dir / "superlink.db"), "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+        ]
+        cmd += self._tls_args() if self.tls else ["--insecure"]
+        self.superlink = procs.start(cmd, self.env, self.logs / "superlink.log", cwd=self.run_dir)
+        self._write_connection()
+        (self.run_dir / "superlink.json").write_text(json.dumps({"port": self.port}))
+        self._wait_ready()
+
+    def _tls_args(self) -> list[str]:
+        assert self.tls
+        return ["--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.cert),
+                "--ssl-keyfile", str(self.tls.key)]
+
+    def _write_connection(self) -> None:
+        """The CLI's connection to our SuperLink, in a FLWR_HOME of its own (never ~/.flwr)."""
+        auth = f'root-certificates = "{self.tls.ca}"' if self.tls else "insecure = true"
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\n{auth}\n'
+        )
+
+    def _wait_ready(self) -> None:
+        scheme = "https" if self.tls else "http"
+        ctx = ssl.create_default_context(cafile=str(self.tls.ca)) if self.tls else None
+        deadline = time.monotonic() + self.dep.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.superlink and self.superlink.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited; see {self.logs / 'superlink.log'}")
+            try:
+                with urllib.request.urlopen(f"{scheme}://127.0.0.1:{self.port}/health",
+                                            context=ctx, timeout=2):
+                    return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.3)
+        raise RuntimeError(f"SuperLink not ready after {self.dep.startup_timeout_s:.0f} s")
+
+    def attach(self) -> None:
+        """Use the SuperLink an ark-server already runs on this run directory."""
+        info = self.run_dir / "superlink.json"
+        if not info.exists():
+            raise RuntimeError(f"{info}: no running ark-server on this run directory")
+        self.port = int(json.loads(info.read_text())["port"])
+        self._wait_ready()
+
+    # -- site keys -----------------------------------------------------------------
+    def _flwr(self, *args: str) -> dict:
+        cmd = [procs.flwr_bin("flwr"), *args, CONNECTION, "--format", "json"]
+        res = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
+        start = res.stdout.find("{")  # JSON, maybe after a line of progress
+        try:
+            out = json.loads(res.stdout[start:]) if start >= 0 else {}
+        except json.JSONDecodeError:
+            out = {}
+        if res.returncode != 0 or not out.get("success", False):
+            detail = out.get("error-message") or res.stderr.strip() or res.stdout.strip()
+            raise RuntimeError(f"flwr {' '.join(args[:2])}: {detail}")
+        return out
+
+    def sync_keys(self) -> None:
+        """Register listed sites' keys; unregister replaced keys and removed sites."""
+        path = self.run_dir / "site_keys.json"
+        registry: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+        wanted = {s.name: resolve_path(s.public_key, self.base) for s in self.dep.sites}
+        for name, entry in sorted(registry.items()):
+            pub = wanted.get(name)
+            if pub is None or not pub.exists() or _fingerprint(pub) != entry["fingerprint"]:
+                self._flwr("supernode", "unregister", str(entry["node_id"]))
+                print(f"[ark-server] site {name}: old key unregistered (node {entry['node_id']})")
+                del registry[name]
+                _save(path, registry)
+        for name, pub in wanted.items():
+            if name in registry:
+                continue
+            if not pub.exists():
+                raise FileNotFoundError(f"site {name}: public key {pub} not found")
+            out = self._flwr("supernode", "register", str(pub), "--name", name)
+            registry[name] = {"node_id": int(out["node-id"]), "fingerprint": _fingerprint(pub)}
+            _save(path, registry)
+            print(f"[ark-server] site {name}: key registered (node {out['node-id']})")
+
+    # -- the sites' port -----------------------------------------------------------
+    def start_gate(self) -> None:
+        scheme = "https" if self.tls else "http"
+        cmd = [sys.executable, "-m", "server.gate", "--host", self.dep.host,
+               "--port", str(self.dep.port), "--upstream", f"{scheme}://127.0.0.1:{self.port}"]
+        if self.tls:
+            cmd += ["--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.cert),
+                    "--ssl-keyfile", str(self.tls.key)]
+        self.gate = procs.start(cmd, self.env, self.logs / "gate.log", cwd=app_dir())
+        host = "127.0.0.1" if self.dep.host in ("0.0.0.0", "::", "") else self.dep.host
+        if not procs.wait_listening(host, self.dep.port, self.gate, self.dep.startup_timeout_s):
+            raise RuntimeError(f"the sites' port {self.dep.port} did not open; see {self.logs}")
+        print(f"[ark-server] sites connect to {self.dep.host}:{self.dep.port} (Fleet API only)")
+
+    # -- the run -------------------------------------------------------------------
+    def finished(self) -> bool:
+        state = self.run_dir / "state.json"
+        return state.exists() and bool(json.loads(state.read_text()).get("finished"))
+
+    def submit_and_follow(self) -> int:
+        """Submit the run and stream its log; 0 once the run directory says finished."""
+        run_config = f'fed-config="{self.cfg_path}" run-dir="{self.run_dir}"'
+        cmd = [procs.flwr_bin("flwr"), "run", str(app_dir()), CONNECTION,
+               "--run-config", run_config, "--stream"]
+        follower = procs.start(cmd, self.env, cwd=app_dir(), pipe=True)
+        try:
+            with open(self.logs / "run.log", "a", encoding="utf-8") as log:
+                assert follower.stdout
+                for line in follower.stdout:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                    log.write(line)
+            follower.wait()
+        finally:
+            procs.stop(follower, grace_s=5)
+        if self.finished():
+            print_summary(self.run_dir)
+            return 0
+        print(f"[ark-server] the run stopped before its last round; see {self.logs}; start "
+              "ark-server again on this run directory to resume", file=sys.stderr)
+        return 1
+
+    def stop(self) -> None:
+        procs.stop(self.gate, grace_s=5)
+        procs.stop(self.superlink)
+        self.gate = self.superlink = None
+        (self.run_dir / "superlink.json").unlink(missing_ok=True)
+
+
+def _fingerprint(pub: Path) -> str:
+    blob = pub.read_text().split()[1]  # "ecdsa-sha2-nistp384 BASE64 comment"
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _save(path: Path, registry: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(registry, indent=1))
+    os.replace(tmp, path)
+
+
+def print_summary(run_dir: Path) -> None:
+    """Rounds, the sites of each round and the last validation AUC per site and task."""
+    state = json.loads((run_dir / "state.json").read_text())
+    print(f"[ark-server] finished {state['last_round']} rounds; run directory {run_dir}")
+    for r, rec in sorted(state.get("rounds", {}).items(), key=lambda kv: int(kv[0])):
+        print(f"  round {r}: sites {', '.join(rec.get('sites', []))}")
+    last: dict[tuple[str, str], float] = {}
+    metrics = run_dir / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.exists() else []:
+        m = json.loads(line)
+        for k, v in m.items():
+            if k.startswith("student.auc.") and k.count(".") == 2:  # per task, not per label
+                last[(m.get("site", "?"), k.removeprefix("student.auc."))] = v
+    for (site, task), auc in sorted(last.items()):
+        print(f"  last AUC  site {site:<12} task {task:<16} {auc:.3f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ark-server", description=__doc__.splitlines()[0])
+    p.add_argument("config", type=Path, help="federation YAML with a deployment: section")
+    p.add_argument("--run-dir", type=Path, help="override the YAML's run_dir")
+    p.add_argument("--sync-keys", action="store_true",
+                   help="register/unregister site keys on the running ark-server, then exit")
+    p.add_argument("--no-submit", action="store_true",
+                   help="start the SuperLink and the sites' port only (submit later with flwr run)")
+    p.add_argument("--insecure", action="store_true",
+                   help="no TLS (local experiments only; site keys are still checked)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    procs.terminate_on_sigterm()
+    coord: Coordinator | None = None
+    try:
+        cfg_path = args.config.expanduser().resolve()
+        cfg = load_config(cfg_path, FederationConfig)
+        run_dir = resolve_path(args.run_dir or cfg.run_dir, cfg_path.parent).resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tls = None
+        if args.insecure:
+            print("[ark-server] WARNING: --insecure: traffic to the sites is NOT encrypted and the "
+                  "server is not authenticated. Use it for local experiments only.", file=sys.stderr)
+        else:
+            if cfg.deployment is None:
+                raise ConfigError(f"{cfg_path}: no deployment: section")
+            keys = resolve_path(cfg.deployment.keys_dir, cfg_path.parent).resolve()
+            tls = Tls(keys / "ca.crt", keys / "server.crt", keys / "server.key")
+            for f in (tls.ca, tls.cert, tls.key):
+                if not f.is_file():
+                    raise FileNotFoundError(f"{f} not found; make it with `ark keys init {keys}`")
+            verify_server_cert(keys)
+        coord = Coordinator(cfg_path, cfg, run_dir, tls)
+        if args.sync_keys:
+            coord.attach()
+            coord.sync_keys()
+            return 0
+        if coord.finished():
+            print_summary(run_dir)
+            return 0
+        coord.start_superlink()
+        coord.sync_keys()
+        coord.start_gate()
+        if args.no_submit:
+            print("[ark-server] serving; Ctrl-C stops", flush=True)
+            assert coord.superlink
+            return coord.superlink.wait()
+        return coord.submit_and_follow()
+    except KeyboardInterrupt:
+        print("\n[ark-server] stopping; start again on the same run directory to resume",
+              file=sys.stderr)
+        return 130
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"ark-server: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if coord is not None and not args.sync_keys:
+            coord.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

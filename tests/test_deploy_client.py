@@ -1,0 +1,110 @@
+"""ark-client's checks before it joins: each bad input ends with a clear message and exit code."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from deploy_helpers import NIH, make_keys, write_site
+
+from client import cli
+from server.procs import free_port
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    make_keys(d, ["site-a"])
+    return d
+
+
+def _run(capsys, *args: str) -> tuple[int, str]:
+    code = cli.main([*args])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_good_site_prints_its_data_report(tmp_path, keys, capsys):
+    site = write_site(tmp_path, "site-a", keys, free_port(), tasks=[NIH])
+    code, out = _run(capsys, str(site), "--check-only")
+    assert code == 0, out
+    assert "task nih (multilabel): " in out and "Pneumonia" in out and " pos " in out
+
+
+def test_missing_private_key(tmp_path, keys, capsys):
+    site = write_site(tmp_path, "site-a", keys, free_port(), key_name="nobody", tasks=[NIH])
+    code, out = _run(capsys, str(site), "--check-only")
+    assert code == cli.EXIT_CONFIG
+    assert "private key" in out and "nobody.key not found" in out
+
+
+def test_unreadable_ca(tmp_path, keys, capsys):
+    bad_ca = tmp_path / "ca.crt"
+    bad_ca.write_text("not a certificate\n")
+    site = write_site(tmp_path, "site-a", keys, free_port(), tasks=[NIH], ca_cert=str(bad_ca))
+    code, out = _run(capsys, str(site), "--check-only")
+    assert code == cli.EXIT_CONFIG and "CA certificate" in out and "not a PEM certificate" in out
+
+
+def test_bad_data_and_unreadable_files(tmp_path, keys, capsys):
+    site = write_site(tmp_path, "site-a", keys, free_port(),
+                      tasks=[{**NIH, "root": str(tmp_path / "missing")}])
+    code, out = _run(capsys, str(site), "--check-only")
+    assert code == cli.EXIT_DATA and "task data" in out
+
+    # A copy of the data where every image is damaged: the check lists them and refuses.
+    import shutil
+
+    root = tmp_path / "nih"
+    shutil.copytree(NIH["root"], root)
+    for png in (root / "images").glob("*.png"):
+        png.write_bytes(png.read_bytes()[:40])
+    site = write_site(tmp_path, "site-a", keys, free_port(), tasks=[{**NIH, "root": str(root)}])
+    code, out = _run(capsys, str(site), "--check-only")
+    assert code == cli.EXIT_DATA
+    assert "files unreadable" in out and ".png" in out
+
+
+def test_unknown_key_in_yaml_names_the_line(tmp_path, keys, capsys):
+    site = write_site(tmp_path, "site-a", keys, free_port(), tasks=[NIH], colour="blue")
+    code, out = _run(capsys, str(site), "--check-only")
+    assert code == cli.EXIT_CONFIG and "deployment.colour: unknown key" in out
+
+
+def test_unreachable_server_gives_up_after_bounded_tries(tmp_path, keys, capsys):
+    with socket.socket() as s:  # a port that refuses connections
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        site = write_site(tmp_path, "site-a", keys, port, tasks=[NIH], startup_retries=2,
+                          retry_wait_s=0.1)
+        code, out = _run(capsys, str(site))
+    assert code == cli.EXIT_UNREACHABLE
+    assert "unreachable after 2 tries" in out and "(try 2/2)" in out
+
+
+def test_server_with_a_certificate_from_another_ca_is_refused(tmp_path, keys, tmp_path_factory):
+    other = tmp_path_factory.mktemp("other")
+    make_keys(other, [])
+    import ssl
+    import threading
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(other / "server.crt", other / "server.key")
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        try:
+            ctx.wrap_socket(conn, server_side=True).close()
+        except (ssl.SSLError, OSError):
+            conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(cli.SiteError, match="does not verify with the CA"):
+            cli.wait_for_server(f"localhost:{port}", keys / "ca.crt", tries=1, wait_s=0.1)
+    finally:
+        srv.close()
+        t.join(timeout=5)
