@@ -21,12 +21,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import ArkConfig, resolve_path
+from .config import ArkConfig, ModelConfig, TrainConfig, resolve_path
 from .data.dataset import check_files
 from .evaluate import evaluate
 from .model import create_model, make_teacher
 from .schedule import lr_at
-from .train import build_optimizer, load_task_data, resolve_device, seed_everything, train_round
+from .train import (
+    TaskData,
+    build_optimizer,
+    load_task_data,
+    resolve_device,
+    seed_everything,
+    train_round,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,29 +71,49 @@ def train_centralized(
         max_epochs: Stop after this many epochs in this call (the run stays resumable).
 
     Returns:
-        ``{"epoch", "val": {task: {...}}, "teacher_auc_mean", "output_dir"}``.
+        ``{"epoch", "val": {role: {task: {...}}}, "teacher_auc_mean", "output_dir"}``.
     """
-    from .checkpoint import save_model
-
     base_dir = Path(base_dir)
     data_root = resolve_path(cfg.data_root, base_dir) if cfg.data_root else base_dir
     out = resolve_path(cfg.output_dir, base_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fp = config_fingerprint(cfg)
-    seed_everything(cfg.train.seed)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
-
+    if not (out / "config.yaml").exists():
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     tasks = load_task_data(cfg.tasks, data_root)
     for td in tasks:  # unreadable files stop the run here, before any training
         for m in (td.train, td.val):
             if m is not None:
                 check_files(m, cfg.train.bad_file_fraction, workers=4, progress=False)
         log.info("task %s: %d train, %d val images", td.spec.name, len(td.train), len(td.val or []))
-    student = create_model(cfg.model, [td.spec for td in tasks]).to(device)
+    return train_tasks(
+        tasks, cfg.model, cfg.train, out, fingerprint=config_fingerprint(cfg),
+        progress=progress, max_epochs=max_epochs,
+    )
+
+
+def train_tasks(
+    tasks: list[TaskData],
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    out: Path,
+    *,
+    fingerprint: str,
+    progress: bool = True,
+    max_epochs: int | None = None,
+) -> dict:
+    """The centralized cyclic run over ready manifests (see :func:`train_centralized`)."""
+    from .checkpoint import save_model
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fp = fingerprint
+    seed_everything(train_cfg.seed)
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
+    device = resolve_device(train_cfg.device)
+    student = create_model(model_cfg, [td.spec for td in tasks]).to(device)
     teacher = make_teacher(student)
-    optimizer = build_optimizer(student, cfg.train, cfg.train.lr)
+    optimizer = build_optimizer(student, train_cfg, train_cfg.lr)
     start_epoch, ema_step = 0, 0
 
     ckpt_path = out / "checkpoint.pt"
@@ -102,27 +129,25 @@ def train_centralized(
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, ema_step = int(state["epoch"]), int(state["ema_step"])
         log.info("resuming %s at epoch %d", out, start_epoch + 1)
-    else:
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
 
-    epochs = cfg.train.epochs
-    work_size = cfg.model.resolved_work_size
+    epochs = train_cfg.epochs
+    work_size = model_cfg.resolved_work_size
     total_ema = epochs * len(tasks)
     end_epoch = epochs if max_epochs is None else min(epochs, start_epoch + max_epochs)
     val: dict = {}
     for epoch in range(start_epoch, end_epoch):
         t0 = time.time()
-        lr = lr_at(epoch, epochs, cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_epochs)
+        lr = lr_at(epoch, epochs, train_cfg.lr, train_cfg.min_lr, train_cfg.warmup_epochs)
         result = train_round(
-            student, teacher, tasks, cfg.train, img_size=cfg.model.img_size, work_size=work_size,
+            student, teacher, tasks, train_cfg, img_size=model_cfg.img_size, work_size=work_size,
             lr=lr, local_epochs=1, ema_step=ema_step, ema_total_steps=total_ema, device=device,
             optimizer=optimizer, progress=progress, desc=f"epoch {epoch + 1}/{epochs} ",
         )
         ema_step = result.ema_step
         val = {
             role: evaluate(
-                model, tasks, img_size=cfg.model.img_size, work_size=work_size,
-                batch_size=cfg.train.batch_size, workers=cfg.train.workers, device=device,
+                model, tasks, img_size=model_cfg.img_size, work_size=work_size,
+                batch_size=train_cfg.batch_size, workers=train_cfg.workers, device=device,
             )
             for role, model in (("teacher", teacher), ("student", student))
         }

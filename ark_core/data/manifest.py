@@ -11,6 +11,7 @@ partitioner, evaluator) reads. Targets follow one convention for all tasks:
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,31 @@ class Manifest:
             targets=self.targets[idx],
             patient_ids=[self.patient_ids[i] for i in idx],
             meta={k: [v[i] for i in idx] for k, v in self.meta.items()},
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[Manifest]) -> Manifest:
+        """The union of manifests of one task (e.g. every site's share), rooted in common."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        task = parts[0].task
+        for m in parts[1:]:
+            if m.task != task:
+                raise ValueError(f"cannot merge task {m.task} into {task}")
+        roots = [m.root.resolve() for m in parts]
+        root = Path(os.path.commonpath(roots))
+        paths = [
+            (r / p).relative_to(root).as_posix() for m, r in zip(parts, roots, strict=True)
+            for p in m.paths
+        ]
+        keys = set.intersection(*(set(m.meta) for m in parts))
+        return Manifest(
+            task=task,
+            root=root,
+            paths=paths,
+            targets=np.concatenate([m.targets for m in parts]),
+            patient_ids=[p for m in parts for p in m.patient_ids],
+            meta={k: [v for m in parts for v in m.meta[k]] for k in keys},
         )
 
     def label_counts(self) -> dict[str, dict[str, int]]:

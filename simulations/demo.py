@@ -1,0 +1,152 @@
+"""``ark demo``: the embedded federated Ark+ demo against a centralized run of equal budget.
+
+1. A federated simulation (``simulations/demo.yaml``: three sites, two tasks with different
+   label sets, the tiny Swin) through `flwr run .`; the server logs per round, site and task
+   the validation AUC.
+2. A centralized cyclic run over the union of the sites' training data with the same number
+   of optimiser steps: ``rounds x local_epochs`` epochs, the same batch size, learning-rate
+   schedule and EMA settings.
+3. The master teacher and the centralized teacher, both evaluated on the union of the sites'
+   validation splits; the federated/centralized ratio of their mean AUC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ark_core.centralized import train_tasks
+from ark_core.checkpoint import load_model
+from ark_core.config import resolve_path
+from ark_core.data.manifest import Manifest
+from ark_core.evaluate import evaluate
+from ark_core.federation import SimulationConfig, load_simulation, run_fingerprint
+from ark_core.train import TaskData, load_task_data
+
+from .simulate import run_simulation
+
+DEMO_YAML = Path(__file__).resolve().parent / "demo.yaml"
+
+
+def union_tasks(sim: SimulationConfig, base: Path) -> list[TaskData]:
+    """Every catalogue task with the union of all sites' train and val data."""
+    parts: dict[str, list[TaskData]] = defaultdict(list)
+    for site in sim.sites:
+        root = resolve_path(site.data_root, base) if site.data_root else base
+        for td in load_task_data(site.tasks, root):
+            parts[td.spec.name].append(td)
+    out = []
+    for spec in sim.task_specs():
+        tds = parts.get(spec.name)
+        if not tds:
+            continue
+        out.append(
+            TaskData(
+                spec=spec,
+                train=Manifest.concat([t.train for t in tds]),
+                val=Manifest.concat([t.val for t in tds if t.val is not None]),
+            )
+        )
+    return out
+
+
+def optimiser_steps(sizes: list[int], batch_size: int) -> int:
+    return sum(math.ceil(n / batch_size) for n in sizes if n)
+
+
+def centralized_baseline(sim: SimulationConfig, tasks: list[TaskData], out: Path) -> dict:
+    """The centralized run with the federation's budget (see the module docstring)."""
+    epochs = sim.rounds * sim.local_epochs
+    train = sim.train.model_copy(
+        update={"epochs": epochs, "warmup_epochs": sim.train.warmup_epochs * sim.local_epochs}
+    )
+    return train_tasks(
+        tasks, sim.model, train, out, fingerprint="demo-" + run_fingerprint(sim.federation()),
+        progress=False,
+    )
+
+
+def evaluate_file(path: Path, tasks: list[TaskData], sim: SimulationConfig) -> dict[str, float | None]:
+    model = load_model(path)
+    res = evaluate(
+        model, tasks, img_size=sim.model.img_size, work_size=sim.model.resolved_work_size,
+        batch_size=sim.train.batch_size,
+    )
+    return {task: r["auc_mean"] for task, r in res.items()}
+
+
+def _mean(d: dict[str, float | None]) -> float | None:
+    vals = [v for v in d.values() if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def run_demo(sim_yaml: Path = DEMO_YAML, *, run_dir: Path | None = None, fresh: bool = False) -> dict:
+    """Run the federated demo and its centralized baseline; print and return the comparison."""
+    sim, base, out = load_simulation(sim_yaml, "", run_dir or "")
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    if sim.train.threads:
+        torch.set_num_threads(sim.train.threads)
+    state = out / "state.json"
+    if state.exists() and json.loads(state.read_text()).get("finished"):
+        print(f"{out}: the federated run has finished already (use --fresh to run it again)")
+    else:
+        run_simulation(sim_yaml, run_dir=out)
+
+    tasks = union_tasks(sim, base)
+    fed_steps = 0
+    for site in sim.sites:
+        root = resolve_path(site.data_root, base) if site.data_root else base
+        sizes = [len(td.train) for td in load_task_data(site.tasks, root, splits=("train",))]
+        fed_steps += optimiser_steps(sizes, sim.train.batch_size) * sim.local_epochs * sim.rounds
+    central_dir = out / "centralized"
+    print(f"centralized baseline: {sim.rounds * sim.local_epochs} epochs over the union of the "
+          f"sites' data -> {central_dir}", flush=True)
+    centralized_baseline(sim, tasks, central_dir)
+    central_steps = optimiser_steps([len(td.train) for td in tasks], sim.train.batch_size) * (
+        sim.rounds * sim.local_epochs
+    )
+
+    rows = {
+        "federated master teacher": evaluate_file(out / "master_teacher.safetensors", tasks, sim),
+        "federated master student": evaluate_file(out / "master_student.safetensors", tasks, sim),
+        "centralized teacher": evaluate_file(central_dir / "teacher.safetensors", tasks, sim),
+        "centralized student": evaluate_file(central_dir / "student.safetensors", tasks, sim),
+    }
+    names = [td.spec.name for td in tasks]
+    print("\nvalidation AUC (union of the sites' validation splits)")
+    print(f"{'model':<28}" + "".join(f"{n:>12}" for n in names) + f"{'mean':>10}")
+    for label, aucs in rows.items():
+        cells = "".join(f"{aucs[n]:>12.3f}" if aucs.get(n) is not None else f"{'-':>12}" for n in names)
+        mean = _mean(aucs)
+        print(f"{label:<28}{cells}{mean:>10.3f}" if mean is not None else f"{label:<28}{cells}")
+    fed, cen = _mean(rows["federated master teacher"]), _mean(rows["centralized teacher"])
+    ratio = fed / cen if fed is not None and cen else None
+    print(f"\noptimiser steps: federated {fed_steps}, centralized {central_steps}")
+    if ratio is not None:
+        print(f"federated / centralized mean AUC (teachers): {fed:.3f} / {cen:.3f} = {ratio:.3f}")
+    summary = {
+        "auc": rows,
+        "federated_over_centralized": ratio,
+        "optimiser_steps": {"federated": fed_steps, "centralized": central_steps},
+        "run_dir": str(out),
+    }
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=DEMO_YAML, help="simulation YAML")
+    p.add_argument("--run-dir", type=Path, help="override run_dir (default: runs/demo)")
+    p.add_argument("--fresh", action="store_true", help="delete the run directory first")
+
+
+def run(args: argparse.Namespace) -> int:
+    run_demo(args.config, run_dir=args.run_dir, fresh=args.fresh)
+    return 0
