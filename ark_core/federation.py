@@ -18,6 +18,8 @@ from pydantic import Field, field_validator, model_validator
 
 from .config import ModelConfig, Strict, TaskConfig, TrainConfig
 from .deployment import ServerDeployment, SiteDeployment
+from .privacy import PrivacyConfig
+from .robust import AggregationConfig
 from .schedule import lr_at
 from .tasks import TaskSpec, TaskType, check_same_labels
 
@@ -76,6 +78,14 @@ class FederationConfig(Strict):
     deployment: ServerDeployment | None = Field(
         None, description="ark-server: port, server names, keys, sites allowed to join."
     )
+    aggregation: AggregationConfig = Field(
+        default_factory=AggregationConfig,
+        description="mean, median, trimmed_mean or norm_bounded (see ark_core.robust).",
+    )
+    privacy: PrivacyConfig | None = Field(
+        None, description="Differential privacy of the master (see ark_core.privacy); with it "
+        "on, the sites' teachers are not collected."
+    )
 
     @model_validator(mode="after")
     def _unique_tasks(self) -> FederationConfig:
@@ -83,6 +93,16 @@ class FederationConfig(Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"catalogue task names must be unique, repeated: {dup}")
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_with_mean(self) -> FederationConfig:
+        # The DP analysis holds for the clipped mean; a median's sensitivity is another story.
+        if self.privacy is not None and self.aggregation.method != "mean":
+            raise ValueError(
+                f"privacy needs aggregation 'mean' (it clips to privacy.clip_norm itself), "
+                f"not {self.aggregation.method!r}"
+            )
         return self
 
     def task_specs(self) -> list[TaskSpec]:
@@ -166,6 +186,11 @@ _NOT_FINGERPRINTED = {
 def run_fingerprint(cfg: FederationConfig) -> str:
     """Hash of what determines the run's result: model, catalogue, rounds, training."""
     d = cfg.model_dump(mode="json", exclude=_NOT_FINGERPRINTED)
+    # Defaults leave the fingerprints of runs made before these options unchanged.
+    if d.get("privacy") is None:
+        d.pop("privacy", None)
+    if d.get("aggregation") == AggregationConfig().model_dump(mode="json"):
+        d.pop("aggregation", None)
     d["train"].pop("workers", None)
     d["train"].pop("device", None)
     d["train"].pop("threads", None)

@@ -12,9 +12,12 @@ from flwr.clientapp import ClientApp
 
 from ark_core.protocol import ARRAYS, CONFIG, METRICS, SITE, Instruction
 
+from .audit import audit_mod
+from .egress import egress_guard
 from .site import Site
 
-app = ClientApp()
+# The audit log wraps the guard, so it records what left the site (or that it was blocked).
+app = ClientApp(mods=[audit_mod, egress_guard])
 
 
 def _site(context: Context) -> Site:

@@ -12,11 +12,14 @@ message whose ``config`` record carries (see :mod:`ark_core.protocol`):
   ``catalogue``: JSON of the architecture, training settings and task catalogue.
 
 Replies are validated and folded into running sums as they arrive
-(:class:`ark_core.aggregate.StreamingAggregator`), then dropped. A round needs ``min_sites``
+(:class:`ark_core.aggregate.StreamingAggregator`; ``aggregation`` selects a robust rule of
+:mod:`ark_core.robust`, ``privacy`` the clipped, noised mean of :mod:`ark_core.privacy`),
+then dropped. Every master sent and every reply is logged in ``audit.jsonl``. A round needs ``min_sites``
 valid replies within ``round_timeout_s``; otherwise it is retried ``retries`` times and then
 the run stops (:class:`FederationStopped`), the last master intact in the run directory.
 After the last round the server asks every site once for its teacher (``query``) and averages
-the teachers it receives into the master teacher.
+the teachers it receives into the master teacher; with ``privacy`` on it does not (the
+teachers are not privatised) and writes ``privacy.json`` instead.
 """
 
 from __future__ import annotations
@@ -33,9 +36,12 @@ from flwr.serverapp import Grid
 from ark_core.aggregate import StreamingAggregator, UpdateRejected, float_state
 from ark_core.federation import FederationConfig
 from ark_core.model import ArkModel, create_model, make_teacher
+from ark_core.privacy import DPAggregator, privacy_report
 from ark_core.protocol import ARRAYS, CONFIG, METRICS, SITE, Instruction
+from ark_core.robust import make_aggregator, update_norm
 from ark_core.train import seed_everything
 
+from .audit import ServerAudit, write_privacy
 from .rundir import RunDir
 
 log = logging.getLogger("flwr.ark.server")
@@ -98,6 +104,7 @@ class ArkFederation:
         self.run = RunDir(run_dir, cfg)
         self.poll_interval = poll_interval
         self.node_wait_s = cfg.round_timeout_s if node_wait_s is None else node_wait_s
+        self.audit = ServerAudit(self.run.path)
 
     # -- messaging -----------------------------------------------------------------
     def _nodes(self, grid: Grid) -> list[int]:
@@ -157,16 +164,22 @@ class ArkFederation:
         content = RecordDict(
             {ARRAYS: ArrayRecord(state), CONFIG: ConfigRecord(ins.to_config())}
         )
-        agg = StreamingAggregator(state)
+        agg = (DPAggregator(state, self.cfg.privacy) if self.cfg.privacy
+               else make_aggregator(state, self.cfg.aggregation))
+        sha = self.audit.master(round_, "train", state)
         lines: list[dict] = []
 
         def handle(msg: Message) -> None:
+            arrived = time.time()
             try:
                 r = _read_reply(msg)
                 if r.arrays is None:
                     raise ValueError(f"node {r.node_id}: train reply without '{ARRAYS}'")
             except ValueError as e:
                 log.warning("round %d: reply rejected: %s", round_, e)
+                self.audit.update(round_, "train", site=None, node_id=msg.metadata.src_node_id,
+                                  arrived=arrived, arrays=None, norm=None, accepted=False,
+                                  reason=str(e), master_sha256=sha)
                 return
             try:
                 missing = [t for t in r.tasks if f"num-examples.{t}" not in r.metrics]
@@ -184,6 +197,12 @@ class ArkFederation:
                 agg.report.rejected.setdefault(r.site, reason)
                 log.warning("round %d: update of site %s (node %d) REJECTED, master unchanged "
                             "by it: %s", round_, r.site, r.node_id, e)
+            norm = getattr(agg, "norms", {}).get(r.site)
+            if accepted and norm is None:
+                norm = update_norm(r.arrays, state)
+            self.audit.update(round_, "train", site=r.site, node_id=r.node_id, arrived=arrived,
+                              arrays=r.arrays, norm=norm, accepted=accepted, reason=reason,
+                              master_sha256=sha)
             lines.append({"round": round_, "kind": "train", "site": r.site, "node_id": r.node_id,
                           "accepted": accepted, **({"reason": reason} if reason else {}),
                           **r.metrics})
@@ -197,8 +216,14 @@ class ArkFederation:
         master.load_state_dict(agg.result(), strict=False)
         self.run.append_metrics(lines)
         rep = agg.report
-        return {"sites": rep.sites, "contributors": rep.contributors, "weights": rep.weights,
-                "rejected": rep.rejected, "kept": len(rep.kept)}
+        record = {"sites": rep.sites, "contributors": rep.contributors, "weights": rep.weights,
+                  "rejected": rep.rejected, "kept": len(rep.kept)}
+        if self.cfg.privacy is not None:
+            record["privacy"] = {**privacy_report(self.cfg.privacy, round_),
+                                 "noise_std": agg.noise_std}
+            log.info("round %d: differential privacy (epsilon %s, delta %g)", round_,
+                     record["privacy"]["epsilon"], self.cfg.privacy.delta)
+        return record
 
     def evaluate_round(self, grid: Grid, master: ArkModel, round_: int) -> None:
         """Ask every site for validation AUC of the master student and its teacher; log it."""
@@ -228,10 +253,13 @@ class ArkFederation:
         """Collect each site's teacher once and average those received (heads by task)."""
         ins = Instruction.for_round(self.cfg, 0)
         content = RecordDict({CONFIG: ConfigRecord(ins.to_config())})
-        agg = StreamingAggregator(float_state(master))
+        state = float_state(master)
+        agg = StreamingAggregator(state)
+        sha = self.audit.master(self.cfg.rounds, "query", state)
         lines: list[dict] = []
 
         def handle(msg: Message) -> None:
+            arrived, r = time.time(), None
             try:
                 r = _read_reply(msg)
                 if r.arrays is None:
@@ -240,7 +268,15 @@ class ArkFederation:
                         {t: r.metrics.get(f"num-examples.{t}", 0.0) for t in r.tasks})
             except (ValueError, UpdateRejected) as e:
                 log.warning("teacher not used: %s", e)
+                self.audit.update(self.cfg.rounds, "query", site=r.site if r else None,
+                                  node_id=msg.metadata.src_node_id, arrived=arrived,
+                                  arrays=r.arrays if r else None, norm=None, accepted=False,
+                                  reason=str(e), master_sha256=sha)
                 return
+            self.audit.update(self.cfg.rounds, "query", site=r.site, node_id=r.node_id,
+                              arrived=arrived, arrays=r.arrays,
+                              norm=update_norm(r.arrays, state), accepted=True,
+                              master_sha256=sha)
             lines.append({"round": self.cfg.rounds, "kind": "query", "site": r.site,
                           "node_id": r.node_id, **r.metrics})
 
@@ -296,7 +332,12 @@ class ArkFederation:
         return self.run
 
     def _finish(self, grid: Grid, master: ArkModel) -> None:
-        teacher, teacher_sites = self.query_teachers(grid, master)
+        if self.cfg.privacy is None:
+            teacher, teacher_sites = self.query_teachers(grid, master)
+        else:  # teachers are not privatised: the noised master student is the delivered model
+            teacher, teacher_sites = None, []
+            write_privacy(self.run.path, {**privacy_report(self.cfg.privacy, self.cfg.rounds),
+                                          "teachers_collected": False})
         hist = self.run.history()
         sites = sorted({s for rec in hist.values() for s in rec.get("sites", [])})
         tasks: dict[str, list[str]] = {}

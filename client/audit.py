@@ -1,0 +1,73 @@
+"""The site's own audit log: a ClientApp mod appending to ``<state_dir>/audit.jsonl``.
+
+One record per reply, written after the egress guard decided (so it logs what actually left,
+or that the guard blocked it), appended and fsynced, never rewritten; read with
+:func:`ark_core.audit.read_audit`. Fields: ``event`` ("reply"), ``kind``, ``round``,
+``run_fingerprint``, ``run_id``, ``master_sha256`` (of the master received, None without
+one), ``sent`` (tensor name -> bytes), ``payload_sha256`` (of the tensors sent, the same hash
+the server can compute), ``bytes``, ``metrics``, ``error`` (the reason of an error reply) and
+``bundle`` (the app bundle's directory name, which holds Flower's FAB id, version and hash
+when installed from a FAB, and a SHA-256 over the code it ran).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from pathlib import Path
+
+from flwr.app import Context, Message
+
+from ark_core.audit import append_audit, tensors_sha256
+from ark_core.protocol import ARRAYS, CONFIG, METRICS
+
+from .site import Site
+
+log = logging.getLogger("flwr.ark.client.audit")
+
+_CODE_DIRS = ("ark_core", "client", "server")
+
+
+@functools.lru_cache(maxsize=1)
+def bundle_info() -> dict[str, str]:
+    """Which app bundle runs: its directory name and a hash of its code and pyproject."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    files = sorted(p for d in _CODE_DIRS for p in (root / d).rglob("*.py"))
+    files += [root / "pyproject.toml"] if (root / "pyproject.toml").exists() else []
+    for p in files:
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
+    return {"app_dir": root.name, "code_sha256": h.hexdigest()}
+
+
+def reply_record(msg: Message, reply: Message) -> dict:
+    """The audit record of ``reply`` (the answer to ``msg``)."""
+    config = dict(msg.content.config_records.get(CONFIG, {}))
+    master = msg.content.array_records.get(ARRAYS)
+    rec: dict = {
+        "event": "reply", "kind": msg.metadata.message_type, "round": config.get("round"),
+        "run_fingerprint": config.get("run-fingerprint"), "run_id": msg.metadata.run_id,
+        "master_sha256": tensors_sha256(master) if master is not None else None,
+        "bundle": bundle_info(),
+    }
+    if reply.has_error():
+        return {**rec, "error": reply.error.reason, "sent": {}, "bytes": 0}
+    sent = reply.content.array_records.get(ARRAYS)
+    sizes = {k: len(a.data) for k, a in sent.items()} if sent is not None else {}
+    metrics = reply.content.metric_records.get(METRICS)
+    return {**rec, "sent": sizes, "bytes": sum(sizes.values()),
+            "payload_sha256": tensors_sha256(sent) if sent is not None else None,
+            "metrics": dict(metrics) if metrics is not None else {}}
+
+
+def audit_mod(msg: Message, context: Context, call_next) -> Message:
+    """ClientApp mod: log every reply in the site's state directory, then send it."""
+    reply = call_next(msg, context)
+    try:
+        state_dir = Site.from_flower_config(context.node_config, context.run_config).state_dir
+    except (OSError, ValueError) as e:  # no site config: the reply is an error already
+        log.warning("audit: no state directory to log in (%s)", e)
+        return reply
+    append_audit(Path(state_dir) / "audit.jsonl", reply_record(msg, reply))
+    return reply

@@ -1,0 +1,159 @@
+"""Data-egress guard: a ClientApp mod that lets only allow-listed content leave the site.
+
+Every reply is checked before it is sent. Allowed:
+
+- ``arrays`` (train and query replies only): float tensors (float32, float16, bfloat16) whose
+  names and shapes are those of the model's shared parts and of this site's own heads;
+- ``metrics``: finite numbers (never lists) under the names of :func:`allowed_metrics`
+  (example counts, losses, schedule values, AUCs per task and label of this site's tasks);
+- ``site``: exactly ``name`` (this site's name) and ``tasks`` (its task names).
+
+Anything else (a string, bytes, an integer array, a per-image list, an unknown key or
+record) is refused: the reply becomes an error message naming what was blocked, and the
+block is logged. The guard ships inside the app bundle, so it protects a site against
+mistakes in the code it runs, not against a hostile coordinator that ships another bundle:
+that is what pinning the signed bundle in deployment is for.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+
+import torch
+from flwr.app import Context, Error, Message, MessageType
+
+from ark_core.aggregate import float_state, head_task
+from ark_core.model import create_model
+from ark_core.protocol import ARRAYS, CONFIG, METRICS, SITE, Instruction
+from ark_core.tasks import TaskSpec
+
+from .site import Site
+
+log = logging.getLogger("flwr.ark.client.egress")
+
+EGRESS_BLOCKED = 3001
+"""Error code of a reply the guard refused to send."""
+
+FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16"})
+_NPY_HEADER_MAX = 4096  # bytes an .npy header may add to a tensor's payload
+_GLOBAL_METRICS = ("num-examples", "bad-files", "lr", "ema-step", "teacher-from-round",
+                   "teacher-round")
+_TASK_METRICS = ("num-examples", "loss", "task-loss", "consistency", "momentum", "lam")
+
+
+class EgressBlocked(ValueError):
+    """A reply holds something the allow-list does not; the message says what."""
+
+
+def allowed_metrics(tasks: list[TaskSpec]) -> set[str]:
+    """Every metric name a site training ``tasks`` may send."""
+    names = set(_GLOBAL_METRICS)
+    for t in tasks:
+        names |= {f"{m}.{t.name}" for m in _TASK_METRICS}
+        for role in ("student", "teacher"):
+            names.add(f"{role}.auc.{t.name}")
+            names |= {f"{role}.auc.{t.name}.{label}" for label in t.labels}
+    return names
+
+
+class EgressPolicy:
+    """What one reply of one site may hold.
+
+    Args:
+        site: The site's name.
+        tasks: The site's tasks (labels as in the federation's catalogue).
+        tensors: Tensor name -> shape a reply's ``arrays`` may hold.
+        arrays_allowed: Whether the reply may carry ``arrays`` at all.
+    """
+
+    def __init__(self, site: str, tasks: list[TaskSpec], tensors: Mapping[str, tuple[int, ...]],
+                 *, arrays_allowed: bool) -> None:
+        self.site = site
+        self.tasks = tasks
+        self.tensors = dict(tensors)
+        self.arrays_allowed = arrays_allowed
+        self.metrics = allowed_metrics(tasks)
+
+    @classmethod
+    def for_message(cls, msg: Message, context: Context) -> EgressPolicy:
+        """The policy of the reply to ``msg``.
+
+        The site's name and tasks come from its own config; tensor shapes from the master in
+        ``msg`` or, without one, from the model the instruction describes.
+        """
+        site = Site.from_flower_config(context.node_config, context.run_config)
+        ins = Instruction.from_config(dict(msg.content.config_records[CONFIG]))
+        catalogue = {t.name: t for t in ins.catalogue}
+        tasks = [catalogue[n] for n in site.task_names if n in catalogue]
+        if ARRAYS in msg.content.array_records:
+            shapes = {k: tuple(a.shape) for k, a in msg.content.array_records[ARRAYS].items()}
+        else:
+            with torch.device("meta"):  # shapes only: no memory, no weights
+                model = create_model(ins.model.model_copy(update={"init": "random"}), tasks)
+            shapes = {k: tuple(v.shape) for k, v in float_state(model).items()}
+        own = set(site.task_names)
+        shapes = {k: s for k, s in shapes.items() if head_task(k) in (None, *own)}
+        kind = msg.metadata.message_type.split(".")[0]
+        return cls(site.cfg.name, tasks, shapes,
+                   arrays_allowed=kind in (MessageType.TRAIN, MessageType.QUERY))
+
+    def check(self, reply: Message) -> None:
+        """Raise :class:`EgressBlocked` naming the first thing not on the allow-list."""
+        c = reply.content
+        arrays = set(c.array_records)
+        if arrays - ({ARRAYS} if self.arrays_allowed else set()):
+            raise EgressBlocked(f"array records {sorted(arrays)} not allowed in this reply")
+        if set(c.config_records) != {SITE}:
+            raise EgressBlocked(f"config records {sorted(c.config_records)}, expected ['{SITE}']")
+        if set(c.metric_records) != {METRICS}:
+            raise EgressBlocked(f"metric records {sorted(c.metric_records)}, expected ['{METRICS}']")
+        self._check_site(c.config_records[SITE])
+        self._check_metrics(c.metric_records[METRICS])
+        if ARRAYS in c.array_records:
+            self._check_arrays(c.array_records[ARRAYS])
+
+    def _check_site(self, rec: Mapping) -> None:
+        if set(rec) != {"name", "tasks"}:
+            raise EgressBlocked(f"'{SITE}' record keys {sorted(rec)}, expected ['name', 'tasks']")
+        if rec["name"] != self.site:
+            raise EgressBlocked(f"'{SITE}.name' is {rec['name']!r}, not this site's name")
+        if list(rec["tasks"]) != [t.name for t in self.tasks]:
+            raise EgressBlocked(f"'{SITE}.tasks' is {rec['tasks']!r}, not this site's tasks")
+
+    def _check_metrics(self, rec: Mapping) -> None:
+        for key, value in rec.items():
+            if key not in self.metrics:
+                raise EgressBlocked(f"metric {key!r} is not on the allow-list")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise EgressBlocked(f"metric {key!r} is a {type(value).__name__}, not a number")
+            if not math.isfinite(value):
+                raise EgressBlocked(f"metric {key!r} is not finite")
+
+    def _check_arrays(self, rec: Mapping) -> None:
+        for key, a in rec.items():
+            if key not in self.tensors:
+                raise EgressBlocked(f"tensor {key!r} is not a shared tensor or an own head")
+            if a.dtype not in FLOAT_DTYPES:
+                raise EgressBlocked(f"tensor {key!r} has dtype {a.dtype}, not a float type")
+            if tuple(a.shape) != self.tensors[key]:
+                raise EgressBlocked(f"tensor {key!r} has shape {list(a.shape)}, expected "
+                                    f"{list(self.tensors[key])}")
+            itemsize = 4 if a.dtype == "float32" else 2
+            if len(a.data) > math.prod(a.shape) * itemsize + _NPY_HEADER_MAX:
+                raise EgressBlocked(f"tensor {key!r} carries more bytes than its shape needs")
+
+
+def egress_guard(msg: Message, context: Context, call_next) -> Message:
+    """ClientApp mod: send the reply only if :class:`EgressPolicy` allows all of it."""
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    try:
+        EgressPolicy.for_message(msg, context).check(reply)
+    except (EgressBlocked, KeyError, ValueError) as e:
+        log.error("egress guard BLOCKED the %s reply: %s", msg.metadata.message_type, e)
+        return Message(Error(code=EGRESS_BLOCKED, reason=f"egress guard blocked the reply: {e}"),
+                       reply_to=msg)
+    return reply

@@ -1,0 +1,64 @@
+"""The server's audit log (``<run_dir>/audit.jsonl``) and privacy report (``privacy.json``).
+
+Records (one JSON object a line, append-only, fsynced; read with
+:func:`ark_core.audit.read_audit`):
+
+- ``{"event": "master", "round", "kind", "sha256"}``: the master sent out for a round.
+- ``{"event": "update", "round", "kind", "site", "node_id", "arrived", "bytes", "norm",
+  "accepted", "reason", "master_sha256"}``: one reply; ``norm`` is the L2 norm of its
+  difference from that master (None when rejected before it could be measured).
+
+Lines of a round that was interrupted and replayed stay: the log records what happened.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ark_core.audit import append_audit, tensors_sha256
+
+from .rundir import _atomic_write_text
+
+
+def arrays_nbytes(arrays: Mapping[str, Any] | None) -> int:
+    """Bytes of the tensor payload as received (Flower ``Array.data``)."""
+    if arrays is None:
+        return 0
+    return int(sum(len(a.data) if hasattr(a, "data") else a.nbytes for a in arrays.values()))
+
+
+class ServerAudit:
+    """Appends the server's audit records of one run directory.
+
+    Args:
+        run_dir: The run directory.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / "audit.jsonl"
+
+    def master(self, round_: int, kind: str, tensors: Mapping[str, Any]) -> str:
+        """Log the hash of the master about to be sent; returns it."""
+        sha = tensors_sha256(tensors)
+        append_audit(self.path, {"event": "master", "round": round_, "kind": kind, "sha256": sha})
+        return sha
+
+    def update(self, round_: int, kind: str, *, site: str | None, node_id: int, arrived: float,
+               arrays: Mapping[str, Any] | None, norm: float | None, accepted: bool,
+               reason: str = "", master_sha256: str = "") -> None:
+        """Log one reply and what became of it."""
+        append_audit(self.path, {
+            "event": "update", "round": round_, "kind": kind, "site": site, "node_id": node_id,
+            "arrived": arrived, "bytes": arrays_nbytes(arrays), "norm": norm,
+            "accepted": accepted, "reason": reason, "master_sha256": master_sha256,
+        })
+
+
+def write_privacy(run_dir: str | Path, report: dict) -> Path:
+    """Write ``privacy.json`` (what the run spent) atomically."""
+    path = Path(run_dir) / "privacy.json"
+    _atomic_write_text(path, json.dumps(report, indent=1))
+    return path
