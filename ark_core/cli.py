@@ -16,6 +16,14 @@ from .config import ConfigError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ark_core.commands.train", "centralized Ark+ training from a YAML config"),
+    "report": ("ark_core.commands.report", "report.png and report.md of a run directory"),
+    "embed": ("ark_core.commands.embed", "teacher projector embeddings to .npy + index CSV"),
+    "linear-probe": ("ark_core.commands.linear_probe", "logistic regression on frozen embeddings"),
+    "few-shot": ("ark_core.commands.few_shot", "linear probe on k images per class, over seeds"),
+    "zero-shot": ("ark_core.commands.zero_shot", "score a target label with existing head outputs"),
+    "finetune": ("ark_core.commands.finetune", "new head on pooled features, full fine-tuning"),
+    "tsne": ("ark_core.commands.tsne", "t-SNE picture of embeddings coloured by label"),
+    "subgroups": ("ark_core.commands.subgroups", "AUC and false-negative rate per subgroup"),
     "simulate": ("simulations.simulate", "a federated simulation on this node via `flwr run .`"),
     "demo": ("simulations.demo", "the embedded federated demo beside a centralized run"),
     "keys": ("ark_core.commands.keys", "the federation's CA, server certificate and site keys"),
