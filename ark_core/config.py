@@ -189,6 +189,21 @@ class TrainConfig(Strict):
     seed: int = 0
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     threads: int | None = Field(None, gt=0, description="torch CPU threads.")
+    channels_last: bool = Field(
+        True, description="Keep images and convolution weights in NHWC on CUDA (faster with AMP)."
+    )
+    compile: bool = Field(
+        False, description="torch.compile the student and teacher on CUDA (minutes of start-up; "
+        "pays off over long epochs)."
+    )
+    grad_checkpointing: bool = Field(
+        False, description="Recompute the backbone's activations in the backward pass: less GPU "
+        "memory (larger batches) for about a third more compute."
+    )
+    cache_dir: Path | None = Field(
+        None, description="Read images from `ark cache` copies under this directory where they "
+        "are current (the sources otherwise)."
+    )
 
 
 class ArkConfig(Strict):

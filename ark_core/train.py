@@ -89,6 +89,26 @@ def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextMa
     return contextlib.nullcontext()
 
 
+def accelerate(model: ArkModel, cfg: TrainConfig, device: torch.device, training: bool) -> None:
+    """Apply the speed options of ``cfg`` in place (idempotent; names and tensors unchanged).
+
+    Gradient checkpointing (student only) works on any device; channels_last and compilation
+    only on CUDA. Compilation is per block (``*Block`` modules, e.g. Swin's 24): identical
+    blocks share one compiled graph, so it starts in a fraction of whole-model compile time,
+    and parameter names stay as they are (EMA, state dicts and aggregation see no wrapper).
+    """
+    if training and cfg.grad_checkpointing and hasattr(model.backbone, "set_grad_checkpointing"):
+        model.backbone.set_grad_checkpointing(True)
+    if device.type != "cuda":
+        return
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        for m in model.modules():
+            if type(m).__name__.endswith("Block") and m._compiled_call_impl is None:
+                m.compile()
+
+
 # ----------------------------------------------------------------------------- losses
 def task_loss(logits: torch.Tensor, target: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
     """BCE-with-logits for multi-label/binary (NaN targets masked), CE for multi-class."""
@@ -137,12 +157,16 @@ def make_loader(
     batch_size: int | None = None,
 ) -> DataLoader:
     """A loader of two-view batches (training) or whole-image batches (evaluation)."""
+    from .data.cache import ImageCache, cache_dir_for
     from .data.dataset import ArkDataset, collate
     from .data.transforms import create_transform
 
+    cache = None
+    if cfg.cache_dir is not None:
+        cache = ImageCache(cache_dir_for(cfg.cache_dir, manifest.task.name, work_size), work_size)
     ds = ArkDataset(
         manifest, create_transform(img_size, work_size, training), work_size=work_size,
-        seed=seed if training else None,
+        seed=seed if training else None, cache=cache,
     )
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(
@@ -178,14 +202,15 @@ def train_task_epoch(
     teacher.eval()
     sums = {"loss": 0.0, "task-loss": 0.0, "consistency": 0.0}
     seen = 0
+    fmt = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.preserve_format
     bar = tqdm(loader, desc=desc or spec.name, disable=not progress, leave=False, unit="batch")
     for batch in bar:
         bad_files.add(batch["bad"], batch["bad_reasons"])
         n = int(batch["n"])
         if n == 0:
             continue
-        xs = batch["student"].to(device, non_blocking=True)
-        xt = batch["teacher"].to(device, non_blocking=True)
+        xs = batch["student"].to(device, non_blocking=True, memory_format=fmt)
+        xt = batch["teacher"].to(device, non_blocking=True, memory_format=fmt)
         y = batch["target"].to(device, non_blocking=True)
         with autocast_for(device, cfg.amp):
             z_s, logits = student.forward_task(xs, spec.name)
@@ -261,6 +286,8 @@ def train_round(
             f"> {ema_total_steps} planned"
         )
     teacher.requires_grad_(False)
+    accelerate(student, cfg, device, training=True)
+    accelerate(teacher, cfg, device, training=False)
     momentum = momentum_schedule(ema_total_steps, cfg.ema_m0)
     if optimizer is None:
         optimizer = build_optimizer(student, cfg, lr)

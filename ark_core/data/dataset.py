@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .cache import ImageCache
 from .manifest import Manifest
 from .readers import (
     DEFAULT_MAX_PIXELS,
@@ -99,6 +100,7 @@ class ArkDataset(Dataset):
         seed: When set, each item's augmentation is drawn from a generator seeded by
             ``(seed, epoch, index)``: views then do not depend on worker count or order.
         max_pixels: Refuse images with more pixels than this.
+        cache: Pre-resized copies (``ark cache``) to read instead of the sources where current.
     """
 
     def __init__(
@@ -108,8 +110,10 @@ class ArkDataset(Dataset):
         work_size: int | None = None,
         seed: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        cache: ImageCache | None = None,
     ) -> None:
         self.manifest = manifest
+        self.cache = cache
         self.transform = transform
         self.work_size = (
             work_size or getattr(transform, "work_size", None) or getattr(transform, "img_size", None)
@@ -134,7 +138,9 @@ class ArkDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         path = self.path(index)
         try:
-            img = read_image_resized(path, self.work_size, self.max_pixels)
+            img = self.cache.read(self.manifest.paths[index], path) if self.cache else None
+            if img is None:
+                img = read_image_resized(path, self.work_size, self.max_pixels)
         except ImageReadError as e:
             return {"bad": str(path), "reason": e.reason, "index": index}
         target = torch.from_numpy(np.asarray(self.manifest.targets[index]).copy())
