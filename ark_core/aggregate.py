@@ -108,6 +108,23 @@ def float_state(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) ->
     return {k: v for k, v in state.items() if torch.is_floating_point(v)}
 
 
+def _decode(name: str, value: Any, spec: TensorSpec) -> torch.Tensor:
+    """The tensor a payload decodes to; UpdateRejected if it does not decode to ``spec``.
+
+    A Flower ``Array`` declares its dtype and shape beside bytes that may say otherwise.
+    """
+    try:
+        x = _as_tensor(value)
+    except UpdateRejected:
+        raise
+    except Exception as e:  # noqa: BLE001 - a forged payload fails in the decoder, any way
+        raise UpdateRejected(f"{name}: payload does not decode ({type(e).__name__})") from None
+    if tuple(x.shape) != spec.shape or _dtype_name(x) != spec.dtype:
+        raise UpdateRejected(f"{name}: payload holds {_dtype_name(x)} {list(x.shape)}, not the "
+                             f"declared {spec.dtype} {list(spec.shape)}")
+    return x
+
+
 class UpdateValidator:
     """Checks a site's update against the master and the site's declared tasks.
 
@@ -155,7 +172,7 @@ class UpdateValidator:
             for name in expected:
                 # A sum is NaN/Inf iff a value is, or the values are too large to sum (~1e38,
                 # no model's weights): one read pass at add speed, no mask as large as the tensor.
-                x = _as_tensor(update[name])
+                x = _decode(name, update[name], expected[name])
                 if not torch.isfinite(x.sum(dtype=torch.promote_types(x.dtype, torch.float32))):
                     raise UpdateRejected(f"{name}: holds NaN or Inf values (or sums past 1e38)")
 
