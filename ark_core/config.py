@@ -92,14 +92,14 @@ class ModelConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset"):
+        # Only well-typed values are merged; anything else is left for validation to report.
+        if isinstance(data, dict) and isinstance(data.get("preset"), str):
             preset = MODEL_PRESETS.get(data["preset"])
             if preset is not None:
                 merged = {**preset, **data}
-                merged["backbone_kwargs"] = {
-                    **preset.get("backbone_kwargs", {}),
-                    **data.get("backbone_kwargs", {}),
-                }
+                extra = data.get("backbone_kwargs", {})
+                if isinstance(extra, dict):
+                    merged["backbone_kwargs"] = {**preset.get("backbone_kwargs", {}), **extra}
                 return merged
         return data
 
