@@ -213,6 +213,7 @@ class StreamingAggregator:
         self._sums: dict[str, torch.Tensor] = {}
         self._weights: dict[str, float] = {}
         self.report = AggregateReport()
+        self._result: dict[str, torch.Tensor] | None = None
 
     @property
     def num_accepted(self) -> int:
@@ -237,6 +238,8 @@ class StreamingAggregator:
         Raises:
             UpdateRejected: With the reason; the running sums are unchanged.
         """
+        if self._result is not None:
+            raise RuntimeError("this round is already averaged: start a new aggregator")
         try:
             if site in self.report.sites:
                 raise UpdateRejected("sent a second update in the same round")
@@ -268,16 +271,23 @@ class StreamingAggregator:
             self.report.weights[g] = self.report.weights.get(g, 0.0) + w
 
     def result(self) -> dict[str, torch.Tensor]:
-        """The averaged tensors (master dtypes); also fills ``report.kept``."""
+        """The averaged tensors (master dtypes); also fills ``report.kept``.
+
+        The sums are divided in place and handed over (no second model-sized allocation);
+        the aggregator is then closed: later calls return the same result.
+        """
+        if self._result is not None:
+            return self._result
         out: dict[str, torch.Tensor] = {}
         kept = []
         for name, ref in self.master.items():
             if name in self._sums:
-                out[name] = (self._sums[name] / self._weights[name]).to(ref.dtype)
+                out[name] = self._sums.pop(name).div_(self._weights[name]).to(ref.dtype)
             else:
                 out[name] = ref.detach().clone()
                 kept.append(name)
         self.report.kept = kept
+        self._result = out
         return out
 
 

@@ -109,10 +109,11 @@ def test_ark_cache_command_on_a_run_config(tmp_path, capsys):
 
 @pytest.mark.parametrize("angle,shift,scale", [(7.0, (5.3, -3.1), 1.07), (-9.5, (0.0, 2.0), 0.92)])
 def test_opencv_affine_matches_torchvision(angle, shift, scale):
-    img = torch.from_numpy(read_image_resized(sorted(NIH.glob("*.png"))[0], 128)).float()[None] / 255
-    ref = F.affine(img, angle=angle, translate=list(shift), scale=scale, shear=[0.0, 0.0],
-                   interpolation=InterpolationMode.BILINEAR, fill=0.0)
-    out = _affine(img, angle, shift, scale)
+    grey = read_image_resized(sorted(NIH.glob("*.png"))[0], 128)
+    ref = F.affine(torch.from_numpy(grey).float()[None] / 255, angle=angle, translate=list(shift),
+                   scale=scale, shear=[0.0, 0.0], interpolation=InterpolationMode.BILINEAR,
+                   fill=0.0)
+    out = torch.from_numpy(_affine(grey, angle, shift, scale)).float()[None] / 255
     inner = (slice(None), slice(32, -32), slice(32, -32))  # edges of the fill differ by rule
     assert out.shape == ref.shape
     assert (out[inner] - ref[inner]).abs().max() < 0.02

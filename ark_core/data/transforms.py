@@ -9,6 +9,12 @@ become 3 channels with ImageNet mean/std.
 
 All randomness is drawn from an optional ``torch.Generator``, so a seeded generator gives the
 same views on every run and in every DataLoader worker.
+
+Speed (a GPU eats hundreds of 768 px views a second): the geometry runs on the uint8 grey
+levels (torchvision's uint8 antialiased resize, OpenCV's warpAffine), and the intensity change
+and normalisation are one 256-entry lookup table per channel. The views equal those of the
+same steps on float tensors to within the rounding of interpolated values to grey levels
+(half a level, 0.002 before normalisation).
 """
 
 from __future__ import annotations
@@ -27,40 +33,62 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _to_unit_tensor(img: np.ndarray | torch.Tensor, size: int | None) -> torch.Tensor:
-    """A (1, H, W) float tensor in [0, 1], resized to ``size`` x ``size`` when it is not."""
-    t = img if isinstance(img, torch.Tensor) else torch.tensor(np.asarray(img))  # copies
-    if t.ndim != 2 or t.dtype != torch.uint8:
-        raise ValueError(f"expected a 2-D uint8 greyscale image, got {t.dtype} {tuple(t.shape)}")
-    t = t.unsqueeze(0).to(torch.float32).div_(255.0)
-    if size is not None and tuple(t.shape[-2:]) != (size, size):
+_LEVELS = np.arange(256, dtype=np.float64) / 255.0  # grey level -> [0, 1]
+
+
+def _to_uint8(img: np.ndarray | torch.Tensor, size: int | None) -> np.ndarray:
+    """A (H, W) uint8 array, resized to ``size`` x ``size`` when it is not."""
+    a = img.numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+    if a.ndim != 2 or a.dtype != np.uint8:
+        raise ValueError(f"expected a 2-D uint8 greyscale image, got {a.dtype} {tuple(a.shape)}")
+    if size is not None and a.shape != (size, size):
+        return _resize(a, size)
+    return a
+
+
+def _resize(
+    a: np.ndarray, size: int, box: tuple[int, int, int, int] | None = None
+) -> np.ndarray:
+    """Bilinear, antialiased resize of a uint8 image (or of its ``box`` = top, left, h, w).
+
+    torchvision's uint8 path: the same filter as on floats, several times cheaper.
+    """
+    t = torch.from_numpy(np.array(a, copy=not a.flags.writeable)).unsqueeze(0)
+    if box is None:
         t = F.resize(t, [size, size], InterpolationMode.BILINEAR, antialias=True)
-    return t
+    else:
+        t = F.resized_crop(t, *box, [size, size], InterpolationMode.BILINEAR, antialias=True)
+    return t[0].numpy()
 
 
-def _normalize(t: torch.Tensor) -> torch.Tensor:
-    """(1, S, S) in [0, 1] -> (3, S, S) ImageNet-normalised, contiguous float32."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return ((t.clamp(0.0, 1.0).expand(3, -1, -1) - mean) / std).contiguous()
+def _normalize(a: np.ndarray, levels: np.ndarray = _LEVELS) -> torch.Tensor:
+    """(S, S) uint8 -> (3, S, S) float32, ImageNet-normalised, through a 256-entry table.
+
+    Args:
+        a: The grey image.
+        levels: Value in [0, 1] of each grey level (an intensity change is a table too).
+    """
+    levels = np.clip(levels, 0.0, 1.0)
+    out = np.empty((3, *a.shape), np.float32)
+    for c in range(3):
+        out[c] = cv2.LUT(a, ((levels - IMAGENET_MEAN[c]) / IMAGENET_STD[c]).astype(np.float32))
+    return torch.from_numpy(out)
 
 
 def _affine(
-    x: torch.Tensor, angle: float, translate: tuple[float, float], scale: float
-) -> torch.Tensor:
-    """Rotate (degrees), scale and shift a (1, S, S) tensor about its centre, bilinear, 0 fill.
+    x: np.ndarray, angle: float, translate: tuple[float, float], scale: float
+) -> np.ndarray:
+    """Rotate (degrees), scale and shift a uint8 image about its centre, bilinear, 0 fill.
 
     The same geometry as torchvision's ``affine`` (checked in the tests), through OpenCV's
     ``warpAffine``, which is about 50x faster than ``grid_sample`` on one CPU core.
     """
-    h, w = x.shape[-2:]
+    h, w = x.shape
     m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), -angle, scale)
     m[:, 2] += translate
-    out = cv2.warpAffine(
-        x[0].numpy(), m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-        borderValue=0.0,
+    return cv2.warpAffine(
+        x, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
     )
-    return torch.from_numpy(out).unsqueeze(0)
 
 
 class EvalTransform:
@@ -80,12 +108,12 @@ class EvalTransform:
         self.work_size = work_size or img_size
 
     def __call__(self, img: np.ndarray | torch.Tensor) -> torch.Tensor:
-        return self.view(_to_unit_tensor(img, self.work_size))
+        return self.view(_to_uint8(img, self.work_size))
 
-    def view(self, work: torch.Tensor) -> torch.Tensor:
-        """Resize a (1, W, W) [0, 1] tensor to the input size and normalise it."""
-        if tuple(work.shape[-2:]) != (self.img_size, self.img_size):
-            work = F.resize(work, [self.img_size] * 2, InterpolationMode.BILINEAR, antialias=True)
+    def view(self, work: np.ndarray) -> torch.Tensor:
+        """Resize a (W, W) uint8 image to the input size and normalise it."""
+        if work.shape != (self.img_size, self.img_size):
+            work = _resize(work, self.img_size)
         return _normalize(work)
 
     def __repr__(self) -> str:
@@ -148,19 +176,26 @@ class TwoViewTransform:
         self, img: np.ndarray | torch.Tensor, rng: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(student, teacher)``, each a (3, img_size, img_size) float32 tensor."""
-        work = _to_unit_tensor(img, self.work_size)
-        return _normalize(self.student_view(work, rng)), self.teacher.view(work)
+        work = _to_uint8(img, self.work_size)
+        return _normalize(*self.student_view(work, rng)), self.teacher.view(work)
 
-    def student_view(self, work: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
-        """Augment a (1, W, W) [0, 1] tensor into the student's (1, S, S) view."""
+    def student_view(
+        self, work: np.ndarray, rng: torch.Generator | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Augment a (W, W) uint8 image into the student's (S, S) view.
+
+        Geometry works on grey levels (uint8, as decoding gives them); the intensity change,
+        pointwise, is returned as the [0, 1] value of each grey level for normalisation.
+
+        Returns:
+            The (S, S) uint8 view and its 256 levels.
+        """
 
         def u(lo: float, hi: float) -> float:
             return lo + (hi - lo) * torch.rand((), generator=rng).item()
 
-        top, left, h, w = self._crop_box(work.shape[-2], work.shape[-1], u)
-        x = F.resized_crop(
-            work, top, left, h, w, [self.img_size] * 2, InterpolationMode.BILINEAR, antialias=True
-        )
+        box = self._crop_box(work.shape[-2], work.shape[-1], u)
+        x = _resize(work, self.img_size, box)
         shift = self.max_shift * self.img_size
         x = _affine(
             x,
@@ -168,14 +203,17 @@ class TwoViewTransform:
             translate=(u(-shift, shift), u(-shift, shift)),
             scale=u(*self.scale_range),
         )
+        levels = _LEVELS
         if u(0.0, 1.0) < self.intensity_p:
-            if u(0.0, 1.0) < 0.5:
-                x = F.adjust_brightness(x, u(1 - self.brightness, 1 + self.brightness))
-                x = F.adjust_contrast(x, u(1 - self.contrast, 1 + self.contrast))
-            else:
+            if u(0.0, 1.0) < 0.5:  # torchvision's adjust_brightness, then adjust_contrast
+                levels = np.clip(levels * u(1 - self.brightness, 1 + self.brightness), 0.0, 1.0)
+                contrast = u(1 - self.contrast, 1 + self.contrast)
+                mean = float(np.bincount(x.ravel(), minlength=256) @ levels) / x.size
+                levels = contrast * levels + (1.0 - contrast) * mean
+            else:  # adjust_gamma
                 lo, hi = (math.log(g) for g in self.gamma_range)
-                x = F.adjust_gamma(x.clamp(0.0, 1.0), math.exp(u(lo, hi)))
-        return x
+                levels = levels ** math.exp(u(lo, hi))
+        return x, levels
 
     def _crop_box(self, height: int, width: int, u) -> tuple[int, int, int, int]:
         """RandomResizedCrop's box (top, left, h, w), drawn from ``u`` (torchvision's rule)."""
