@@ -1,0 +1,191 @@
+"""The Swin-L 768 teacher-student step, fast settings against a plain fp32 eager step.
+
+One step = the student's forward and backward through a task head, the teacher's forward on
+its view, the optimizer step; the teacher's EMA after each task-epoch. Both variants run the
+trainer's own per-batch code (:func:`ark_core.train.train_task_epoch`) over the same
+synthetic batches, on the same GPU, in the same process, alternating:
+
+- ``fp32``: fp32 eager, TF32 off (matmuls and convolutions in full fp32), NCHW, AdamW
+  (foreach, not fused).
+- ``fast``: bf16 autocast, channels_last, fused AdamW, per-block ``torch.compile``
+  (``TrainConfig.compile``), gradient checkpointing with ``--grad-checkpointing``.
+
+The model FLOPs of one step are counted with ``torch.utils.flop_counter.FlopCounterMode``
+(student forward+backward, teacher forward), and model FLOPs utilisation is reported against
+the GPU's bf16 dense peak (H100/H200 SXM: 989 TFLOP/s; ``--peak-tflops`` for others).
+Afterwards (``--gpu`` without ``--no-trainer-ratio``) the trainer-vs-plain-loop comparison
+of ``bench_trainer.py --gpu`` runs in the same process.
+
+Sized for a 10-minute window on one H100 including start-up and compilation (defaults:
+batch 8, 2 tasks x 4 batches per epoch, 2 alternating repetitions). ``--quick`` is the CPU
+smoke run with the tiny model: its ratio says nothing about GPUs.
+
+Usage: ``python bench/bench_gpu_step.py --gpu`` or ``python bench/bench_gpu_step.py --quick``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+
+import torch
+from _util import machine, ratio_line, timed
+from torch.utils.flop_counter import FlopCounterMode
+
+from ark_core.config import ModelConfig, TrainConfig
+from ark_core.data.dataset import BadFileCounter
+from ark_core.model import ArkModel, create_model, ema_update, make_teacher
+from ark_core.tasks import TaskSpec, TaskType
+from ark_core.train import accelerate, build_optimizer, train_task_epoch
+
+LAM, M = 0.25, 0.99  # mid-run: the consistency term (and so the teacher's forward) is on
+SPECS = {
+    "cxr14": TaskSpec("cxr14", tuple(f"l{i}" for i in range(14)), TaskType.MULTILABEL),
+    "rsna": TaskSpec("rsna", ("normal", "lung opacity", "other"), TaskType.MULTICLASS),
+}
+
+
+def synthetic_batches(size: int, batch: int, steps: int, pin: bool) -> dict[str, list[dict]]:
+    """Random two-view batches per task, made once (the loader is not what is measured)."""
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, list[dict]] = {}
+    for name, spec in SPECS.items():
+        out[name] = []
+        for _ in range(steps):
+            y = (torch.randint(0, 3, (batch,), generator=gen)
+                 if spec.task_type is TaskType.MULTICLASS
+                 else torch.randint(0, 2, (batch, spec.num_outputs), generator=gen).float())
+            views = [torch.randn(batch, 3, size, size, generator=gen) for _ in range(2)]
+            if pin:
+                views = [v.pin_memory() for v in views]
+            out[name].append({"n": batch, "student": views[0], "teacher": views[1],
+                              "target": y, "bad": [], "bad_reasons": []})
+    return out
+
+
+def run_epochs(student: ArkModel, teacher: ArkModel, batches: dict[str, list[dict]],
+               opt: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device) -> int:
+    """Each task's epoch through the trainer, then the teacher's EMA; returns images."""
+    seen = 0
+    for name, loader in batches.items():
+        stats = train_task_epoch(student, teacher, loader, SPECS[name], opt, cfg, lam=LAM,
+                                 device=device, bad_files=BadFileCounter(name), progress=False)
+        ema_update(teacher, student, M)
+        seen += int(stats["num-examples"])
+    return seen
+
+
+def step_flops(student: ArkModel, teacher: ArkModel, batch: dict, cfg: TrainConfig,
+               device: torch.device) -> int:
+    """Model FLOPs of one step (counted, not estimated), on a throw-away optimizer."""
+    opt = torch.optim.SGD(student.parameters(), lr=0.0)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_task_epoch(student, teacher, [batch], SPECS["cxr14"], opt, cfg, lam=LAM,
+                         device=device, bad_files=BadFileCounter("flops"), progress=False)
+    return int(counter.get_total_flops())
+
+
+def set_tf32(on: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+    torch.set_float32_matmul_precision("high" if on else "highest")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--gpu", action="store_true", help="Swin-L 768 on CUDA")
+    mode.add_argument("--quick", action="store_true", help="tiny model on CPU (CI smoke run)")
+    p.add_argument("--batch", type=int, default=None, help="images per batch (default 8; 4 CPU)")
+    p.add_argument("--steps", type=int, default=None, help="batches per task-epoch (4; quick 2)")
+    p.add_argument("--reps", type=int, default=None, help="alternating repetitions (2; quick 1)")
+    p.add_argument("--no-compile", action="store_true", help="fast variant without compile")
+    p.add_argument("--grad-checkpointing", action="store_true", help="fast variant with it")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="bf16 dense peak of the GPU (H100/H200 SXM: 989)")
+    p.add_argument("--no-trainer-ratio", action="store_true",
+                   help="--gpu: skip the trainer-vs-plain-loop comparison afterwards")
+    args = p.parse_args(argv)
+    args.steps = args.steps or (2 if args.quick else 4)
+    args.reps = args.reps or (1 if args.quick else 2)
+    start = time.perf_counter()
+    print(f"machine: {machine()}")
+    if args.gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu needs a CUDA device")
+        device, mcfg, batch = torch.device("cuda"), ModelConfig(preset="ark_plus"), args.batch or 8
+        sync, clock = torch.cuda.synchronize, time.perf_counter
+    else:
+        torch.set_num_threads(1)
+        device, mcfg, batch = torch.device("cpu"), ModelConfig(preset="tiny"), args.batch or 4
+        sync, clock = (lambda: None), time.process_time  # CPU seconds: others share the cores
+    torch.manual_seed(0)
+    base_cfg = TrainConfig(amp="off", channels_last=False, compile=False, batch_size=batch)
+    fast_cfg = TrainConfig(amp="bf16", channels_last=True, compile=not args.no_compile,
+                           grad_checkpointing=args.grad_checkpointing, batch_size=batch)
+    student = create_model(mcfg, SPECS.values()).to(device)
+    teacher = make_teacher(student)
+    fast_s, fast_t = copy.deepcopy(student), copy.deepcopy(teacher)
+    batches = synthetic_batches(mcfg.img_size, batch, args.steps, pin=device.type == "cuda")
+    one = batches["cxr14"][0]
+    print(f"model: {mcfg.backbone} at {mcfg.img_size}, "
+          f"{sum(p.numel() for p in student.parameters()) / 1e6:.0f}M parameters; batch {batch}, "
+          f"{len(SPECS)} tasks x {args.steps} batches per epoch")
+
+    # FLOPs are the model's, whatever the precision: count them once, eagerly.
+    flops = step_flops(copy.deepcopy(student), teacher, one, base_cfg, device)
+    per_image = flops / batch
+    print(f"model FLOPs per image (student fwd+bwd + teacher fwd): {per_image / 1e9:.2f} GFLOP")
+
+    if device.type == "cuda":
+        set_tf32(False)
+    base_opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=False)
+    accelerate(fast_s, fast_cfg, device, training=True)
+    accelerate(fast_t, fast_cfg, device, training=False)
+    fast_opt = build_optimizer(fast_s, fast_cfg, 1e-5)  # fused on CUDA
+
+    def base() -> int:
+        return run_epochs(student, teacher, batches, base_opt, base_cfg, device)
+
+    def fast() -> int:
+        return run_epochs(fast_s, fast_t, batches, fast_opt, fast_cfg, device)
+
+    for name, fn in (("fp32", base), ("fast", fast)):  # warm-up; the fast one compiles here
+        secs = timed(fn, sync, clock)
+        print(f"warm-up {name}: {secs:.1f} s")
+    rates: dict[str, list[float]] = {"fp32": [], "fast": []}
+    for _ in range(args.reps):
+        for name, fn in (("fp32", base), ("fast", fast)):
+            box: dict[str, int] = {}
+            secs = timed(lambda fn=fn, box=box: box.update(n=fn()), sync, clock)
+            rates[name].append(box["n"] / secs)
+    best = {k: max(v) for k, v in rates.items()}
+    label = "gpu, swin-l 768" if device.type == "cuda" else "cpu smoke, tiny"
+    print(f"fp32 eager: {best['fp32']:.2f} img/s   fast: {best['fast']:.2f} img/s   "
+          f"(best of {args.reps}; all {rates})")
+    print(ratio_line(f"fast_over_fp32_images_per_s[{label}]", best["fast"] / best["fp32"],
+                     ">= 5 on an H100"))
+    achieved = per_image * best["fast"]
+    if device.type == "cuda":
+        print(ratio_line(f"mfu_fast[{label}, vs {args.peak_tflops:.0f} TFLOP/s bf16]",
+                         achieved / (args.peak_tflops * 1e12), ">= 0.35"))
+        print(f"mfu fp32 eager: {per_image * best['fp32'] / (args.peak_tflops * 1e12):.3f}; "
+              f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    else:
+        print(ratio_line(f"model_tflops_fast[{label}]", achieved / 1e12, "(CPU: no goal)"))
+    if args.gpu and not args.no_trainer_ratio:
+        del student, teacher, fast_s, fast_t, base_opt, fast_opt, batches
+        torch.cuda.empty_cache()
+        set_tf32(True)
+        import bench_trainer
+
+        bench_trainer.gpu_bench(reps=2, batch=batch, steps=args.steps)
+    print(f"total wall time {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Each benchmark's quick mode runs on CPU and prints its ratios (bench/README.md)."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RATIO = re.compile(r"^RATIO (\S.*?) = (-?[0-9.]+|nan|inf) \(goal .*\)$", re.M)
+
+# script -> ratio names its quick mode must print
+EXPECTED = {
+    "bench_trainer.py": ["trainer_over_plain_images_per_s[round, cpu, tiny]",
+                         "trainer_over_plain_images_per_s[step, cpu, tiny]"],
+    "bench_aggregation.py": ["peak_rss_ours_over_flower[2 sites]",
+                             "peak_rss_above_start_ours_over_flower[2 sites]",
+                             "time_ours_over_inplace_adds[2 sites]"],
+    "bench_gpu_step.py": ["fast_over_fp32_images_per_s[cpu smoke, tiny]"],
+    "bench_data.py": [f"ours_over_pil_images_per_s_per_core[{f}]" for f in ("png", "jpeg", "dicom")],
+}
+
+
+@pytest.fixture(scope="module")
+def outputs() -> dict[str, subprocess.CompletedProcess]:
+    """All quick runs at once (they mostly wait on imports and child processes)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = {
+        name: subprocess.Popen([sys.executable, str(ROOT / "bench" / name), "--quick"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=ROOT, env=env)
+        for name in EXPECTED
+    }
+    done = {}
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=600)
+        done[name] = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(EXPECTED))
+def test_quick_mode_prints_its_ratios(outputs, script):
+    run = outputs[script]
+    assert run.returncode == 0, run.stderr[-3000:]
+    ratios = {name: float(v) for name, v in RATIO.findall(run.stdout)}
+    for name in EXPECTED[script]:
+        assert name in ratios, f"{script} did not print {name}:\n{run.stdout}"
+        assert math.isfinite(ratios[name]) and ratios[name] > 0, (name, ratios[name])
+    assert run.stdout.startswith("machine: ")
+
+
+@pytest.mark.slow
+def test_streaming_aggregation_peaks_below_flower(outputs):
+    ratios = {n: float(v) for n, v in RATIO.findall(outputs["bench_aggregation.py"].stdout)}
+    # Flower holds every reply (2 here) at once; ours one reply beside its running sums.
+    assert ratios["peak_rss_above_start_ours_over_flower[2 sites]"] < 1.0
