@@ -137,15 +137,19 @@ def plot_report(rows: list[Row], path: Path, title: str = "") -> Path:
             ax_auc.plot(x, y, marker="o", ms=3, color=colour[(run, site)],
                         ls="-" if role == "teacher" else "--", label=label)
         # the task loss is comparable across epochs; the total loss re-weights as lam grows
-        loss = "task-loss" if any(r.task == task and r.metric == "task-loss" for r in rows) else "loss"
-        for (run, site, _), (x, y) in _series(rows, task=task, metric=loss).items():
-            label = site if len(runs) == 1 else f"{run}: {site}"
-            ax_loss.plot(x, y, marker="o", ms=3, color=colour[(run, site)], label=label)
+        for run in runs:
+            has_task_loss = any(
+                r.run == run and r.task == task and r.metric == "task-loss" for r in rows
+            )
+            loss = "task-loss" if has_task_loss else "loss"
+            for (_, site, _), (x, y) in _series(rows, run=run, task=task, metric=loss).items():
+                label = f"{site} {loss}" if len(runs) == 1 else f"{run}: {site} {loss}"
+                ax_loss.plot(x, y, marker="o", ms=3, color=colour[(run, site)], label=label)
         ax_auc.set_title(f"{task}: validation mean AUC")
         ax_auc.set_xlabel(step_name)
         ax_auc.set_ylabel("mean AUC")
         ax_auc.axhline(0.5, color="grey", lw=0.8, ls=":")
-        ax_loss.set_title(f"{task}: training {loss}")
+        ax_loss.set_title(f"{task}: training loss")
         ax_loss.set_xlabel(step_name)
         ax_loss.set_ylabel("loss")
         for ax in (ax_auc, ax_loss):
