@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -180,27 +181,52 @@ class Coordinator:
         return state.exists() and bool(json.loads(state.read_text()).get("finished"))
 
     def submit_and_follow(self) -> int:
-        """Submit the run and stream its log; 0 once the run directory says finished."""
+        """Submit the run and stream its log; 0 once the run directory says finished.
+
+        A log stream can end while the run goes on (a busy SuperLink answers a request with
+        an error); then the stream is opened again, until Flower reports the run finished.
+        """
         run_config = f'fed-config="{self.cfg_path}" run-dir="{self.run_dir}"'
         cmd = [procs.flwr_bin("flwr"), "run", str(app_dir()), CONNECTION,
                "--run-config", run_config, "--stream"]
-        follower = procs.start(cmd, self.env, cwd=app_dir(), pipe=True)
-        try:
-            with open(self.logs / "run.log", "a", encoding="utf-8") as log:
-                assert follower.stdout
-                for line in follower.stdout:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-                    log.write(line)
-            follower.wait()
-        finally:
-            procs.stop(follower, grace_s=5)
+        run_id = None
+        while True:
+            follower = procs.start(cmd, self.env, cwd=app_dir(), pipe=True)
+            try:
+                with open(self.logs / "run.log", "a", encoding="utf-8") as log:
+                    assert follower.stdout
+                    for line in follower.stdout:
+                        sys.stdout.write(line)
+                        sys.stdout.flush()
+                        log.write(line)
+                        if run_id is None and (m := re.search(r"started run (\d+)", line)):
+                            run_id = m.group(1)
+                follower.wait()
+            finally:
+                procs.stop(follower, grace_s=5)
+            status = self._run_status(run_id) if run_id else ""
+            if not status or status.startswith("finished"):
+                break
+            print(f"[ark-server] log stream of run {run_id} ended while it is {status}; "
+                  "following it again", flush=True)
+            cmd = [procs.flwr_bin("flwr"), "log", run_id, CONNECTION, "--stream"]
+            time.sleep(2)
         if self.finished():
             print_summary(self.run_dir)
             return 0
         print(f"[ark-server] the run stopped before its last round; see {self.logs}; start "
               "ark-server again on this run directory to resume", file=sys.stderr)
         return 1
+
+    def _run_status(self, run_id: str) -> str:
+        """Flower's status of a run ('running', 'finished:completed', ...); '' if unknown."""
+        for _ in range(5):  # the SuperLink may be briefly busy
+            try:
+                runs = self._flwr("list", "--run-id", run_id).get("runs", [])
+                return str(runs[0]["status"]) if runs else ""
+            except (RuntimeError, subprocess.TimeoutExpired):
+                time.sleep(2)
+        return ""
 
     def stop(self) -> None:
         procs.stop(self.gate, grace_s=5)
