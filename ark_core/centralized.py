@@ -128,6 +128,7 @@ def train_tasks(
         teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, ema_step = int(state["epoch"]), int(state["ema_step"])
+        torch.set_rng_state(state["rng"])  # drop-path draws continue as if never stopped
         log.info("resuming %s at epoch %d", out, start_epoch + 1)
 
     epochs = train_cfg.epochs
@@ -170,6 +171,7 @@ def train_tasks(
                 "epoch": epoch + 1,
                 "ema_step": ema_step,
                 "fingerprint": fp,
+                "rng": torch.get_rng_state(),
             },
             ckpt_path,
         )
@@ -186,6 +188,8 @@ def train_tasks(
             for t, v in val["teacher"].items()
         )
         print(f"epoch {epoch + 1}/{epochs}  lr {lr:.2e}  teacher val AUC  {summary}", flush=True)
+    if end_epoch == epochs:
+        write_documents(out, tasks, epochs)
     teacher_means = [v["auc_mean"] for v in val.get("teacher", {}).values() if v["auc_mean"]]
     return {
         "epoch": end_epoch,
@@ -193,3 +197,20 @@ def train_tasks(
         "teacher_auc_mean": sum(teacher_means) / len(teacher_means) if teacher_means else None,
         "output_dir": str(out),
     }
+
+
+def write_documents(out: Path, tasks: list[TaskData], epochs: int) -> None:
+    """Model cards beside the model files and the run's report; never fails the run."""
+    from .model_card import write_model_card
+    from .report import write_report
+
+    counts = {"centralized": {td.spec.name: len(td.train) for td in tasks}}
+    for name in ("student.safetensors", "teacher.safetensors"):
+        try:
+            write_model_card(out / name, sites=counts, rounds=epochs)
+        except Exception as e:  # documentation: log it, keep the models
+            log.warning("model card for %s not written: %s", name, e)
+    try:
+        write_report(out)
+    except Exception as e:
+        log.warning("report of %s not written: %s", out, e)

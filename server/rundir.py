@@ -23,6 +23,7 @@ never completed are dropped, so no round is counted twice.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ import yaml
 from ark_core.checkpoint import load_model, save_model
 from ark_core.federation import FederationConfig, round_lr, run_fingerprint
 from ark_core.model import ArkModel
+
+log = logging.getLogger("flwr.ark.server")
 
 _ROUND = "round_{:03d}.safetensors"
 
@@ -197,3 +200,36 @@ class RunDir:
         self.state["finished"] = True
         self.state["teacher_sites"] = provenance.get("teacher_sites", [])
         self._write_state()
+        self.write_documents()
+
+    def site_examples(self) -> dict[str, dict[str, int]]:
+        """Site -> {task: training images} from the last train line of each site."""
+        out: dict[str, dict[str, int]] = {}
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return out
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("kind") == "train" and rec.get("site"):
+                out[rec["site"]] = {
+                    k.split(".", 1)[1]: int(v) for k, v in rec.items()
+                    if k.startswith("num-examples.") and isinstance(v, (int, float))
+                }
+        return out
+
+    def write_documents(self) -> None:
+        """Model cards beside the master files and the run's report; never fails the run."""
+        from ark_core.model_card import write_model_card
+        from ark_core.report import write_report
+
+        sites = self.site_examples()
+        for name in ("master_student.safetensors", "master_teacher.safetensors"):
+            if (self.path / name).exists():
+                try:
+                    write_model_card(self.path / name, sites=sites, rounds=self.last_round)
+                except Exception as e:  # a card is documentation: log, keep the models
+                    log.warning("model card for %s not written: %s", name, e)
+        try:
+            write_report(self.path)
+        except Exception as e:
+            log.warning("report of %s not written: %s", self.path, e)

@@ -27,6 +27,7 @@ from ark_core.config import resolve_path
 from ark_core.data.manifest import Manifest
 from ark_core.evaluate import evaluate
 from ark_core.federation import SimulationConfig, load_simulation, run_fingerprint
+from ark_core.report import write_report
 from ark_core.train import TaskData, load_task_data
 
 from .simulate import run_simulation
@@ -138,6 +139,8 @@ def run_demo(sim_yaml: Path = DEMO_YAML, *, run_dir: Path | None = None, fresh: 
         "run_dir": str(out),
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    png, _ = write_report(out, compare=[central_dir])
+    print(f"report: {png}")
     return summary
 
 

@@ -26,7 +26,7 @@ def run_simulation(
     sim_yaml: str | Path,
     *,
     run_dir: str | Path | None = None,
-    cpus_per_site: float = 1.0,
+    cpus_per_site: int = 1,
     gpus_per_site: float = 0.0,
     timeout: float | None = None,
 ) -> Path:
@@ -51,7 +51,7 @@ def run_simulation(
     flwr = Path(sys.executable).parent / "flwr"
     federation = (
         f"num-supernodes={len(cfg.sites)} client-resources-num-cpus={cpus_per_site} "
-        f"client-resources-num-gpus={gpus_per_site}"
+        f"client-resources-num-gpus={float(gpus_per_site)}"
     )
     cmd = [
         str(flwr), "run", str(APP_DIR), "--stream",
@@ -75,7 +75,7 @@ def run_simulation(
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="simulation YAML (federation + sites)")
     p.add_argument("--run-dir", type=Path, help="override run_dir")
-    p.add_argument("--cpus-per-site", type=float, default=1.0, help="CPU cores per site")
+    p.add_argument("--cpus-per-site", type=int, default=1, help="CPU cores per site")
     p.add_argument("--gpus-per-site", type=float, default=0.0, help="GPUs per site")
 
 
