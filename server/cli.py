@@ -148,7 +148,7 @@ class Coordinator:
             pub = wanted.get(name)
             if pub is None or not pub.exists() or _fingerprint(pub) != entry["fingerprint"]:
                 self._flwr("supernode", "unregister", str(entry["node_id"]))
-                print(f"[ark-server] site {name}: old key unregistered (node {entry['node_id']})")
+                print(f"[ark-server] site {name}: key unregistered (node {entry['node_id']})")
                 del registry[name]
                 _save(path, registry)
         for name, pub in wanted.items():
