@@ -55,8 +55,9 @@ def test_tls_authenticated_run_with_restart(tmp_path):
     run = tmp_path / "run"
     with processes(tmp_path) as procs:
         server = procs.start("server", "ark-server", str(fed))
-        sites = [procs.start(s, "ark-client", str(write_site(tmp_path, s, keys, port)))
-                 for s in SITES]
+        # Started with the server: they retry until its port opens.
+        sites = [procs.start(s, "ark-client", str(write_site(
+            tmp_path, s, keys, port, startup_retries=120, retry_wait_s=1))) for s in SITES]
         wait_for(lambda: "sites connect to" in procs.log(server) or server.poll() is not None,
                  180, "the SuperLink, key registration and the sites' port")
         assert server.poll() is None, procs.log(server)
