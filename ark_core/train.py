@@ -104,6 +104,10 @@ def accelerate(model: ArkModel, cfg: TrainConfig, device: torch.device, training
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.compile:
+        # One block code object serves every stage shape, shift and grad mode (Swin-L: 16
+        # graphs); past the default limit of 8 the rest would silently run eagerly.
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
         for m in model.modules():
             if type(m).__name__.endswith("Block") and m._compiled_call_impl is None:
                 m.compile()

@@ -11,8 +11,9 @@ fresh process and reads that process's peak RSS (``resource.getrusage``):
   validated (names, shapes, dtypes, finite values), folded into fp32 running sums and
   dropped before the next arrives, as the ServerApp's push/pull loop does; the master is
   held as torch tensors, as the ServerApp holds its model.
-- ``adds``: the floor: in-place ``acc.add_(x, alpha=w)`` over the same values already in
-  torch tensors, then one division.
+- ``adds``: the floor: the first reply times its weight into a new accumulator, then
+  in-place ``acc.add_(x, alpha=w)`` over the same values already in torch tensors, then one
+  in-place division.
 
 Times are CPU seconds of the (single-threaded) process, so that other processes on the
 machine do not distort them. Both receive the replies as Flower ArrayRecords (``Array`` =
@@ -133,8 +134,8 @@ def child(mode: str, sites: int, quick: bool) -> dict:
             for k, x in update.items():
                 if k in sums:
                     sums[k].add_(x, alpha=examples[i])
-                else:
-                    sums[k] = x.mul_(examples[i])
+                else:  # the accumulator is allocated, as any aggregator must own its sums
+                    sums[k] = x * examples[i]
             seconds += time.process_time() - t
             del update, x
         t = time.process_time()

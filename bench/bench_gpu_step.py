@@ -29,6 +29,7 @@ import argparse
 import copy
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from _util import machine, ratio_line, timed
@@ -123,61 +124,71 @@ def main(argv: list[str] | None = None) -> int:
         device, mcfg, batch = torch.device("cpu"), ModelConfig(preset="tiny"), args.batch or 4
         sync, clock = (lambda: None), time.process_time  # CPU seconds: others share the cores
     torch.manual_seed(0)
-    base_cfg = TrainConfig(amp="off", channels_last=False, compile=False, batch_size=batch)
-    fast_cfg = TrainConfig(amp="bf16", channels_last=True, compile=not args.no_compile,
-                           grad_checkpointing=args.grad_checkpointing, batch_size=batch)
+    cfgs = {
+        "fp32": TrainConfig(amp="off", channels_last=False, compile=False, batch_size=batch),
+        "bf16": TrainConfig(amp="bf16", channels_last=True, compile=False, batch_size=batch,
+                            grad_checkpointing=args.grad_checkpointing),
+    }
+    if device.type == "cuda" and not args.no_compile:  # compile is CUDA-only in the trainer
+        cfgs["bf16+compile"] = cfgs["bf16"].model_copy(update={"compile": True})
     student = create_model(mcfg, SPECS.values()).to(device)
     teacher = make_teacher(student)
-    fast_s, fast_t = copy.deepcopy(student), copy.deepcopy(teacher)
     batches = synthetic_batches(mcfg.img_size, batch, args.steps, pin=device.type == "cuda")
-    one = batches["cxr14"][0]
     print(f"model: {mcfg.backbone} at {mcfg.img_size}, "
           f"{sum(p.numel() for p in student.parameters()) / 1e6:.0f}M parameters; batch {batch}, "
           f"{len(SPECS)} tasks x {args.steps} batches per epoch")
 
     # FLOPs are the model's, whatever the precision: count them once, eagerly.
-    flops = step_flops(copy.deepcopy(student), teacher, one, base_cfg, device)
+    flops = step_flops(copy.deepcopy(student), teacher, batches["cxr14"][0], cfgs["fp32"], device)
     per_image = flops / batch
     print(f"model FLOPs per image (student fwd+bwd + teacher fwd): {per_image / 1e9:.2f} GFLOP")
-
     if device.type == "cuda":
-        set_tf32(False)
-    base_opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=False)
-    accelerate(fast_s, fast_cfg, device, training=True)
-    accelerate(fast_t, fast_cfg, device, training=False)
-    fast_opt = build_optimizer(fast_s, fast_cfg, 1e-5)  # fused on CUDA
-
-    def base() -> int:
-        return run_epochs(student, teacher, batches, base_opt, base_cfg, device)
-
-    def fast() -> int:
-        return run_epochs(fast_s, fast_t, batches, fast_opt, fast_cfg, device)
-
-    for name, fn in (("fp32", base), ("fast", fast)):  # warm-up; the fast one compiles here
-        secs = timed(fn, sync, clock)
-        print(f"warm-up {name}: {secs:.1f} s")
-    rates: dict[str, list[float]] = {"fp32": [], "fast": []}
-    for _ in range(args.reps):
-        for name, fn in (("fp32", base), ("fast", fast)):
-            box: dict[str, int] = {}
-            secs = timed(lambda fn=fn, box=box: box.update(n=fn()), sync, clock)
-            rates[name].append(box["n"] / secs)
-    best = {k: max(v) for k, v in rates.items()}
+        set_tf32(False)  # the baseline's matmuls in full fp32; bf16 autocast does not use TF32
     label = "gpu, swin-l 768" if device.type == "cuda" else "cpu smoke, tiny"
-    print(f"fp32 eager: {best['fp32']:.2f} img/s   fast: {best['fast']:.2f} img/s   "
-          f"(best of {args.reps}; all {rates})")
-    print(ratio_line(f"fast_over_fp32_images_per_s[{label}]", best["fast"] / best["fp32"],
-                     ">= 5 on an H100"))
-    achieved = per_image * best["fast"]
-    if device.type == "cuda":
-        print(ratio_line(f"mfu_fast[{label}, vs {args.peak_tflops:.0f} TFLOP/s bf16]",
-                         achieved / (args.peak_tflops * 1e12), ">= 0.35"))
-        print(f"mfu fp32 eager: {per_image * best['fp32'] / (args.peak_tflops * 1e12):.3f}; "
-              f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    else:
-        print(ratio_line(f"model_tflops_fast[{label}]", achieved / 1e12, "(CPU: no goal)"))
+
+    def variant(name: str) -> Callable[[], int]:
+        """A fresh student/teacher pair with the variant's settings and optimizer."""
+        cfg = cfgs[name]
+        s, t = copy.deepcopy(student), copy.deepcopy(teacher)
+        accelerate(s, cfg, device, training=True)
+        accelerate(t, cfg, device, training=False)
+        opt = (torch.optim.AdamW(s.parameters(), lr=1e-5, fused=False) if name == "fp32"
+               else build_optimizer(s, cfg, 1e-5))  # fused on CUDA
+        return lambda: run_epochs(s, t, batches, opt, cfg, device)
+
+    # Stages print as they finish, so a run cut short by its window still reports.
+    fp32 = variant("fp32")
+    rates: dict[str, list[float]] = {"fp32": []}
+    for name in [n for n in cfgs if n != "fp32"]:
+        fn = variant(name)
+        for warm, f in (("fp32", fp32), (name, fn)):
+            if warm == "fp32" and rates["fp32"]:
+                continue
+            print(f"warm-up {warm}: {timed(f, sync, clock):.1f} s", flush=True)
+        rates[name] = []
+        for _ in range(args.reps):
+            for key, f in (("fp32", fp32), (name, fn)):
+                box: dict[str, int] = {}
+                secs = timed(lambda f=f, box=box: box.update(n=f()), sync, clock)
+                rates[key].append(box["n"] / secs)
+        best_fp32, best = max(rates["fp32"]), max(rates[name])
+        print(f"fp32 eager {best_fp32:.2f} img/s, {name} {best:.2f} img/s "
+              f"(best of {len(rates[name])}; all fp32 {[round(r, 2) for r in rates['fp32']]}, "
+              f"{name} {[round(r, 2) for r in rates[name]]})")
+        print(ratio_line(f"{name}_over_fp32_images_per_s[{label}]", best / best_fp32,
+                         ">= 5 on an H100"))
+        if device.type == "cuda":
+            print(ratio_line(f"mfu_{name}[{label}, vs {args.peak_tflops:.0f} TFLOP per s bf16]",
+                             per_image * best / (args.peak_tflops * 1e12), ">= 0.35"))
+            print(f"  mfu fp32 eager {per_image * best_fp32 / (args.peak_tflops * 1e12):.3f}; "
+                  f"peak GPU memory so far {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; "
+                  f"{time.perf_counter() - start:.0f} s since start", flush=True)
+        else:
+            print(ratio_line(f"model_tflops_{name}[{label}]", per_image * best / 1e12,
+                             "(CPU: no goal)"))
+        del fn
     if args.gpu and not args.no_trainer_ratio:
-        del student, teacher, fast_s, fast_t, base_opt, fast_opt, batches
+        del student, teacher, fp32, batches
         torch.cuda.empty_cache()
         set_tf32(True)
         import bench_trainer
