@@ -26,6 +26,7 @@ from .data.dataset import check_files
 from .evaluate import evaluate
 from .model import create_model, make_teacher
 from .schedule import lr_at
+from .tblog import write_scalars
 from .train import (
     TaskData,
     build_optimizer,
@@ -163,6 +164,7 @@ def train_tasks(
             },
         }
         append_jsonl(out / "metrics.jsonl", record)
+        write_scalars(out, [record])
         atomic_torch_save(
             {
                 "student": student.state_dict(),

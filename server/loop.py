@@ -9,12 +9,17 @@ message whose ``config`` record carries (see :mod:`ark_core.protocol`):
 - ``local-epochs``: passes over the site's tasks; each site derives its EMA momentum from
   its own rounds x local epochs x tasks;
 - ``run-fingerprint``: keys the site's teacher store; ``model-config``, ``train-config``,
-  ``catalogue``: JSON of the architecture, training settings and task catalogue.
+  ``catalogue``: JSON of the architecture, training settings and task catalogue;
+- ``transfer-config``: how the site encodes its reply (``transfer``: fp16/bf16 weights, the
+  difference from the master, int8 with error feedback; :mod:`ark_core.transfer`). The
+  master goes out in fp32; replies are decoded tensor by tensor and summed in fp32.
 
 Replies are validated and folded into running sums as they arrive
 (:class:`ark_core.aggregate.StreamingAggregator`; ``aggregation`` selects a robust rule of
 :mod:`ark_core.robust`, ``privacy`` the clipped, noised mean of :mod:`ark_core.privacy`),
-then dropped. Every master sent and every reply is logged in ``audit.jsonl``. A round needs ``min_sites``
+then dropped. Every master sent and every reply is logged in ``audit.jsonl``, and each train
+reply's size (``bytes``: tensors, scales and manifest) and ``encoding`` also in its
+``metrics.jsonl`` line. A round needs ``min_sites``
 valid replies within ``round_timeout_s``; otherwise it is retried ``retries`` times and then
 the run stops (:class:`FederationStopped`), the last master intact in the run directory.
 After the last round the server asks every site once for its teacher (``query``) and averages
@@ -26,10 +31,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
@@ -37,9 +44,10 @@ from ark_core.aggregate import StreamingAggregator, UpdateRejected, float_state
 from ark_core.federation import FederationConfig
 from ark_core.model import ArkModel, create_model, make_teacher
 from ark_core.privacy import DPAggregator, privacy_report
-from ark_core.protocol import ARRAYS, CONFIG, METRICS, SITE, Instruction
+from ark_core.protocol import ARRAYS, CONFIG, ENCODING, METRICS, SCALES, SITE, Instruction
 from ark_core.robust import make_aggregator, update_norm
 from ark_core.train import seed_everything
+from ark_core.transfer import as_update, declared_encoding, payload_nbytes
 
 from .audit import ServerAudit, write_privacy
 from .rundir import RunDir
@@ -60,6 +68,13 @@ class Reply:
     tasks: list[str]
     metrics: dict[str, float]
     arrays: ArrayRecord | None
+    encoding: dict | None = None  # the manifest of an encoded reply (ark_core.transfer)
+    scales: ArrayRecord | None = None
+    nbytes: int = 0
+
+    def update(self, master: Mapping[str, torch.Tensor], expected: str) -> Mapping[str, Any]:
+        """The tensors to fold in: the arrays, or a decoding view of an encoded reply."""
+        return as_update(self.arrays, self.encoding, self.scales, master, expected)
 
 
 def _read_reply(msg: Message) -> Reply:
@@ -71,13 +86,16 @@ def _read_reply(msg: Message) -> Reply:
     if METRICS not in c.metric_records or SITE not in c.config_records:
         raise ValueError(f"node {node}: reply lacks the '{METRICS}' or '{SITE}' record")
     site = c.config_records[SITE]
+    arrays, scales = c.array_records.get(ARRAYS), c.array_records.get(SCALES)
+    encoding = dict(c.config_records[ENCODING]) if ENCODING in c.config_records else None
     return Reply(
         node_id=node,
         site=str(site.get("name", f"node-{node}")),
         tasks=[str(t) for t in site.get("tasks", [])],
         metrics={k: float(v) for k, v in c.metric_records[METRICS].items()
                  if isinstance(v, int | float)},
-        arrays=c.array_records.get(ARRAYS),
+        arrays=arrays, encoding=encoding, scales=scales,
+        nbytes=payload_nbytes(arrays, scales, encoding),
     )
 
 
@@ -108,11 +126,23 @@ class ArkFederation:
 
     # -- messaging -----------------------------------------------------------------
     def _nodes(self, grid: Grid) -> list[int]:
-        deadline = time.monotonic() + self.node_wait_s
+        """Connected sites: at least ``min_sites``, and in a deployment every listed site that
+        connects within ``deployment.site_wait_s`` more (after a server restart sites come back
+        one by one, with back-off; a site that missed the push sits out the whole round).
+        """
+        dep = self.cfg.deployment
+        listed = max(self.cfg.min_sites, len(dep.sites) if dep else 0)
+        now = time.monotonic()
+        deadline, grace_end = now + self.node_wait_s, None
         while True:
             nodes = sorted(grid.get_node_ids())
-            if len(nodes) >= self.cfg.min_sites or time.monotonic() >= deadline:
+            now = time.monotonic()
+            if len(nodes) >= listed or now >= deadline:
                 return nodes
+            if len(nodes) >= self.cfg.min_sites:
+                grace_end = grace_end or now + (dep.site_wait_s if dep else 0.0)
+                if now >= grace_end:
+                    return nodes
             time.sleep(self.poll_interval)
 
     def _exchange(
@@ -168,6 +198,7 @@ class ArkFederation:
                else make_aggregator(state, self.cfg.aggregation))
         sha = self.audit.master(round_, "train", state)
         lines: list[dict] = []
+        expected = self.cfg.transfer.encoding
 
         def handle(msg: Message) -> None:
             arrived = time.time()
@@ -181,12 +212,13 @@ class ArkFederation:
                                   arrived=arrived, arrays=None, norm=None, accepted=False,
                                   reason=str(e), master_sha256=sha)
                 return
+            update = r.update(state, expected)
             try:
                 missing = [t for t in r.tasks if f"num-examples.{t}" not in r.metrics]
                 if missing:
                     raise UpdateRejected(f"no example counts for tasks {missing}")
                 agg.add(
-                    r.site, r.arrays, r.metrics.get("num-examples", 0.0),
+                    r.site, update, r.metrics.get("num-examples", 0.0),
                     {t: r.metrics[f"num-examples.{t}"] for t in r.tasks},
                 )
                 accepted, reason = True, ""
@@ -199,13 +231,14 @@ class ArkFederation:
                             "by it: %s", round_, r.site, r.node_id, e)
             norm = getattr(agg, "norms", {}).get(r.site)
             if accepted and norm is None:
-                norm = update_norm(r.arrays, state)
+                norm = update_norm(update, state)
+            encoding = declared_encoding(r.encoding)
             self.audit.update(round_, "train", site=r.site, node_id=r.node_id, arrived=arrived,
                               arrays=r.arrays, norm=norm, accepted=accepted, reason=reason,
-                              master_sha256=sha)
+                              master_sha256=sha, nbytes=r.nbytes, encoding=encoding)
             lines.append({"round": round_, "kind": "train", "site": r.site, "node_id": r.node_id,
                           "accepted": accepted, **({"reason": reason} if reason else {}),
-                          **r.metrics})
+                          "bytes": r.nbytes, "encoding": encoding, **r.metrics})
 
         sent = self._exchange(grid, MessageType.TRAIN, content, round_, handle)
         del content
@@ -264,7 +297,8 @@ class ArkFederation:
                 r = _read_reply(msg)
                 if r.arrays is None:
                     raise ValueError(f"node {r.node_id}: teacher reply without '{ARRAYS}'")
-                agg.add(r.site, r.arrays, r.metrics.get("num-examples", 0.0),
+                # Teachers travel once, as plain fp32 weights, whatever the run's transfer.
+                agg.add(r.site, r.update(state, "fp32"), r.metrics.get("num-examples", 0.0),
                         {t: r.metrics.get(f"num-examples.{t}", 0.0) for t in r.tasks})
             except (ValueError, UpdateRejected) as e:
                 log.warning("teacher not used: %s", e)
@@ -309,6 +343,7 @@ class ArkFederation:
         first = self.run.last_round + 1
         last = self.cfg.rounds if max_rounds is None else min(self.cfg.rounds, first + max_rounds - 1)
         for r in range(first, last + 1):
+            t0 = time.monotonic()
             for attempt in range(self.cfg.retries + 1):
                 if attempt:
                     log.warning("round %d: retry %d of %d", r, attempt, self.cfg.retries)
@@ -322,8 +357,12 @@ class ArkFederation:
                     f"round {r - 1} is in {self.run.round_path(r - 1)}; restarting with the same "
                     f"run directory continues at round {r}."
                 )
+            record["seconds"] = round(time.monotonic() - t0, 3)
             self.run.commit_round(r, master, record)
-            log.info("round %d/%d done: sites %s", r, self.cfg.rounds, ", ".join(record["sites"]))
+            self.run.append_metrics([{"round": r, "kind": "round", "seconds": record["seconds"],
+                                      "sites": len(record["sites"])}])
+            log.info("round %d/%d done in %.1f s: sites %s", r, self.cfg.rounds, record["seconds"],
+                     ", ".join(record["sites"]))
             every = self.cfg.evaluate_every
             if every and (r % every == 0 or r == self.cfg.rounds):
                 self.evaluate_round(grid, master, r)

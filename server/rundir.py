@@ -33,6 +33,7 @@ import yaml
 from ark_core.checkpoint import load_model, save_model
 from ark_core.federation import FederationConfig, round_lr, run_fingerprint
 from ark_core.model import ArkModel
+from ark_core.tblog import write_scalars
 
 log = logging.getLogger("flwr.ark.server")
 
@@ -189,6 +190,7 @@ class RunDir:
                 f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        write_scalars(self.path, records)
 
     def finish(self, student: ArkModel, teacher: ArkModel | None, provenance: dict) -> None:
         """Write the final model files and mark the run finished."""

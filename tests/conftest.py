@@ -21,7 +21,7 @@ def demo_task(name: str) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
-    """Directory of a finished 3-epoch centralized run (metrics.jsonl, teacher.safetensors)."""
+    """Directory of a finished 4-epoch centralized run (metrics.jsonl, teacher.safetensors)."""
     import torch
 
     from ark_core.centralized import train_centralized
@@ -30,10 +30,41 @@ def tiny_run(tmp_path_factory) -> Path:
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("tiny_run")
     cfg = ArkConfig.model_validate({
-        "model": {"preset": "tiny"},
+        "model": {"preset": "tiny", "img_size": 96, "work_size": 96},
         "tasks": [demo_task("pediatric"), demo_task("nih")],
-        # m0 0.5: the teacher follows the student quickly in a 2-epoch run
-        "train": {"epochs": 3, "batch_size": 8, "lr": 1e-3, "ema_m0": 0.5, "threads": 2,
+        # The demo's recipe: SGD-Nesterov as in the paper; m0 0.5 so that the teacher
+        # follows the student within a few task-epochs.
+        "train": {"optimizer": "sgd", "lr": 0.05, "min_lr": 0.005, "warmup_epochs": 1,
+                  "epochs": 4, "batch_size": 16, "ema_m0": 0.5, "threads": 2,
+                  "device": "cpu", "seed": 0},
+        "output_dir": str(out),
+    })
+    train_centralized(cfg, out, progress=False)
+    return out
+
+
+PEDIATRIC_SPLIT = {"val_fraction": 0.2, "test_fraction": 0.2}
+
+
+@pytest.fixture(scope="session")
+def pediatric_run(tmp_path_factory) -> Path:
+    """A 4-epoch single-task run on the pediatric set (the demo's recipe), once per session.
+
+    Patient-disjoint train/val/test; val and test images are never trained on.
+    """
+    import torch
+
+    from ark_core.centralized import train_centralized
+    from ark_core.config import ArkConfig
+
+    torch.set_num_threads(2)
+    out = tmp_path_factory.mktemp("pediatric_run")
+    cfg = ArkConfig.model_validate({
+        "model": {"preset": "tiny", "img_size": 96, "work_size": 96},
+        "tasks": [{"name": "pediatric", "dataset": "pediatric_pneumonia",
+                   "root": str(DEMO / "pediatric"), "split": PEDIATRIC_SPLIT}],
+        "train": {"optimizer": "sgd", "lr": 0.05, "min_lr": 0.005, "warmup_epochs": 1,
+                  "epochs": 4, "batch_size": 16, "ema_m0": 0.5, "threads": 2,
                   "device": "cpu", "seed": 0},
         "output_dir": str(out),
     })
