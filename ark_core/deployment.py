@@ -44,6 +44,12 @@ class ServerDeployment(Strict):
         "leave the coordinator); 0 picks a free one at each start.",
     )
     startup_timeout_s: float = Field(60.0, gt=0, description="Wait for the SuperLink to answer.")
+    site_wait_s: float = Field(
+        120.0, ge=0,
+        description="Before each round, once min_sites are connected, wait up to this long for "
+        "the other listed sites (they reconnect with back-off after a server restart). A listed "
+        "site that is down costs this much per round.",
+    )
 
     @field_validator("sites")
     @classmethod

@@ -126,9 +126,11 @@ class ArkFederation:
 
     # -- messaging -----------------------------------------------------------------
     def _nodes(self, grid: Grid) -> list[int]:
-        """Connected sites: at least ``min_sites``, and in a deployment every listed site that
-        connects within ``deployment.site_wait_s`` more (after a server restart sites come back
-        one by one, with back-off; a site that missed the push sits out the whole round).
+        """Connected sites: at least ``min_sites``, then any other listed site within a grace.
+
+        In a deployment, once ``min_sites`` are connected the round waits up to
+        ``deployment.site_wait_s`` more for every listed site: after a server restart sites
+        come back one by one, with back-off, and a site that misses the push sits the round out.
         """
         dep = self.cfg.deployment
         listed = max(self.cfg.min_sites, len(dep.sites) if dep else 0)
