@@ -21,7 +21,7 @@ EXPECTED = {
     "bench_aggregation.py": ["peak_rss_ours_over_flower[2 sites]",
                              "peak_rss_above_start_ours_over_flower[2 sites]",
                              "time_ours_over_inplace_adds[2 sites]"],
-    "bench_gpu_step.py": ["fast_over_fp32_images_per_s[cpu smoke, tiny]"],
+    "bench_gpu_step.py": ["bf16_over_fp32_images_per_s[cpu smoke, tiny]"],
     "bench_data.py": [f"ours_over_pil_images_per_s_per_core[{f}]" for f in ("png", "jpeg", "dicom")],
 }
 
