@@ -183,7 +183,16 @@ def make_loader(
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
         drop_last=False,
+        worker_init_fn=_single_threaded_worker if cfg.workers else None,
     )
+
+
+def _single_threaded_worker(_worker_id: int) -> None:
+    # Each loader worker is one process: library thread pools would oversubscribe the cores.
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------- training

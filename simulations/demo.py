@@ -20,13 +20,16 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import yaml
 
+from ark_core.audit import read_audit
 from ark_core.centralized import train_tasks
 from ark_core.checkpoint import load_model
 from ark_core.config import resolve_path
 from ark_core.data.manifest import Manifest
 from ark_core.evaluate import evaluate
 from ark_core.federation import SimulationConfig, load_simulation, run_fingerprint
+from ark_core.privacy import PrivacyConfig
 from ark_core.report import write_report
 from ark_core.train import TaskData, load_task_data
 
@@ -144,12 +147,68 @@ def run_demo(sim_yaml: Path = DEMO_YAML, *, run_dir: Path | None = None, fresh: 
     return summary
 
 
+def run_dp_demo(
+    noise_multiplier: float, clip_norm: float | None = None, sim_yaml: Path = DEMO_YAML,
+    *, run_dir: Path | None = None, fresh: bool = False,
+) -> dict:
+    """The demo with site-level DP beside the run without (which runs first if needed).
+
+    With DP on the teachers are not collected, so the comparison is of master students.
+    ``clip_norm`` defaults to the median update norm of the run without DP (its audit log).
+    """
+    sim, base, out = load_simulation(sim_yaml, "", run_dir or "")
+    state = out / "state.json"
+    if not (state.exists() and json.loads(state.read_text()).get("finished")):
+        run_demo(sim_yaml, run_dir=run_dir, fresh=True)
+    if clip_norm is None:
+        norms = sorted(r["norm"] for r in read_audit(out / "audit.jsonl")
+                       if r.get("event") == "update" and r.get("accepted") and r.get("norm"))
+        clip_norm = norms[len(norms) // 2]
+    dp_out = out.parent / f"{out.name}-dp"
+    if fresh and dp_out.exists():
+        shutil.rmtree(dp_out)
+    dp_cfg = sim.model_copy(update={"privacy": PrivacyConfig(
+        clip_norm=clip_norm, noise_multiplier=noise_multiplier)})
+    dp_out.mkdir(parents=True, exist_ok=True)
+    dp_yaml = dp_out / "simulation.yaml"
+    dp_yaml.write_text(yaml.safe_dump(dp_cfg.model_dump(mode="json", exclude_none=True)))
+    dp_state = dp_out / "state.json"
+    if not (dp_state.exists() and json.loads(dp_state.read_text()).get("finished")):
+        run_simulation(dp_yaml, run_dir=dp_out, data_root=base)
+    tasks = union_tasks(sim, base)
+    plain = evaluate_file(out / "master_student.safetensors", tasks, sim)
+    noised = evaluate_file(dp_out / "master_student.safetensors", tasks, sim)
+    privacy = json.loads((dp_out / "privacy.json").read_text())
+    names = [td.spec.name for td in tasks]
+    print(f"\nmaster student, validation AUC (DP: clip {clip_norm:.3f}, noise {noise_multiplier})")
+    print(f"{'run':<20}" + "".join(f"{n:>12}" for n in names) + f"{'mean':>10}")
+    for label, aucs in (("without DP", plain), ("with DP", noised)):
+        cells = "".join(f"{aucs[n]:>12.3f}" if aucs.get(n) is not None else f"{'-':>12}" for n in names)
+        mean = _mean(aucs)
+        print(f"{label:<20}{cells}" + (f"{mean:>10.3f}" if mean is not None else ""))
+    eps = privacy["epsilon"]
+    eps_text = f"{eps:.2f}" if eps is not None else "unbounded (no noise)"
+    print(f"privacy: epsilon {eps_text} at delta {privacy['delta']:g} after {sim.rounds} rounds")
+    summary = {"clip_norm": clip_norm, "noise_multiplier": noise_multiplier,
+               "epsilon": privacy["epsilon"], "delta": privacy["delta"],
+               "auc_without_dp": plain, "auc_with_dp": noised}
+    (dp_out / "dp_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=DEMO_YAML, help="simulation YAML")
     p.add_argument("--run-dir", type=Path, help="override run_dir (default: runs/demo)")
     p.add_argument("--fresh", action="store_true", help="delete the run directory first")
+    p.add_argument("--dp-noise", type=float, metavar="Z",
+                   help="also run the demo with site-level DP at this noise multiplier")
+    p.add_argument("--dp-clip", type=float, metavar="C",
+                   help="DP clip norm (default: the median update norm of the run without DP)")
 
 
 def run(args: argparse.Namespace) -> int:
-    run_demo(args.config, run_dir=args.run_dir, fresh=args.fresh)
+    if args.dp_noise is None:
+        run_demo(args.config, run_dir=args.run_dir, fresh=args.fresh)
+    else:
+        run_dp_demo(args.dp_noise, args.dp_clip, args.config, run_dir=args.run_dir, fresh=args.fresh)
     return 0

@@ -26,6 +26,7 @@ def run_simulation(
     sim_yaml: str | Path,
     *,
     run_dir: str | Path | None = None,
+    data_root: str | Path | None = None,
     cpus_per_site: int = 1,
     gpus_per_site: float = 0.0,
     timeout: float | None = None,
@@ -35,6 +36,7 @@ def run_simulation(
     Args:
         sim_yaml: Simulation YAML (federation + sites).
         run_dir: Overrides the YAML's ``run_dir``.
+        data_root: Directory the YAML's relative paths resolve against (default: its own).
         cpus_per_site: CPU cores Ray reserves per simulated site (sites run in parallel
             as long as cores are free).
         gpus_per_site: GPUs per site (1: one Swin-L site trains at a time on one GPU).
@@ -44,7 +46,8 @@ def run_simulation(
         RuntimeError: `flwr run` failed or the run stopped before its last round.
     """
     sim_yaml = Path(sim_yaml).expanduser().resolve()
-    cfg, _, out = load_simulation(sim_yaml, "", run_dir or "")
+    root = str(Path(data_root).resolve()) if data_root else ""
+    cfg, _, out = load_simulation(sim_yaml, root, run_dir or "")
     if not (APP_DIR / "pyproject.toml").is_file():
         raise RuntimeError(f"{APP_DIR}: not a Flower app directory (no pyproject.toml)")
     out.mkdir(parents=True, exist_ok=True)
@@ -55,7 +58,7 @@ def run_simulation(
     )
     cmd = [
         str(flwr), "run", str(APP_DIR), "--stream",
-        "--run-config", f'sim-config="{sim_yaml}" run-dir="{out}"',
+        "--run-config", f'sim-config="{sim_yaml}" run-dir="{out}" data-root="{root}"',
         "--federation-config", federation,
     ]  # fmt: skip
     with private_superlink(out / ".flwr") as env:

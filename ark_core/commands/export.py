@@ -44,6 +44,11 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(path, role=role)
     call = export_backbone(model, args.out)
     print(f"wrote the {role}'s {model.backbone_name} backbone from {path} to {args.out}")
+    if path.suffix == ".safetensors":  # the card travels with the exported file
+        from ..model_card import write_model_card
+
+        card = write_model_card(path, out=Path(args.out).with_suffix(".md"))
+        print(f"model card: {card}")
     print("load it with:")
     print(f"  import timm\n  model = {call}")
     return 0
