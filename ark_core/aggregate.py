@@ -150,7 +150,9 @@ class UpdateValidator:
         """Raise :class:`UpdateRejected` with the reason if ``update`` is not acceptable.
 
         Args:
-            update: Tensor name -> numpy array, torch tensor or Flower ``Array``.
+            update: Tensor name -> numpy array, torch tensor or Flower ``Array``; or an
+                encoded reply (:class:`ark_core.transfer.EncodedUpdate`), whose payloads
+                are checked against its declared encodings instead of the master's dtypes.
             tasks: The tasks the site declares it trained.
             values: Also check that every value is finite (decodes each tensor once).
         """
@@ -161,13 +163,17 @@ class UpdateValidator:
         missing = sorted(set(expected) - set(update))
         if missing:
             raise UpdateRejected(f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
-        for name, spec in expected.items():
-            v = update[name]
-            shape, dtype = tuple(v.shape), _dtype_name(v)
-            if shape != spec.shape:
-                raise UpdateRejected(f"{name}: shape {list(shape)}, expected {list(spec.shape)}")
-            if dtype != spec.dtype:
-                raise UpdateRejected(f"{name}: dtype {dtype}, expected {spec.dtype}")
+        check_encoding = getattr(update, "check_encoding", None)
+        if check_encoding is not None:  # ark_core.transfer.EncodedUpdate: wire dtypes declared
+            check_encoding(expected)
+        else:
+            for name, spec in expected.items():
+                v = update[name]
+                shape, dtype = tuple(v.shape), _dtype_name(v)
+                if shape != spec.shape:
+                    raise UpdateRejected(f"{name}: shape {list(shape)}, expected {list(spec.shape)}")
+                if dtype != spec.dtype:
+                    raise UpdateRejected(f"{name}: dtype {dtype}, expected {spec.dtype}")
         if values:
             for name in expected:
                 # A sum is NaN/Inf iff a value is, or the values are too large to sum (~1e38,

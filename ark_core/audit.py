@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from .transfer import RAW_STYPE, raw_view
+
 __all__ = ["append_audit", "read_audit", "tensors_sha256"]
 
 
@@ -27,6 +29,8 @@ def _numpy(v: Any) -> np.ndarray:
         return v
     if hasattr(v, "detach"):  # torch
         return v.detach().cpu().contiguous().numpy()
+    if getattr(v, "stype", None) == RAW_STYPE:  # an encoded payload (ark_core.transfer)
+        return raw_view(v)
     return v.numpy()  # Flower Array
 
 

@@ -22,6 +22,7 @@ from .privacy import PrivacyConfig
 from .robust import AggregationConfig
 from .schedule import lr_at
 from .tasks import TaskSpec, TaskType, check_same_labels
+from .transfer import TransferConfig
 
 __all__ = [
     "CatalogueTask",
@@ -85,6 +86,11 @@ class FederationConfig(Strict):
     privacy: PrivacyConfig | None = Field(
         None, description="Differential privacy of the master (see ark_core.privacy); with it "
         "on, the sites' teachers are not collected."
+    )
+    transfer: TransferConfig = Field(
+        default_factory=TransferConfig,
+        description="How sites send their students: dtype fp32/fp16/bf16/int8, delta (the "
+        "difference from the master), error_feedback (see ark_core.transfer).",
     )
 
     @model_validator(mode="after")
@@ -191,6 +197,8 @@ def run_fingerprint(cfg: FederationConfig) -> str:
         d.pop("privacy", None)
     if d.get("aggregation") == AggregationConfig().model_dump(mode="json"):
         d.pop("aggregation", None)
+    if d.get("transfer") == TransferConfig().model_dump(mode="json"):
+        d.pop("transfer", None)
     d["train"].pop("workers", None)
     d["train"].pop("device", None)
     d["train"].pop("threads", None)

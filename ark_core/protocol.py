@@ -8,7 +8,7 @@ Server -> site (``train``, ``evaluate`` and ``query`` messages)
     absent in ``query``.
     ``config`` (ConfigRecord): see :class:`Instruction` (``round``, ``num-rounds``, ``lr``,
     ``local-epochs``, ``run-fingerprint``, ``model-config``, ``train-config``,
-    ``catalogue``; the last three are JSON strings).
+    ``catalogue``, ``transfer-config``; the last four are JSON strings).
 
 Site -> server (replies)
     ``arrays`` (ArrayRecord): ``train``: the student's float tensors, shared parts and this
@@ -18,21 +18,27 @@ Site -> server (replies)
     ``<student|teacher>.auc.<task>.<label>`` and ``num-examples.<task>`` (evaluate);
     ``teacher-round``, ``num-examples``, ``num-examples.<task>`` (query).
     ``site`` (ConfigRecord): ``name`` (str) and ``tasks`` (list of task names).
+    ``encoding`` (ConfigRecord, train replies of a run whose transfer is not fp32 weights):
+    ``{"arrays": <encoding>}``; ``scales`` (ArrayRecord, int8 only): tensor name -> float32
+    scale. See :mod:`ark_core.transfer`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import ModelConfig, TrainConfig
 from .federation import CatalogueTask, FederationConfig, run_fingerprint
 from .tasks import TaskSpec
+from .transfer import TransferConfig
 
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
+ENCODING = "encoding"
+SCALES = "scales"
 
 
 @dataclass
@@ -48,6 +54,7 @@ class Instruction:
         model: The architecture.
         train: Training settings (the site applies its overrides).
         catalogue: Every task of the run.
+        transfer: How the site encodes its train reply.
     """
 
     round: int
@@ -58,13 +65,14 @@ class Instruction:
     model: ModelConfig
     train: TrainConfig
     catalogue: list[TaskSpec]
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
     @classmethod
     def for_round(cls, cfg: FederationConfig, round_: int, lr: float = 0.0) -> Instruction:
         return cls(
             round=round_, num_rounds=cfg.rounds, lr=lr, local_epochs=cfg.local_epochs,
             fingerprint=run_fingerprint(cfg), model=cfg.model, train=cfg.train,
-            catalogue=cfg.task_specs(),
+            catalogue=cfg.task_specs(), transfer=cfg.transfer,
         )
 
     def to_config(self) -> dict[str, int | float | str]:
@@ -78,6 +86,7 @@ class Instruction:
             "model-config": self.model.model_dump_json(),
             "train-config": self.train.model_dump_json(),
             "catalogue": json.dumps([t.to_dict() for t in self.catalogue]),
+            "transfer-config": self.transfer.model_dump_json(),
         }
 
     @classmethod
@@ -92,4 +101,6 @@ class Instruction:
             model=ModelConfig.model_validate_json(c["model-config"]),
             train=TrainConfig.model_validate_json(c["train-config"]),
             catalogue=[CatalogueTask.model_validate(t).spec() for t in json.loads(c["catalogue"])],
+            # A server from before the option sends none: plain fp32 weights.
+            transfer=TransferConfig.model_validate_json(c.get("transfer-config") or "{}"),
         )

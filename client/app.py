@@ -7,10 +7,12 @@ or from the run config's ``sim-config``/``data-root``/``run-dir`` plus the node'
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ark_core.protocol import ARRAYS, CONFIG, METRICS, SITE, Instruction
+from ark_core.protocol import ARRAYS, CONFIG, ENCODING, METRICS, SCALES, SITE, Instruction
+from ark_core.transfer import RAW_STYPE
 
 from .audit import audit_mod
 from .egress import egress_guard
@@ -18,6 +20,12 @@ from .site import Site
 
 # The audit log wraps the guard, so it records what left the site (or that it was blocked).
 app = ClientApp(mods=[audit_mod, egress_guard])
+
+
+def _raw_array(a: np.ndarray) -> Array:
+    """An encoded payload as bare little-endian bytes; the Array's fields say dtype and shape."""
+    a = np.asarray(a, dtype=a.dtype.newbyteorder("<"), order="C")  # keeps 0-d scales 0-d
+    return Array(dtype=a.dtype.name, shape=tuple(a.shape), stype=RAW_STYPE, data=a.tobytes())
 
 
 def _site(context: Context) -> Site:
@@ -38,11 +46,19 @@ def _reply(msg: Message, site: Site, metrics: dict[str, float], arrays=None) -> 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round: the master student in, this site's student tensors and metrics out."""
+    """One round: the master student in, this site's student (run's encoding) and metrics out."""
     site = _site(context)
     ins = Instruction.from_config(dict(msg.content[CONFIG]))
     student, metrics = site.train(ins, msg.content[ARRAYS])
-    return _reply(msg, site, metrics, student)
+    payload = site.encode(ins, msg.content[ARRAYS], student)
+    del student
+    if not payload.manifest:  # plain fp32 weights: numpy Arrays, as Flower makes them
+        return _reply(msg, site, metrics, {k: Array(v) for k, v in payload.arrays.items()})
+    reply = _reply(msg, site, metrics, {k: _raw_array(v) for k, v in payload.arrays.items()})
+    reply.content[ENCODING] = ConfigRecord(payload.manifest)  # so the server and guard know
+    if payload.scales:
+        reply.content[SCALES] = ArrayRecord({k: _raw_array(v) for k, v in payload.scales.items()})
+    return reply
 
 
 @app.evaluate()

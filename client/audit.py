@@ -5,7 +5,9 @@ or that the guard blocked it), appended and fsynced, never rewritten; read with
 :func:`ark_core.audit.read_audit`. Fields: ``event`` ("reply"), ``kind``, ``round``,
 ``run_fingerprint``, ``run_id``, ``master_sha256`` (of the master received, None without
 one), ``sent`` (tensor name -> bytes), ``payload_sha256`` (of the tensors sent, the same hash
-the server can compute), ``bytes``, ``metrics``, ``error`` (the reason of an error reply) and
+the server can compute), ``bytes`` (the tensors, int8 scales and encoding manifest, as the
+server counts them: :func:`ark_core.transfer.payload_nbytes`), ``encoding`` (of the tensors
+sent), ``metrics``, ``error`` (the reason of an error reply) and
 ``bundle`` (the app bundle's directory name, which holds Flower's FAB id, version and hash
 when installed from a FAB, and a SHA-256 over the code it ran).
 """
@@ -20,7 +22,8 @@ from pathlib import Path
 from flwr.app import Context, Message
 
 from ark_core.audit import append_audit, tensors_sha256
-from ark_core.protocol import ARRAYS, CONFIG, METRICS
+from ark_core.protocol import ARRAYS, CONFIG, ENCODING, METRICS, SCALES
+from ark_core.transfer import declared_encoding, payload_nbytes
 
 from .site import Site
 
@@ -55,8 +58,10 @@ def reply_record(msg: Message, reply: Message) -> dict:
         return {**rec, "error": reply.error.reason, "sent": {}, "bytes": 0}
     sent = reply.content.array_records.get(ARRAYS)
     sizes = {k: len(a.data) for k, a in sent.items()} if sent is not None else {}
+    manifest = reply.content.config_records.get(ENCODING)
+    nbytes = payload_nbytes(sent, reply.content.array_records.get(SCALES), manifest)
     metrics = reply.content.metric_records.get(METRICS)
-    return {**rec, "sent": sizes, "bytes": sum(sizes.values()),
+    return {**rec, "sent": sizes, "bytes": nbytes, "encoding": declared_encoding(manifest),
             "payload_sha256": tensors_sha256(sent) if sent is not None else None,
             "metrics": dict(metrics) if metrics is not None else {}}
 

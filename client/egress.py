@@ -2,8 +2,12 @@
 
 Every reply is checked before it is sent. Allowed:
 
-- ``arrays`` (train and query replies only): float tensors (float32, float16, bfloat16) whose
-  names and shapes are those of the model's shared parts and of this site's own heads;
+- ``arrays`` (train and query replies only): tensors whose names and shapes are those of
+  the model's shared parts and of this site's own heads, as float32 or, in a train reply of
+  a run with a compact ``transfer``, in exactly that encoding's wire dtype (float16, the
+  uint16 pattern of bfloat16, int8), declared in an ``encoding`` record that holds
+  ``{"arrays": <the run's encoding>}`` and nothing else, and, for int8, with one float32
+  scalar per tensor in ``scales`` (see :mod:`ark_core.transfer`);
 - ``metrics``: finite numbers (never lists) under the names of :func:`allowed_metrics`
   (example counts, losses, schedule values, AUCs per task and label of this site's tasks);
 - ``site``: exactly ``name`` (this site's name) and ``tasks`` (its task names).
@@ -26,8 +30,9 @@ from flwr.app import Context, Error, Message, MessageType
 
 from ark_core.aggregate import float_state, head_task
 from ark_core.model import create_model
-from ark_core.protocol import ARRAYS, CONFIG, METRICS, SITE, Instruction
+from ark_core.protocol import ARRAYS, CONFIG, ENCODING, METRICS, SCALES, SITE, Instruction
 from ark_core.tasks import TaskSpec
+from ark_core.transfer import check_declared
 
 from .site import Site
 
@@ -36,7 +41,7 @@ log = logging.getLogger("flwr.ark.client.egress")
 EGRESS_BLOCKED = 3001
 """Error code of a reply the guard refused to send."""
 
-FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16"})
+_ITEMSIZE = {"float32": 4, "float16": 2, "uint16": 2, "int8": 1}
 _NPY_HEADER_MAX = 4096  # bytes an .npy header may add to a tensor's payload
 _GLOBAL_METRICS = ("num-examples", "bad-files", "lr", "ema-step", "teacher-from-round",
                    "teacher-round")
@@ -66,14 +71,16 @@ class EgressPolicy:
         tasks: The site's tasks (labels as in the federation's catalogue).
         tensors: Tensor name -> shape a reply's ``arrays`` may hold.
         arrays_allowed: Whether the reply may carry ``arrays`` at all.
+        encoding: The encoding its arrays must carry (``fp32``: plain weights, no manifest).
     """
 
     def __init__(self, site: str, tasks: list[TaskSpec], tensors: Mapping[str, tuple[int, ...]],
-                 *, arrays_allowed: bool) -> None:
+                 *, arrays_allowed: bool, encoding: str = "fp32") -> None:
         self.site = site
         self.tasks = tasks
         self.tensors = dict(tensors)
         self.arrays_allowed = arrays_allowed
+        self.encoding = encoding
         self.metrics = allowed_metrics(tasks)
 
     @classmethod
@@ -97,22 +104,29 @@ class EgressPolicy:
         shapes = {k: s for k, s in shapes.items() if head_task(k) in (None, *own)}
         kind = msg.metadata.message_type.split(".")[0]
         return cls(site.cfg.name, tasks, shapes,
-                   arrays_allowed=kind in (MessageType.TRAIN, MessageType.QUERY))
+                   arrays_allowed=kind in (MessageType.TRAIN, MessageType.QUERY),
+                   encoding=ins.transfer.encoding if kind == MessageType.TRAIN else "fp32")
 
     def check(self, reply: Message) -> None:
         """Raise :class:`EgressBlocked` naming the first thing not on the allow-list."""
         c = reply.content
         arrays = set(c.array_records)
-        if arrays - ({ARRAYS} if self.arrays_allowed else set()):
+        allowed = {ARRAYS} if self.arrays_allowed else set()
+        if self.arrays_allowed and self.encoding == "int8-delta":
+            allowed.add(SCALES)
+        if arrays - allowed:
             raise EgressBlocked(f"array records {sorted(arrays)} not allowed in this reply")
-        if set(c.config_records) != {SITE}:
-            raise EgressBlocked(f"config records {sorted(c.config_records)}, expected ['{SITE}']")
+        configs = {SITE} if self.encoding == "fp32" else {SITE, ENCODING}
+        if set(c.config_records) != configs:
+            raise EgressBlocked(f"config records {sorted(c.config_records)}, expected "
+                                f"{sorted(configs)}")
         if set(c.metric_records) != {METRICS}:
             raise EgressBlocked(f"metric records {sorted(c.metric_records)}, expected ['{METRICS}']")
         self._check_site(c.config_records[SITE])
         self._check_metrics(c.metric_records[METRICS])
         if ARRAYS in c.array_records:
-            self._check_arrays(c.array_records[ARRAYS])
+            self._check_arrays(c.array_records[ARRAYS], c.config_records.get(ENCODING),
+                               c.array_records.get(SCALES))
 
     def _check_site(self, rec: Mapping) -> None:
         if set(rec) != {"name", "tasks"}:
@@ -131,17 +145,18 @@ class EgressPolicy:
             if not math.isfinite(value):
                 raise EgressBlocked(f"metric {key!r} is not finite")
 
-    def _check_arrays(self, rec: Mapping) -> None:
-        for key, a in rec.items():
+    def _check_arrays(self, rec: Mapping, manifest: Mapping | None, scales: Mapping | None) -> None:
+        for key in rec:
             if key not in self.tensors:
                 raise EgressBlocked(f"tensor {key!r} is not a shared tensor or an own head")
-            if a.dtype not in FLOAT_DTYPES:
-                raise EgressBlocked(f"tensor {key!r} has dtype {a.dtype}, not a float type")
-            if tuple(a.shape) != self.tensors[key]:
-                raise EgressBlocked(f"tensor {key!r} has shape {list(a.shape)}, expected "
-                                    f"{list(self.tensors[key])}")
-            itemsize = 4 if a.dtype == "float32" else 2
-            if len(a.data) > math.prod(a.shape) * itemsize + _NPY_HEADER_MAX:
+        try:  # exactly the declared encoding, its wire dtype and the tensors' shapes
+            check_declared({k: (tuple(a.shape), a.dtype) for k, a in rec.items()}, manifest,
+                           {k: (tuple(a.shape), a.dtype) for k, a in (scales or {}).items()},
+                           self.encoding, self.tensors)
+        except ValueError as e:
+            raise EgressBlocked(str(e)) from None
+        for key, a in [*rec.items(), *(scales or {}).items()]:
+            if len(a.data) > math.prod(a.shape) * _ITEMSIZE[a.dtype] + _NPY_HEADER_MAX:
                 raise EgressBlocked(f"tensor {key!r} carries more bytes than its shape needs")
 
 

@@ -29,8 +29,9 @@ from ark_core.federation import (
 from ark_core.model import ArkModel, create_model, make_teacher
 from ark_core.protocol import Instruction
 from ark_core.train import TaskData, load_task_data, resolve_device, seed_everything, train_round
+from ark_core.transfer import Payload, encode_update
 
-from .state import TeacherStore
+from .state import ResidualStore, TeacherStore
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,23 @@ class Site:
         metrics["ema-step"] = float(result.ema_step)
         metrics["teacher-from-round"] = float(found[1] if found else 0)
         return float_state(student.cpu()), metrics
+
+    def encode(
+        self, ins: Instruction, master: Mapping[str, Any], student: Mapping[str, torch.Tensor]
+    ) -> Payload:
+        """The train reply's payload in the run's transfer encoding (``ins.transfer``).
+
+        With error feedback, the residual of the latest earlier round of this run is added
+        and the new one saved for the next round (a replayed round reuses the same one).
+        """
+        cfg = ins.transfer
+        store = ResidualStore(self.state_dir, ins.fingerprint, keep=1) if cfg.error_feedback else None
+        prev = store.latest_before(ins.round) if store is not None else None
+        residual = store.load(prev) if prev is not None else None
+        payload = encode_update(student, master, cfg, residual)
+        if store is not None:
+            store.save(ins.round, payload.residual)
+        return payload
 
     def evaluate(self, ins: Instruction, master: Mapping[str, Any]) -> dict[str, float]:
         """Validation AUC per task (mean and per label) of the master student and the teacher."""

@@ -21,8 +21,6 @@ import torch
 
 from ark_core.checkpoint import load_tensors, save_tensors
 
-_NAME = re.compile(r"teacher_round_(\d{3,})\.safetensors")
-
 
 class TeacherStore:
     """The teachers one site keeps for one run.
@@ -33,6 +31,8 @@ class TeacherStore:
         keep: Teachers kept (the latest rounds); older ones are deleted after a save.
     """
 
+    prefix = "teacher"
+
     def __init__(self, state_dir: Path, fingerprint: str, keep: int = 3) -> None:
         if not fingerprint or "/" in fingerprint or fingerprint.startswith("."):
             raise ValueError(f"invalid run fingerprint {fingerprint!r}")
@@ -40,13 +40,14 @@ class TeacherStore:
         self.keep = keep
 
     def path(self, round_: int) -> Path:
-        return self.dir / f"teacher_round_{round_:03d}.safetensors"
+        return self.dir / f"{self.prefix}_round_{round_:03d}.safetensors"
 
     def rounds(self) -> list[int]:
         """Rounds with a saved teacher, ascending."""
         if not self.dir.is_dir():
             return []
-        return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := _NAME.fullmatch(p.name)))
+        pattern = re.compile(rf"{self.prefix}_round_(\d{{3,}})\.safetensors")
+        return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := pattern.fullmatch(p.name)))
 
     def latest_before(self, round_: int) -> int | None:
         """The latest saved round < ``round_`` (the teacher round ``round_`` starts from)."""
@@ -57,7 +58,7 @@ class TeacherStore:
         return load_tensors(self.path(round_))
 
     def save(self, round_: int, tensors: dict[str, torch.Tensor]) -> Path:
-        """Save the teacher after ``round_``; drop teachers of later rounds (a replay) and old ones."""
+        """Save the tensors after ``round_``; drop those of later rounds (a replay) and old ones."""
         path = self.path(round_)
         save_tensors(tensors, path, {"round": str(round_)})
         rounds = self.rounds()
@@ -67,3 +68,14 @@ class TeacherStore:
         for r in [r for r in rounds if r <= round_][: -self.keep]:
             self.path(r).unlink(missing_ok=True)
         return path
+
+
+class ResidualStore(TeacherStore):
+    """The error-feedback residuals one site keeps for one run (see ``ark_core.transfer``).
+
+    ``residual_round_NNN.safetensors`` holds what round NNN's quantised difference lost;
+    round r adds the residual of the latest round before r, so a replayed round starts from
+    the same residual as the first time.
+    """
+
+    prefix = "residual"

@@ -4,8 +4,10 @@ Records (one JSON object a line, append-only, fsynced; read with
 :func:`ark_core.audit.read_audit`):
 
 - ``{"event": "master", "round", "kind", "sha256"}``: the master sent out for a round.
-- ``{"event": "update", "round", "kind", "site", "node_id", "arrived", "bytes", "norm",
-  "accepted", "reason", "master_sha256"}``: one reply; ``norm`` is the L2 norm of its
+- ``{"event": "update", "round", "kind", "site", "node_id", "arrived", "bytes", "encoding",
+  "norm", "accepted", "reason", "master_sha256"}``: one reply; ``bytes`` its tensor payload
+  (:func:`ark_core.transfer.payload_nbytes`: arrays, int8 scales and encoding manifest),
+  ``encoding`` what its manifest declares (``fp32`` without one), ``norm`` the L2 norm of its
   difference from that master (None when rejected before it could be measured).
 
 Lines of a round that was interrupted and replayed stay: the log records what happened.
@@ -48,11 +50,13 @@ class ServerAudit:
 
     def update(self, round_: int, kind: str, *, site: str | None, node_id: int, arrived: float,
                arrays: Mapping[str, Any] | None, norm: float | None, accepted: bool,
-               reason: str = "", master_sha256: str = "") -> None:
-        """Log one reply and what became of it."""
+               reason: str = "", master_sha256: str = "", nbytes: int | None = None,
+               encoding: str = "fp32") -> None:
+        """Log one reply and what became of it (``nbytes`` default: the bytes of ``arrays``)."""
         append_audit(self.path, {
             "event": "update", "round": round_, "kind": kind, "site": site, "node_id": node_id,
-            "arrived": arrived, "bytes": arrays_nbytes(arrays), "norm": norm,
+            "arrived": arrived, "bytes": arrays_nbytes(arrays) if nbytes is None else nbytes,
+            "encoding": encoding, "norm": norm,
             "accepted": accepted, "reason": reason, "master_sha256": master_sha256,
         })
 

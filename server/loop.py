@@ -68,13 +68,13 @@ class Reply:
     tasks: list[str]
     metrics: dict[str, float]
     arrays: ArrayRecord | None
-    encoding: dict | None = None  # the manifest of an encoded reply (ark_core.transfer)
+    manifest: dict | None = None  # of an encoded reply (ark_core.transfer)
     scales: ArrayRecord | None = None
     nbytes: int = 0
 
     def update(self, master: Mapping[str, torch.Tensor], expected: str) -> Mapping[str, Any]:
         """The tensors to fold in: the arrays, or a decoding view of an encoded reply."""
-        return as_update(self.arrays, self.encoding, self.scales, master, expected)
+        return as_update(self.arrays, self.manifest, self.scales, master, expected)
 
 
 def _read_reply(msg: Message) -> Reply:
@@ -87,15 +87,15 @@ def _read_reply(msg: Message) -> Reply:
         raise ValueError(f"node {node}: reply lacks the '{METRICS}' or '{SITE}' record")
     site = c.config_records[SITE]
     arrays, scales = c.array_records.get(ARRAYS), c.array_records.get(SCALES)
-    encoding = dict(c.config_records[ENCODING]) if ENCODING in c.config_records else None
+    manifest = dict(c.config_records[ENCODING]) if ENCODING in c.config_records else None
     return Reply(
         node_id=node,
         site=str(site.get("name", f"node-{node}")),
         tasks=[str(t) for t in site.get("tasks", [])],
         metrics={k: float(v) for k, v in c.metric_records[METRICS].items()
                  if isinstance(v, int | float)},
-        arrays=arrays, encoding=encoding, scales=scales,
-        nbytes=payload_nbytes(arrays, scales, encoding),
+        arrays=arrays, manifest=manifest, scales=scales,
+        nbytes=payload_nbytes(arrays, scales, manifest),
     )
 
 
@@ -234,7 +234,7 @@ class ArkFederation:
             norm = getattr(agg, "norms", {}).get(r.site)
             if accepted and norm is None:
                 norm = update_norm(update, state)
-            encoding = declared_encoding(r.encoding)
+            encoding = declared_encoding(r.manifest)
             self.audit.update(round_, "train", site=r.site, node_id=r.node_id, arrived=arrived,
                               arrays=r.arrays, norm=norm, accepted=accepted, reason=reason,
                               master_sha256=sha, nbytes=r.nbytes, encoding=encoding)

@@ -23,6 +23,8 @@ EXPECTED = {
                              "time_ours_over_inplace_adds[2 sites]"],
     "bench_gpu_step.py": ["bf16_over_fp32_images_per_s[cpu smoke, tiny]"],
     "bench_data.py": [f"ours_over_pil_images_per_s_per_core[{f}]" for f in ("png", "jpeg", "dicom")],
+    "bench_transfer.py": ["bytes_per_site_round_over_fp32[bf16]",
+                          "bytes_per_site_round_over_fp32[int8-delta+ef]"],
 }
 
 
@@ -60,3 +62,10 @@ def test_streaming_aggregation_peaks_below_flower(outputs):
     ratios = {n: float(v) for n, v in RATIO.findall(outputs["bench_aggregation.py"].stdout)}
     # Flower holds every reply (2 here) at once; ours one reply beside its running sums.
     assert ratios["peak_rss_above_start_ours_over_flower[2 sites]"] < 1.0
+
+
+@pytest.mark.slow
+def test_compact_transfer_meets_its_byte_goals(outputs):
+    ratios = {n: float(v) for n, v in RATIO.findall(outputs["bench_transfer.py"].stdout)}
+    assert ratios["bytes_per_site_round_over_fp32[bf16]"] <= 0.5
+    assert ratios["bytes_per_site_round_over_fp32[int8-delta+ef]"] <= 0.27

@@ -13,6 +13,7 @@ from ark_core.aggregate import head_task
 from ark_core.checkpoint import load_tensors, read_metadata
 from ark_core.federation import load_simulation
 from ark_core.model import create_model
+from ark_core.transfer import ENCODINGS
 from client.app import app as client_app
 from server.app import app as server_app
 from server.app import federation_from_run_config
@@ -28,14 +29,20 @@ def _lines(run_dir, kind=None):
     return [x for x in lines if kind is None or x["kind"] == kind]
 
 
-def _inspect(reply: Message, seen: list) -> None:
-    """Every reply holds only the expected records, tensors and numeric metrics."""
+def _inspect(reply: Message, seen: list, encoding: str = "fp32") -> None:
+    """Every reply holds only the expected records, tensors and numeric metrics.
+
+    ``encoding``: the run's transfer encoding, which train replies must declare (manifest
+    ``{"arrays": encoding}``) and send every tensor in (its wire dtype; int8 with one float32
+    scale each); other replies send fp32.
+    """
     assert not reply.has_error(), reply.error.reason
     c = reply.content
     kind = reply.metadata.message_type
+    encoded = kind == "train" and encoding != "fp32"
     site = dict(c.config_records["site"])
     assert set(site) == {"name", "tasks"} and set(site["tasks"]) == SITE_TASKS[site["name"]]
-    assert set(c.config_records) == {"site"}
+    assert set(c.config_records) == ({"site", "encoding"} if encoded else {"site"})
     assert set(c.metric_records) == {"metrics"}
     for k, v in c.metric_records["metrics"].items():
         assert isinstance(v, float) and math.isfinite(v), (k, v)
@@ -47,10 +54,18 @@ def _inspect(reply: Message, seen: list) -> None:
         assert not c.array_records
     else:
         arrays = c.array_records["arrays"]
-        assert set(c.array_records) == {"arrays"}
+        scaled = encoded and encoding == "int8-delta"
+        assert set(c.array_records) == ({"arrays", "scales"} if scaled else {"arrays"})
         heads = {head_task(k) for k in arrays} - {None}
         assert heads == SITE_TASKS[site["name"]]
-        assert all(a.dtype == "float32" for a in arrays.values())
+        wire = ENCODINGS[encoding] if encoded else "float32"
+        assert all(a.dtype == wire for a in arrays.values())
+        if encoded:
+            assert dict(c.config_records["encoding"]) == {"arrays": encoding}
+        if scaled:
+            scales = c.array_records["scales"]
+            assert set(scales) == set(arrays)
+            assert all(s.dtype == "float32" and s.shape == () for s in scales.values())
     seen.append((kind, site["name"]))
 
 

@@ -1,0 +1,155 @@
+"""Bytes per site per round and final AUC of compact transfer against fp32, on the demo.
+
+The setting is the embedded demo's (``simulations/demo.yaml``: three sites, two tasks, the
+tiny Swin at 96 px on CPU, the demo's radiographs), run in-process: the real ServerApp round
+loop and the real ClientApp (egress guard and audit log included) exchange real Flower
+Messages through the tests' in-process Grid, without a SuperLink. Runs, one after another:
+
+- fp32 (the default) with ``--seeds`` seeds (``train.seed`` 0, 1, ...: initial master and
+  data order), which give the spread of the final AUC that seeds alone cause;
+- each compact option with seed 0: ``bf16`` (the weights in bfloat16) and
+  ``int8-delta+ef`` (the difference from the master quantised to int8 per tensor, with
+  error feedback).
+
+Printed per option: bytes per site per round over those of the fp32 run with the same seed,
+site by site and round by round (the largest; goals <= 0.5 for bf16, <= 0.27 for int8), and
+the gap between the final master teacher's validation AUC (mean over tasks, on the union of
+the sites' validation splits, as ``ark demo`` reports it) and the fp32 run's with the same
+seed, over the bound max(0.01, 2 x the standard deviation of the fp32 runs' AUC) (goal
+<= 1). Bytes are those the server logs (``metrics.jsonl``): tensors as sent, int8 scales and
+the encoding manifest.
+
+``--quick`` (CI): one seed, one round, 16 images per task and site.
+
+Usage: ``python bench/bench_transfer.py [--quick] [--seeds N] [--rounds N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from _util import ROOT, machine, ratio_line
+
+sys.path.insert(0, str(ROOT / "tests"))  # the in-process Grid the federated tests use
+
+from flower_local_grid import LocalGrid  # noqa: E402
+
+from ark_core.federation import load_simulation  # noqa: E402
+from client.app import app as client_app  # noqa: E402
+from server.loop import ArkFederation  # noqa: E402
+from simulations.demo import DEMO_YAML, evaluate_file, union_tasks  # noqa: E402
+
+OPTIONS = {
+    "fp32": None,
+    "bf16": {"dtype": "bf16"},
+    "int8-delta+ef": {"dtype": "int8", "delta": True, "error_feedback": True},
+}
+GOALS = {"bf16": 0.5, "int8-delta+ef": 0.27}
+
+
+def demo_yaml(out: Path, *, seed: int, transfer: dict | None, rounds: int | None,
+              max_images: int | None) -> Path:
+    """The demo's simulation YAML with one seed and transfer option, written to ``out``."""
+    cfg = yaml.safe_load(DEMO_YAML.read_text(encoding="utf-8"))  # merge keys resolved
+    cfg["train"]["seed"] = seed
+    cfg["evaluate_every"] = 0  # the final master teacher is evaluated here, once
+    if rounds is not None:
+        cfg["rounds"] = rounds
+    if transfer is not None:
+        cfg["transfer"] = transfer
+    for site in cfg["sites"]:
+        for task in site["tasks"]:
+            task["root"] = str((DEMO_YAML.parent / task["root"]).resolve())
+            if max_images is not None:
+                task["max_images"] = max_images
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "sim.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def run_one(work: Path, name: str, seed: int, transfer: dict | None, args) -> dict:
+    """One federated run; returns bytes per (site, round), the final AUC and the time."""
+    out = work / f"{name}-seed{seed}"
+    sim_yaml = demo_yaml(out, seed=seed, transfer=transfer, rounds=args.rounds,
+                         max_images=args.max_images)
+    rc = {"sim-config": str(sim_yaml), "data-root": str(out), "run-dir": str(out / "run"),
+          "fed-config": ""}
+    sim, base, run_dir = load_simulation(sim_yaml, str(out), str(out / "run"))
+    t0 = time.perf_counter()
+    ArkFederation(sim.federation(), run_dir, poll_interval=0.0).start(
+        LocalGrid(client_app, len(sim.sites), rc))
+    seconds = time.perf_counter() - t0
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["kind"] == "train"]
+    if not all(x["accepted"] for x in train):
+        raise RuntimeError(f"{name}: rejected updates: {[x.get('reason') for x in train]}")
+    aucs = evaluate_file(run_dir / "master_teacher.safetensors", union_tasks(sim, base), sim)
+    vals = [v for v in aucs.values() if v is not None]
+    return {"bytes": {(x["site"], x["round"]): x["bytes"] for x in train},
+            "encoding": sorted({x["encoding"] for x in train}),
+            "auc": sum(vals) / len(vals), "auc_per_task": aucs, "seconds": seconds}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="CI smoke: 1 seed, 1 round, 16 images")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the fp32 runs")
+    p.add_argument("--rounds", type=int, help="override the demo's rounds")
+    p.add_argument("--max-images", type=int, help="images per task and site")
+    p.add_argument("--work-dir", type=Path, help="keep the runs here (default: a temp dir)")
+    args = p.parse_args()
+    if args.quick:
+        args.seeds, args.rounds, args.max_images = 1, 1, args.max_images or 16
+    torch.set_num_threads(1)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    print(f"machine: {machine()}")
+    print(f"setting: {DEMO_YAML.name}, rounds {args.rounds or 'as in the demo'}, images per "
+          f"task and site {args.max_images or 'all'}, fp32 seeds {args.seeds}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work_dir or Path(tmp)
+        fp32 = [run_one(work, "fp32", s, None, args) for s in range(args.seeds)]
+        for s, r in enumerate(fp32):
+            print(f"fp32 seed {s}: AUC {r['auc']:.4f} {_tasks(r)}, {r['seconds']:.0f} s",
+                  flush=True)
+        ref = fp32[0]
+        sd = statistics.stdev([r["auc"] for r in fp32]) if len(fp32) > 1 else 0.0
+        bound = max(0.01, 2 * sd)
+        print(f"fp32 AUC std over {len(fp32)} seed(s): {sd:.4f}; bound max(0.01, 2 std) = "
+              f"{bound:.4f}")
+        for site in sorted({s for s, _ in ref["bytes"]}):
+            n = [b for (s, _), b in ref["bytes"].items() if s == site]
+            print(f"fp32 bytes per round, {site}: {n[0] / 2**20:.3f} MiB")
+
+        for name, transfer in OPTIONS.items():
+            if transfer is None:
+                continue
+            r = run_one(work, name, 0, transfer, args)
+            ratios = [b / ref["bytes"][key] for key, b in r["bytes"].items()]
+            gap = abs(r["auc"] - ref["auc"])
+            print(f"{name} seed 0 ({', '.join(r['encoding'])}): AUC {r['auc']:.4f} "
+                  f"{_tasks(r)} (fp32 {ref['auc']:.4f}, gap {gap:.4f}), bytes per site per "
+                  f"round {min(ratios):.4f}-{max(ratios):.4f} x fp32, {r['seconds']:.0f} s",
+                  flush=True)
+            print(ratio_line(f"bytes_per_site_round_over_fp32[{name}]", max(ratios),
+                             f"<= {GOALS[name]}"))
+            print(ratio_line(f"auc_gap_over_bound[{name}]", gap / bound, "<= 1"))
+
+
+def _tasks(r: dict) -> str:
+    return "(" + ", ".join(f"{t} {v:.4f}" for t, v in r["auc_per_task"].items()
+                           if v is not None) + ")"
+
+
+if __name__ == "__main__":
+    main()
