@@ -170,7 +170,8 @@ class Site:
         and the new one saved for the next round (a replayed round reuses the same one).
         """
         cfg = ins.transfer
-        store = ResidualStore(self.state_dir, ins.fingerprint, keep=1) if cfg.error_feedback else None
+        # Two kept: a replay of the latest round needs the residual of the round before it.
+        store = ResidualStore(self.state_dir, ins.fingerprint, keep=2) if cfg.error_feedback else None
         prev = store.latest_before(ins.round) if store is not None else None
         residual = store.load(prev) if prev is not None else None
         payload = encode_update(student, master, cfg, residual)

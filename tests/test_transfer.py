@@ -27,6 +27,8 @@ from ark_core.transfer import (
 from client.app import _raw_array
 from client.app import app as client_app
 from client.egress import EGRESS_BLOCKED, egress_guard
+from client.site import Site
+from client.state import ResidualStore
 from server.app import federation_from_run_config
 from server.loop import ArkFederation
 
@@ -377,7 +379,32 @@ def test_federated_run_sends_fewer_bytes_per_site_and_round(tmp_path, fp32_bytes
     if ef:  # each site keeps the residual of its latest round, per run
         for site in ("hosp-a", "hosp-b"):
             d = run_dir / "sites" / site / run_fingerprint(cfg)
-            assert sorted(p.name for p in d.glob("residual_*")) == ["residual_round_002.safetensors"]
+            assert sorted(p.name for p in d.glob("residual_*")) == [
+                "residual_round_001.safetensors", "residual_round_002.safetensors"]
+
+
+def test_site_error_feedback_residual_survives_a_replayed_round(tmp_path):
+    rc = write_sim(tmp_path, transfer={"dtype": "int8", "delta": True, "error_feedback": True})
+    site = Site.from_simulation(rc["sim-config"], rc["data-root"], rc["run-dir"], 1)
+    sim, _, _ = load_simulation(rc["sim-config"], rc["data-root"], rc["run-dir"])
+    fed = sim.federation()
+    torch.manual_seed(0)
+    master = float_state(create_model(fed.model, fed.task_specs()))
+    student = {k: v + 1e-3 * torch.randn(v.shape) for k, v in master.items()
+               if head_task(k) in (None, "ped")}
+
+    def encode(round_):
+        return site.encode(Instruction.for_round(fed, round_, 1e-3), master, student)
+
+    first, second = encode(1), encode(2)
+    assert not all(np.array_equal(first.arrays[k], second.arrays[k]) for k in student)
+    for _ in range(2):  # the server replays round 2 (twice): the residual of round 1 again
+        replay = encode(2)
+        assert all(np.array_equal(replay.arrays[k], second.arrays[k]) for k in student)
+    store = ResidualStore(site.state_dir, run_fingerprint(fed))
+    assert store.rounds() == [1, 2]
+    for k in student:  # what round 2 lost is what it stored for round 3
+        torch.testing.assert_close(store.load(2)[k], replay.residual[k])
 
 
 def test_payload_nbytes_counts_arrays_scales_and_manifest():
