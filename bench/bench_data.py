@@ -33,7 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from _util import machine, ratio_line
+from _util import ROOT, machine, ratio_line
 from PIL import Image
 
 from ark_core.data.cache import ImageCache, build_cache, cache_dir_for
@@ -42,7 +42,11 @@ from ark_core.data.readers import read_image, read_image_resized
 from ark_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TwoViewTransform
 from ark_core.tasks import TaskSpec, TaskType
 
-SOURCE = Path("/work/shared/data/nih-cxr14-mini/images")
+# The 256 px originals where this workplace has them, else the embedded 96 px demo images.
+SOURCE = next(
+    p for p in (Path("/work/shared/data/nih-cxr14-mini/images"),
+                ROOT / "simulations" / "demo_data" / "nih" / "images") if p.is_dir()
+)
 SIDE, WORK, IMG = 1024, 896, 768
 
 

@@ -22,8 +22,8 @@ from ark_core.data.readers import read_image_resized
 from ark_core.data.transforms import EvalTransform, _affine
 from ark_core.tasks import TaskSpec, TaskType
 
-NIH = Path("/work/shared/data/nih-cxr14-mini/images")
-PED = Path("/work/shared/data/pediatric-pneumonia/train/NORMAL")
+NIH = Path(__file__).resolve().parents[1] / "simulations" / "demo_data" / "nih" / "images"
+PED = Path(__file__).resolve().parents[1] / "simulations/demo_data/pediatric/train/NORMAL"
 pytestmark = pytest.mark.skipif(not NIH.is_dir() or not PED.is_dir(), reason="no data")
 WORK = 48
 

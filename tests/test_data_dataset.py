@@ -25,8 +25,8 @@ from ark_core.data.manifest import Manifest
 from ark_core.data.transforms import EvalTransform, TwoViewTransform
 from ark_core.tasks import TaskSpec, TaskType
 
-NIH = Path("/work/shared/data/nih-cxr14-mini/images")
-PEDIATRIC = Path("/work/shared/data/pediatric-pneumonia/train")
+NIH = Path(__file__).resolve().parents[1] / "simulations" / "demo_data" / "nih" / "images"
+PEDIATRIC = Path(__file__).resolve().parents[1] / "simulations" / "demo_data" / "pediatric" / "train"
 pytestmark = pytest.mark.skipif(not NIH.is_dir() or not PEDIATRIC.is_dir(), reason="no data")
 
 IMG, WORK = 32, 40

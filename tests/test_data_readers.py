@@ -16,8 +16,8 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from ark_core.data.readers import ImageReadError, read_image, read_image_resized
 
-NIH = Path("/work/shared/data/nih-cxr14-mini/images")
-PEDIATRIC = Path("/work/shared/data/pediatric-pneumonia/train")
+NIH = Path(__file__).resolve().parents[1] / "simulations" / "demo_data" / "nih" / "images"
+PEDIATRIC = Path(__file__).resolve().parents[1] / "simulations" / "demo_data" / "pediatric" / "train"
 needs_data = pytest.mark.skipif(not NIH.is_dir() or not PEDIATRIC.is_dir(), reason="no data")
 
 
@@ -95,7 +95,7 @@ def test_png_16bit_is_stretched_to_8bit(tmp_path, factor):
 @needs_data
 def test_jpeg_rgb_becomes_grey():
     arr = read_image(pediatric_jpeg())
-    assert arr.shape == (224, 224) and arr.dtype == np.uint8
+    assert arr.shape == (96, 96) and arr.dtype == np.uint8
     np.testing.assert_array_equal(arr, np.asarray(Image.open(pediatric_jpeg()).convert("L")))
 
 
@@ -303,4 +303,4 @@ def test_copied_good_file_still_reads(tmp_path):
     # Guards the corruption tests above: the same bytes, uncut, are fine.
     dst = tmp_path / "ok.jpeg"
     shutil.copy(pediatric_jpeg(), dst)
-    assert read_image(dst).shape == (224, 224)
+    assert read_image(dst).shape == (96, 96)

@@ -17,7 +17,7 @@ from ark_core.data.transforms import (
     create_transform,
 )
 
-NIH = Path("/work/shared/data/nih-cxr14-mini/images")
+NIH = Path(__file__).resolve().parents[1] / "simulations" / "demo_data" / "nih" / "images"
 needs_data = pytest.mark.skipif(not NIH.is_dir(), reason="no data")
 
 IMG, WORK = 32, 40
