@@ -8,16 +8,19 @@ clear message and a non-zero exit at the first problem:
 3. the server: a TLS handshake verified by the CA, a bounded number of tries.
 
 Then it runs ``flower-supernode`` with the key, the CA and ``site-config`` in its node
-config; the SuperNode keeps reconnecting when the server restarts. Nothing but model
+config; the SuperNode keeps reconnecting when the server restarts. After a killed session it
+first waits until the server has given that session up (:func:`session_wait_s`). Nothing but model
 tensors and numbers leaves the site (see client/site.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import ssl
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +34,9 @@ from ark_core.deployment import SiteDeployment
 from ark_core.federation import SiteConfig
 from server import procs
 
-EXIT_CONFIG, EXIT_DATA, EXIT_UNREACHABLE = 2, 3, 4
+EXIT_CONFIG, EXIT_DATA, EXIT_UNREACHABLE, EXIT_REFUSED = 2, 3, 4, 5
+SESSION_FILE = "ark-client.session"  # in the state dir while a SuperNode runs
+TOUCH_S = 10.0  # how often the session file is touched
 
 
 class SiteError(Exception):
@@ -130,6 +135,27 @@ def wait_for_server(address: str, ca: Path | None, tries: int, wait_s: float) ->
     raise SiteError(f"server {address} unreachable after {tries} tries: {err}", EXIT_UNREACHABLE)
 
 
+def session_wait_s(state_dir: Path, now: float | None = None) -> float:
+    """Seconds to wait before joining, after an unclean end of this site's previous session.
+
+    A SuperNode killed while it held a round's message leaves that message unanswered. The
+    SuperLink gives the message up, and the round goes on with the other sites, once the
+    dead session has missed its heartbeats (Flower: ``HEARTBEAT_PATIENCE`` x
+    ``HEARTBEAT_DEFAULT_INTERVAL`` after the last one). A new session with the same key
+    before then revives the node, and the server waits for the lost reply until the round
+    times out (hours for Swin-L). ark-client touches a session file while its SuperNode runs
+    and removes it on a clean exit; a file left behind means the last session was killed.
+    """
+    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+
+    try:
+        last_alive = (state_dir / SESSION_FILE).stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+    window = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL + TOUCH_S + 5.0
+    return max(0.0, last_alive + window - (time.time() if now is None else now))
+
+
 def supernode_command(yaml_path: Path, dep: SiteDeployment, key: Path, ca: Path | None,
                       base: Path) -> list[str]:
     cmd = [procs.flwr_bin("flower-supernode"), "--superlink", dep.server,
@@ -154,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     procs.terminate_on_sigterm()
-    node = None
+    node, session = None, None
     try:
         path = args.config.expanduser().resolve()
         cfg = load_config(path, SiteConfig)
@@ -169,21 +195,36 @@ def main(argv: list[str] | None = None) -> int:
         if args.check_only:
             return 0
         wait_for_server(dep.server, ca, dep.startup_retries, dep.retry_wait_s)
+        from .site import Site
+
+        state_dir = Site.from_yaml(path).state_dir
+        wait = session_wait_s(state_dir)
+        if wait > 0:
+            print(f"[ark-client] the last session of this site was killed; waiting {wait:.0f} s "
+                  "until the server has given up the round message it may have held",
+                  flush=True)
+            time.sleep(wait)
         env = procs.child_env()
         if not env.get("FLWR_HOME"):  # installed app bundles stay in the site's state dir
-            from .site import Site
-
-            env["FLWR_HOME"] = str(Site.from_yaml(path).state_dir / "flwr")
+            env["FLWR_HOME"] = str(state_dir / "flwr")
         if dep.gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in dep.gpus)
         print(f"[ark-client] site {cfg.name} joining {dep.server}", flush=True)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        session = state_dir / SESSION_FILE
         node = procs.start(supernode_command(path, dep, key, ca, base), env)
-        code = node.wait()
-        if code != 0:
-            print(f"ark-client: error: the SuperNode stopped (exit {code}). 'Failed to activate "
-                  "SuperNode' above means the server refused this site's key: send "
-                  "the site's .pub file to the coordinator to be registered.", file=sys.stderr)
-        return code
+        while (code := node.poll()) is None:
+            session.touch()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                node.wait(timeout=TOUCH_S)
+        # It keeps reconnecting while the server is away; it stops by itself when the server
+        # refuses its key: at start (never registered: 'Failed to activate SuperNode', exit
+        # 1) or later (removed or rotated: exit 0 after the server's 401).
+        why = ("'Failed to activate SuperNode' above means" if code else "it was running, so")
+        print(f"ark-client: error: the SuperNode stopped (exit {code}); {why} the server refused "
+              "this site's key (never registered, or removed or rotated since): the coordinator "
+              "must register the site's current .pub file.", file=sys.stderr)
+        return EXIT_REFUSED
     except KeyboardInterrupt:
         print("\n[ark-client] stopping", file=sys.stderr)
         return 130
@@ -195,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.code
     finally:
         procs.stop(node)
+        if session is not None:
+            session.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

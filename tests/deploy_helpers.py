@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from ark_core.commands.keys import make_ca, make_server_cert, make_site_key, server_names
+from server import procs as server_procs
 from server.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +32,10 @@ PED = {"name": "ped", "dataset": "pediatric_pneumonia", "root": str(DEMO / "pedi
 SITE_TASKS = {"site-a": [NIH, PED], "site-b": [NIH], "site-c": [PED]}
 
 
+SESSION_SITES = ["site-a", "site-b", "site-c", "stranger"]
+_session_keys: Path | None = None
+
+
 def make_keys(keys: Path, sites: list[str]) -> None:
     make_ca(keys)
     make_server_cert(keys, server_names(["localhost"], []))
@@ -35,7 +43,26 @@ def make_keys(keys: Path, sites: list[str]) -> None:
         make_site_key(keys, s)
 
 
-def write_federation(tmp: Path, keys: Path, port: int, sites: list[str], **fed) -> Path:
+def session_keys(tmp_path_factory) -> Path:
+    """One CA, server certificate and key pairs of ``SESSION_SITES`` for the whole session.
+
+    Shared by every deployment test module; a test that changes keys works on a copy
+    (:func:`copy_keys`).
+    """
+    global _session_keys
+    if _session_keys is None:
+        _session_keys = tmp_path_factory.mktemp("session_keys")
+        make_keys(_session_keys, SESSION_SITES)
+    return _session_keys
+
+
+def copy_keys(keys: Path, dest: Path) -> Path:
+    shutil.copytree(keys, dest)
+    return dest
+
+
+def write_federation(tmp: Path, keys: Path, port: int, sites: list[str],
+                     deployment: dict | None = None, **fed) -> Path:
     cfg = {
         "model": {"preset": "tiny"},
         "catalogue": [
@@ -54,6 +81,8 @@ def write_federation(tmp: Path, keys: Path, port: int, sites: list[str], **fed) 
             "keys_dir": str(keys),
             "sites": [{"name": s, "public_key": str(keys / "sites" / f"{s}.pub")} for s in sites],
             "startup_timeout_s": 60,
+            "site_wait_s": 60,
+            **(deployment or {}),
         },
         **fed,
     }
@@ -104,16 +133,19 @@ class Procs:
         p.send_signal(signal.SIGINT)
         return p.wait(timeout=timeout)
 
+    def kill(self, p: subprocess.Popen) -> None:
+        """A crash: SIGKILL the process and everything below it (Flower's own sessions too)."""
+        for pid in [*server_procs.descendants(p.pid), p.pid]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+
     def stop_all(self) -> None:
+        """SIGTERM, then SIGKILL, every process started and everything it spawned."""
         for p, _ in reversed(self.started):
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(p.pid, sig)
-                try:
-                    p.wait(timeout=15)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            server_procs.stop(p, grace_s=15)
 
 
 @contextlib.contextmanager
@@ -132,3 +164,58 @@ def wait_for(pred, timeout: float, what: str, every: float = 0.5) -> None:
             return
         time.sleep(every)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def own_processes(marker: str) -> list[str]:
+    """Command lines of live processes that mention ``marker`` (a tmp path of one test)."""
+    out = []
+    for cmd in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmd.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in text:
+            out.append(text)
+    return out
+
+
+class PeakRss:
+    """Polls the peak resident memory (VmHWM) of the processes a test started and below.
+
+    The kernel keeps VmHWM per process until it exits, so polling every ``every`` seconds
+    misses at most the growth of a process's last ``every`` seconds.
+
+    Args:
+        procs: The test's processes (read at every poll, so later starts count too).
+        patterns: Name -> regular expression searched in each command line.
+    """
+
+    def __init__(self, procs: Procs, patterns: dict[str, str], every: float = 0.5) -> None:
+        self.procs, self.every = procs, every
+        self.patterns = {k: re.compile(v) for k, v in patterns.items()}
+        self.peak_kib: dict[str, int] = dict.fromkeys(patterns, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            roots = [p.pid for p, _ in self.procs.started if p.poll() is None]
+            for pid in {q for r in roots for q in [r, *server_procs.descendants(r)]}:
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except (OSError, UnicodeDecodeError):
+                    continue
+                m = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+                for name, rx in self.patterns.items():
+                    if m and rx.search(cmd):
+                        self.peak_kib[name] = max(self.peak_kib[name], int(m.group(1)))
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

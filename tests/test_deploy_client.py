@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 
 import pytest
-from deploy_helpers import NIH, make_keys, write_site
+from deploy_helpers import NIH, make_keys, session_keys, write_site
 
 from client import cli
 from server.procs import free_port
@@ -13,9 +13,7 @@ from server.procs import free_port
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    make_keys(d, ["site-a"])
-    return d
+    return session_keys(tmp_path_factory)
 
 
 def _run(capsys, *args: str) -> tuple[int, str]:
@@ -108,3 +106,15 @@ def test_server_with_a_certificate_from_another_ca_is_refused(tmp_path, keys, tm
     finally:
         srv.close()
         t.join(timeout=5)
+
+
+def test_a_killed_session_delays_the_next_one_until_the_server_gave_it_up(tmp_path):
+    assert cli.session_wait_s(tmp_path) == 0  # no session file: the last exit was clean
+    marker = tmp_path / cli.SESSION_FILE
+    marker.touch()
+    last = marker.stat().st_mtime
+    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+
+    offline = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL  # when the SuperLink gives up
+    assert offline + cli.TOUCH_S < cli.session_wait_s(tmp_path, now=last) < offline + 30
+    assert cli.session_wait_s(tmp_path, now=last + 200) == 0
