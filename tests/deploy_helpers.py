@@ -182,34 +182,51 @@ def own_processes(marker: str) -> list[str]:
 class PeakRss:
     """Polls the peak resident memory (VmHWM) of the processes a test started and below.
 
-    The kernel keeps VmHWM per process until it exits, so polling every ``every`` seconds
-    misses at most the growth of a process's last ``every`` seconds.
+    The kernel keeps VmHWM per process until it exits, so each reading holds the peak so far;
+    a process growing in its last ``every`` seconds is missed by that much. The process tree
+    is scanned every ``rescan`` seconds, the known processes read every ``every`` seconds.
 
     Args:
-        procs: The test's processes (read at every poll, so later starts count too).
+        procs: The test's processes (read at every scan, so later starts count too).
         patterns: Name -> regular expression searched in each command line.
     """
 
-    def __init__(self, procs: Procs, patterns: dict[str, str], every: float = 0.5) -> None:
-        self.procs, self.every = procs, every
+    def __init__(self, procs: Procs, patterns: dict[str, str], every: float = 0.05,
+                 rescan: float = 0.5) -> None:
+        self.procs, self.every, self.rescan = procs, every, rescan
         self.patterns = {k: re.compile(v) for k, v in patterns.items()}
         self.peak_kib: dict[str, int] = dict.fromkeys(patterns, 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
+    def _scan(self) -> dict[int, list[str]]:
+        """Pid -> names of the patterns its command line matches."""
+        roots = [p.pid for p, _ in self.procs.started if p.poll() is None]
+        found = {}
+        for pid in {q for r in roots for q in [r, *server_procs.descendants(r)]}:
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (OSError, UnicodeDecodeError):
+                continue
+            names = [k for k, rx in self.patterns.items() if rx.search(cmd)]
+            if names:
+                found[pid] = names
+        return found
+
     def _poll(self) -> None:
+        watched: dict[int, list[str]] = {}
+        next_scan = 0.0
         while not self._stop.is_set():
-            roots = [p.pid for p, _ in self.procs.started if p.poll() is None]
-            for pid in {q for r in roots for q in [r, *server_procs.descendants(r)]}:
+            if time.monotonic() >= next_scan:
+                watched, next_scan = self._scan(), time.monotonic() + self.rescan
+            for pid, names in watched.items():
                 try:
-                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
                     status = Path(f"/proc/{pid}/status").read_text()
-                except (OSError, UnicodeDecodeError):
+                except OSError:
                     continue
                 m = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
-                for name, rx in self.patterns.items():
-                    if m and rx.search(cmd):
-                        self.peak_kib[name] = max(self.peak_kib[name], int(m.group(1)))
+                for name in names if m else []:
+                    self.peak_kib[name] = max(self.peak_kib[name], int(m.group(1)))
             self._stop.wait(self.every)
 
     def __enter__(self) -> PeakRss:
