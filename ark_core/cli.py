@@ -29,14 +29,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("ark_core.commands.keys", "the federation's CA, server certificate and site keys"),
     "import": ("ark_core.commands.import_ark", "convert a released Ark checkpoint to a model file"),
     "export": ("ark_core.commands.export", "write a model's backbone as a timm state dict"),
-    "report": ("ark_core.commands.report", "report.png and report.md of a run directory"),
-    "embed": ("ark_core.commands.embed", "teacher projector embeddings to .npy + index CSV"),
-    "linear-probe": ("ark_core.commands.linear_probe", "logistic regression on frozen embeddings"),
-    "few-shot": ("ark_core.commands.few_shot", "linear probe on k images per class, over seeds"),
-    "zero-shot": ("ark_core.commands.zero_shot", "score a target label with existing head outputs"),
-    "finetune": ("ark_core.commands.finetune", "new head on pooled features, full fine-tuning"),
-    "tsne": ("ark_core.commands.tsne", "t-SNE picture of embeddings coloured by label"),
-    "subgroups": ("ark_core.commands.subgroups", "AUC and false-negative rate per subgroup"),
     "cache": ("ark_core.commands.cache", "pre-resized copies of the tasks' images, checked by hash"),
 }
 

@@ -116,7 +116,25 @@ class ClippedUpdate(Mapping[str, torch.Tensor]):
         return len(self.update)
 
 
-class NormBoundedAggregator:
+class _OverStreaming:
+    """Aggregators that validate and report through an inner :class:`StreamingAggregator`."""
+
+    inner: StreamingAggregator
+
+    @property
+    def report(self):
+        return self.inner.report
+
+    @property
+    def validator(self):
+        return self.inner.validator
+
+    @property
+    def num_accepted(self) -> int:
+        return self.inner.num_accepted
+
+
+class NormBoundedAggregator(_OverStreaming):
     """Streaming mean of updates whose differences are clipped to ``bound``.
 
     Same interface as :class:`~ark_core.aggregate.StreamingAggregator` (``add``,
@@ -138,18 +156,6 @@ class NormBoundedAggregator:
         self.inner = StreamingAggregator(master)
         self.norms: dict[str, float] = {}
 
-    @property
-    def report(self):
-        return self.inner.report
-
-    @property
-    def validator(self):
-        return self.inner.validator
-
-    @property
-    def num_accepted(self) -> int:
-        return self.inner.num_accepted
-
     def add(self, site: str, update: Mapping[str, Any], num_examples: float,
             task_examples: Mapping[str, float]) -> None:
         """Validate, measure, clip and fold in; see :meth:`StreamingAggregator.add`."""
@@ -170,7 +176,7 @@ class NormBoundedAggregator:
         return self.inner.result()
 
 
-class CoordinateAggregator:
+class CoordinateAggregator(_OverStreaming):
     """Coordinate-wise median or trimmed mean; holds every accepted update until ``result``.
 
     Args:
@@ -191,18 +197,6 @@ class CoordinateAggregator:
         self.inner = StreamingAggregator(master)  # validation and the contributor report
         self.norms: dict[str, float] = {}
         self._held: dict[str, tuple[dict[str, torch.Tensor], float, dict[str, float]]] = {}
-
-    @property
-    def report(self):
-        return self.inner.report
-
-    @property
-    def validator(self):
-        return self.inner.validator
-
-    @property
-    def num_accepted(self) -> int:
-        return self.inner.num_accepted
 
     def add(self, site: str, update: Mapping[str, Any], num_examples: float,
             task_examples: Mapping[str, float]) -> None:
