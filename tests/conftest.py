@@ -9,6 +9,12 @@ import pytest
 DEMO = Path(__file__).resolve().parents[1] / "simulations" / "demo_data"
 
 
+# The demo's recipe at 96 px: SGD-Nesterov as in the paper; m0 0.5 so that the teacher
+# follows the student within a few task-epochs.
+RECIPE = {"optimizer": "sgd", "lr": 0.05, "min_lr": 0.005, "warmup_epochs": 1, "epochs": 4,
+          "batch_size": 16, "ema_m0": 0.5, "threads": 2, "device": "cpu", "seed": 0}
+
+
 def demo_task(name: str) -> dict:
     """A task config on the embedded data (kept small: whole patients, capped)."""
     split = {"val_fraction": 0.25, "test_fraction": 0.25}
@@ -32,11 +38,7 @@ def tiny_run(tmp_path_factory) -> Path:
     cfg = ArkConfig.model_validate({
         "model": {"preset": "tiny", "img_size": 96, "work_size": 96},
         "tasks": [demo_task("pediatric"), demo_task("nih")],
-        # The demo's recipe: SGD-Nesterov as in the paper; m0 0.5 so that the teacher
-        # follows the student within a few task-epochs.
-        "train": {"optimizer": "sgd", "lr": 0.05, "min_lr": 0.005, "warmup_epochs": 1,
-                  "epochs": 4, "batch_size": 16, "ema_m0": 0.5, "threads": 2,
-                  "device": "cpu", "seed": 0},
+        "train": RECIPE,
         "output_dir": str(out),
     })
     train_centralized(cfg, out, progress=False)
@@ -63,9 +65,7 @@ def pediatric_run(tmp_path_factory) -> Path:
         "model": {"preset": "tiny", "img_size": 96, "work_size": 96},
         "tasks": [{"name": "pediatric", "dataset": "pediatric_pneumonia",
                    "root": str(DEMO / "pediatric"), "split": PEDIATRIC_SPLIT}],
-        "train": {"optimizer": "sgd", "lr": 0.05, "min_lr": 0.005, "warmup_epochs": 1,
-                  "epochs": 4, "batch_size": 16, "ema_m0": 0.5, "threads": 2,
-                  "device": "cpu", "seed": 0},
+        "train": RECIPE,
         "output_dir": str(out),
     })
     train_centralized(cfg, out, progress=False)
