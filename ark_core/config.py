@@ -24,6 +24,15 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def require_unique(items: list, what: str) -> list:
+    """``items`` unchanged, or a ValueError naming the repeated ``.name``s."""
+    names = [x.name for x in items]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{what} names must be unique, repeated: {dup}")
+    return items
+
+
 # ----------------------------------------------------------------------------- model
 # Presets give the architecture of the paper's models; any field set next to a preset
 # overrides it.
@@ -219,10 +228,7 @@ class ArkConfig(Strict):
 
     @model_validator(mode="after")
     def _unique_task_names(self) -> ArkConfig:
-        names = [t.name for t in self.tasks]
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ValueError(f"task names must be unique, repeated: {sorted(dup)}")
+        require_unique(self.tasks, "task")
         return self
 
 

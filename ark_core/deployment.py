@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from .config import Strict
+from .config import Strict, require_unique
 
 __all__ = ["ServerDeployment", "SiteDeployment", "SiteKey"]
 
@@ -54,11 +54,7 @@ class ServerDeployment(Strict):
     @field_validator("sites")
     @classmethod
     def _unique(cls, sites: list[SiteKey]) -> list[SiteKey]:
-        names = [s.name for s in sites]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"site names must be unique, repeated: {dup}")
-        return sites
+        return require_unique(sites, "site")
 
 
 class SiteDeployment(Strict):

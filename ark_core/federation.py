@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from .config import ModelConfig, Strict, TaskConfig, TrainConfig
+from .config import ModelConfig, Strict, TaskConfig, TrainConfig, require_unique
 from .deployment import ServerDeployment, SiteDeployment
 from .privacy import PrivacyConfig
 from .robust import AggregationConfig
@@ -95,10 +95,7 @@ class FederationConfig(Strict):
 
     @model_validator(mode="after")
     def _unique_tasks(self) -> FederationConfig:
-        names = [t.name for t in self.catalogue]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"catalogue task names must be unique, repeated: {dup}")
+        require_unique(self.catalogue, "catalogue task")
         return self
 
     @model_validator(mode="after")
@@ -144,11 +141,7 @@ class SiteConfig(Strict):
     @field_validator("tasks")
     @classmethod
     def _unique(cls, tasks: list[TaskConfig]) -> list[TaskConfig]:
-        names = [t.name for t in tasks]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"task names must be unique, repeated: {dup}")
-        return tasks
+        return require_unique(tasks, "task")
 
 
 class SimulationConfig(FederationConfig):
@@ -158,10 +151,7 @@ class SimulationConfig(FederationConfig):
 
     @model_validator(mode="after")
     def _sites_match_catalogue(self) -> SimulationConfig:
-        names = [s.name for s in self.sites]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"site names must be unique, repeated: {dup}")
+        require_unique(self.sites, "site")
         catalogue = {t.name: t for t in self.catalogue}
         for site in self.sites:
             for task in site.tasks:
