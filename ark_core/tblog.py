@@ -14,6 +14,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _STEP_KEYS = ("round", "epoch")
+_WRITERS: dict[Path, object] = {}  # one event file per run directory and process
 _SKIP = {"round", "epoch", "node_id", "accepted"}
 
 
@@ -27,11 +28,15 @@ def write_scalars(run_dir: str | Path, records: Iterable[dict]) -> None:
     records = list(records)
     if not records:
         return
-    with SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard")) as writer:
-        for rec in records:
-            step = next((int(rec[k]) for k in _STEP_KEYS if k in rec), 0)
-            prefix = "/".join(str(rec[k]) for k in ("kind", "site") if rec.get(k))
-            for key, value in rec.items():
-                if key in _SKIP or isinstance(value, bool) or not isinstance(value, (int, float)):
-                    continue
-                writer.add_scalar(f"{prefix}/{key}" if prefix else key, float(value), step)
+    log_dir = Path(run_dir).resolve() / "tensorboard"
+    writer = _WRITERS.get(log_dir)
+    if writer is None:
+        writer = _WRITERS[log_dir] = SummaryWriter(log_dir=str(log_dir))
+    for rec in records:
+        step = next((int(rec[k]) for k in _STEP_KEYS if k in rec), 0)
+        prefix = "/".join(str(rec[k]) for k in ("kind", "site") if rec.get(k))
+        for key, value in rec.items():
+            if key in _SKIP or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            writer.add_scalar(f"{prefix}/{key}" if prefix else key, float(value), step)
+    writer.flush()

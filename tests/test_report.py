@@ -61,3 +61,18 @@ def test_model_card(tiny_run):
     assert card.name == "teacher.md"
     for s in ("Pneumonia", "site-a", "150", "not a medical device", "CC BY 4.0", "95% CI"):
         assert s in text
+
+
+def test_tensorboard_events_hold_every_numeric_metric(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ark_core.tblog import write_scalars
+
+    write_scalars(tmp_path, [{"epoch": 1, "loss.nih": 0.5, "note": "text"}])
+    write_scalars(tmp_path, [{"round": 2, "kind": "train", "site": "site-a", "loss.nih": 0.25,
+                              "accepted": True, "node_id": 7}])
+    ea = EventAccumulator(str(tmp_path / "tensorboard"))
+    ea.Reload()
+    assert sorted(ea.Tags()["scalars"]) == ["loss.nih", "train/site-a/loss.nih"]
+    [event] = ea.Scalars("train/site-a/loss.nih")
+    assert (event.step, event.value) == (2, 0.25)
