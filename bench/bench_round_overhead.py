@@ -94,7 +94,7 @@ def main() -> int:
     p.add_argument("--local-epochs", type=int, default=None)
     args = p.parse_args()
     rounds = 2 if args.quick else 3
-    local_epochs = args.local_epochs or (1 if args.quick else 4)
+    local_epochs = args.local_epochs or (1 if args.quick else 16)
     print(machine(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         sim_yaml = Path(tmp) / "sim.yaml"
