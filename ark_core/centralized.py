@@ -87,7 +87,8 @@ def train_centralized(
                 check_files(m, cfg.train.bad_file_fraction, workers=4, progress=False)
         log.info("task %s: %d train, %d val images", td.spec.name, len(td.train), len(td.val or []))
     return train_tasks(
-        tasks, cfg.model, cfg.train, out, fingerprint=config_fingerprint(cfg),
+        tasks, cfg.model, cfg.train.with_paths_under(data_root), out,
+        fingerprint=config_fingerprint(cfg),
         progress=progress, max_epochs=max_epochs,
     )
 

@@ -211,8 +211,14 @@ class TrainConfig(Strict):
     )
     cache_dir: Path | None = Field(
         None, description="Read images from `ark cache` copies under this directory where they "
-        "are current (the sources otherwise)."
+        "are current (the sources otherwise); a relative path is relative to the data root."
     )
+
+    def with_paths_under(self, data_root: Path) -> TrainConfig:
+        """This config with a relative ``cache_dir`` resolved against ``data_root``."""
+        if self.cache_dir is None or self.cache_dir.is_absolute():
+            return self
+        return self.model_copy(update={"cache_dir": resolve_path(self.cache_dir, data_root)})
 
 
 class ArkConfig(Strict):

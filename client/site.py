@@ -102,7 +102,7 @@ class Site:
         return [t.name for t in self.cfg.tasks]
 
     def _setup(self, ins: Instruction) -> tuple[list[TaskData], TrainConfig, torch.device]:
-        train = site_train_config(ins.train, self.cfg.train)
+        train = site_train_config(ins.train, self.cfg.train).with_paths_under(self.data_root)
         if train.threads:
             torch.set_num_threads(train.threads)
         tasks = load_task_data(self.cfg.tasks, self.data_root)

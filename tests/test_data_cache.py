@@ -15,6 +15,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from ark_core.cli import main as ark
+from ark_core.config import TrainConfig
 from ark_core.data.cache import ImageCache, build_cache, cache_dir_for
 from ark_core.data.dataset import ArkDataset
 from ark_core.data.manifest import Manifest
@@ -118,3 +119,11 @@ def test_opencv_affine_matches_torchvision(angle, shift, scale):
     assert out.shape == ref.shape
     assert (out[inner] - ref[inner]).abs().max() < 0.02
     assert (out - ref).abs().mean() < 0.003
+
+
+def test_relative_cache_dir_resolves_against_the_data_root(tmp_path):
+    # Not against the working directory: a site's or a run's cache lives with its data.
+    assert TrainConfig(cache_dir="cache").with_paths_under(tmp_path).cache_dir == tmp_path / "cache"
+    absolute = tmp_path / "elsewhere"
+    assert TrainConfig(cache_dir=absolute).with_paths_under(tmp_path / "data").cache_dir == absolute
+    assert TrainConfig().with_paths_under(tmp_path).cache_dir is None
