@@ -129,7 +129,7 @@ class UpdateValidator:
     """Checks a site's update against the master and the site's declared tasks.
 
     Args:
-        master: The master's float tensors (all catalogue heads).
+        master: The master's float tensors (every catalogue task's head).
     """
 
     def __init__(self, master: Mapping[str, Any]) -> None:

@@ -3,9 +3,11 @@
 Framework-free: the Flower apps put these keys into ``ConfigRecord``/``MetricRecord`` and
 the tensors into an ``ArrayRecord``.
 
-Server -> site (``train``, ``evaluate`` and ``query`` messages)
-    ``arrays`` (ArrayRecord): the master student's float tensors (every catalogue head);
-    absent in ``query``.
+Server -> site (``train``, ``evaluate``, ``query`` and ``query.tasks`` messages)
+    ``arrays`` (ArrayRecord): the master student's shared float tensors (backbone,
+    projector) and the heads of the receiving site's own tasks, no other head; absent in
+    ``query`` and ``query.tasks``. The server learns a site's tasks from a ``query.tasks``
+    message (answered with the ``site`` record alone) before it first sends it a master.
     ``config`` (ConfigRecord): see :class:`Instruction` (``round``, ``num-rounds``, ``lr``,
     ``local-epochs``, ``run-fingerprint``, ``model-config``, ``train-config``,
     ``catalogue``, ``transfer-config``; the last four are JSON strings).
@@ -39,6 +41,7 @@ METRICS = "metrics"
 SITE = "site"
 ENCODING = "encoding"
 SCALES = "scales"
+TASKS_QUERY = "query.tasks"  # message type: "which tasks do you train?"
 
 
 @dataclass

@@ -69,6 +69,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     return _reply(msg, site, site.evaluate(ins, msg.content[ARRAYS]))
 
 
+@app.query("tasks")
+def site_tasks(msg: Message, context: Context) -> Message:
+    """The site's name and tasks (no data), so the server sends it only its own heads."""
+    return _reply(msg, _site(context), {})
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """The site's latest teacher, asked for once at the end of the run."""

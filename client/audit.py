@@ -4,7 +4,8 @@ One record per reply, written after the egress guard decided (so it logs what ac
 or that the guard blocked it), appended and fsynced, never rewritten; read with
 :func:`ark_core.audit.read_audit`. Fields: ``event`` ("reply"), ``kind``, ``round``,
 ``run_fingerprint``, ``run_id``, ``master_sha256`` (of the master received, None without
-one), ``sent`` (tensor name -> bytes), ``payload_sha256`` (of the tensors sent, the same hash
+one), ``received_bytes`` and ``received_heads`` (the tasks whose heads it held: only this
+site's own), ``sent`` (tensor name -> bytes), ``payload_sha256`` (of the tensors sent, the same hash
 the server can compute), ``bytes`` (the tensors, int8 scales and encoding manifest, as the
 server counts them: :func:`ark_core.transfer.payload_nbytes`), ``encoding`` (of the tensors
 sent), ``metrics``, ``error`` (the reason of an error reply) and
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from flwr.app import Context, Message
 
+from ark_core.aggregate import head_task
 from ark_core.audit import append_audit, tensors_sha256
 from ark_core.protocol import ARRAYS, CONFIG, ENCODING, METRICS, SCALES
 from ark_core.transfer import declared_encoding, payload_nbytes
@@ -52,6 +54,8 @@ def reply_record(msg: Message, reply: Message) -> dict:
         "event": "reply", "kind": msg.metadata.message_type, "round": config.get("round"),
         "run_fingerprint": config.get("run-fingerprint"), "run_id": msg.metadata.run_id,
         "master_sha256": tensors_sha256(master) if master is not None else None,
+        "received_bytes": sum(len(a.data) for a in master.values()) if master is not None else 0,
+        "received_heads": sorted({t for k in master if (t := head_task(k))}) if master else [],
         "bundle": bundle_info(),
     }
     if reply.has_error():

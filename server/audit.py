@@ -3,12 +3,15 @@
 Records (one JSON object a line, append-only, fsynced; read with
 :func:`ark_core.audit.read_audit`):
 
-- ``{"event": "master", "round", "kind", "sha256"}``: the master sent out for a round.
+- ``{"event": "master", "round", "kind", "sha256", "tasks", "sites"}``: the master sent out
+  for a round to ``sites``, the sites that train exactly ``tasks``: its shared tensors and
+  those tasks' heads, which is what ``sha256`` covers.
 - ``{"event": "update", "round", "kind", "site", "node_id", "arrived", "bytes", "encoding",
   "norm", "accepted", "reason", "master_sha256"}``: one reply; ``bytes`` its tensor payload
   (:func:`ark_core.transfer.payload_nbytes`: arrays, int8 scales and encoding manifest),
   ``encoding`` what its manifest declares (``fp32`` without one), ``norm`` the L2 norm of its
-  difference from that master (None when rejected before it could be measured).
+  difference from that master (None when rejected before it could be measured);
+  ``master_sha256`` the hash of the master part that site was sent.
 
 Lines of a round that was interrupted and replayed stay: the log records what happened.
 """
@@ -42,10 +45,12 @@ class ServerAudit:
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / "audit.jsonl"
 
-    def master(self, round_: int, kind: str, tensors: Mapping[str, Any]) -> str:
-        """Log the hash of the master about to be sent; returns it."""
+    def master(self, round_: int, kind: str, tensors: Mapping[str, Any], *,
+               tasks: list[str], sites: list[str]) -> str:
+        """Log the hash of the master part about to be sent to ``sites``; returns it."""
         sha = tensors_sha256(tensors)
-        append_audit(self.path, {"event": "master", "round": round_, "kind": kind, "sha256": sha})
+        append_audit(self.path, {"event": "master", "round": round_, "kind": kind, "sha256": sha,
+                                 "tasks": tasks, "sites": sites})
         return sha
 
     def update(self, round_: int, kind: str, *, site: str | None, node_id: int, arrived: float,

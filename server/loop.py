@@ -1,7 +1,9 @@
 """The federated Ark+ round loop on a Flower ``Grid`` (push/pull, not ``Strategy.start``).
 
 Each round the server sends the master student to every connected site in a ``train``
-message whose ``config`` record carries (see :mod:`ark_core.protocol`):
+message: its shared tensors and the heads of that site's own tasks (the site says which in
+its answer to a ``query.tasks`` message, sent once per node before its first master). The
+``config`` record carries (see :mod:`ark_core.protocol`):
 
 - ``round``: the round (1-based); ``num-rounds``: rounds of the run;
 - ``lr``: the round's learning rate (warm-up rounds, then cosine); the site's optimiser
@@ -37,14 +39,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from ark_core.aggregate import StreamingAggregator, UpdateRejected, float_state
+from ark_core.aggregate import StreamingAggregator, UpdateRejected, float_state, head_task
+from ark_core.audit import tensors_sha256
 from ark_core.federation import FederationConfig
 from ark_core.model import ArkModel, create_model, make_teacher
 from ark_core.privacy import DPAggregator, privacy_report
-from ark_core.protocol import ARRAYS, CONFIG, ENCODING, METRICS, SCALES, SITE, Instruction
+from ark_core.protocol import (
+    ARRAYS,
+    CONFIG,
+    ENCODING,
+    METRICS,
+    SCALES,
+    SITE,
+    TASKS_QUERY,
+    Instruction,
+)
 from ark_core.robust import make_aggregator, update_norm
 from ark_core.train import seed_everything
 from ark_core.transfer import as_update, declared_encoding, payload_nbytes
@@ -123,6 +135,10 @@ class ArkFederation:
         self.poll_interval = poll_interval
         self.node_wait_s = cfg.round_timeout_s if node_wait_s is None else node_wait_s
         self.audit = ServerAudit(self.run.path)
+        # node id -> (site, tasks) as the site said (query.tasks or a reply); sent heads follow
+        self.node_sites: dict[int, tuple[str, list[str]]] = {}
+        # sorted tasks -> SHA-256 of the master's part last sent to sites training exactly those
+        self.master_sha: dict[tuple[str, ...], str] = {}
 
     # -- messaging -----------------------------------------------------------------
     def _nodes(self, grid: Grid) -> list[int]:
@@ -151,38 +167,97 @@ class ArkFederation:
         self,
         grid: Grid,
         kind: str,
-        content: RecordDict,
+        ins: Instruction,
         round_: int,
         handle: Callable[[Message], None],
+        *,
+        state: Mapping[str, torch.Tensor] | None = None,
+        nodes: list[int] | None = None,
+        timeout: float | None = None,
     ) -> int:
-        """Send ``content`` to every site, hand each reply to ``handle`` as it arrives.
+        """Send the instruction (and ``state``) to every site, hand each reply to ``handle``.
+
+        With ``state``, each site gets the shared tensors and its own tasks' heads only (the
+        method's rule); a site whose tasks are not known yet is asked first
+        (:meth:`_site_tasks`). Memory stays flat in the number of sites: every tensor is
+        serialised once and shared by all messages, released once pushed, and replies are
+        pulled one message id at a time, so at most one is held while ``handle`` folds it in.
 
         Returns:
             The number of sites the message went to.
         """
-        nodes = self._nodes(grid)
+        nodes = self._nodes(grid) if nodes is None else nodes
         ttl = self.cfg.round_timeout_s
-        msgs = [
-            Message(content, dst_node_id=n, message_type=kind, ttl=ttl, group_id=str(round_))
-            for n in nodes
-        ]
-        pending = set(grid.push_messages(msgs))
+        if state is not None:
+            known = self._site_tasks(grid, nodes, round_)
+            nodes = [n for n in nodes if n in known]
+        msgs = self._messages(kind, ins, round_, nodes, state)
+        pending = [m for m in grid.push_messages(msgs) if m]
         del msgs
-        deadline = time.monotonic() + ttl
+        deadline = time.monotonic() + (ttl if timeout is None else timeout)
         while pending:
-            replies = list(grid.pull_messages(pending))
-            while replies:
-                reply = replies.pop()
-                pending.discard(reply.metadata.reply_to_message_id)
-                handle(reply)
-                del reply
+            for mid in list(pending):
+                for reply in grid.pull_messages([mid]):
+                    if reply.metadata.reply_to_message_id in pending:
+                        pending.remove(reply.metadata.reply_to_message_id)
+                    if reply.has_error():  # its tasks are asked again before its next master
+                        self.node_sites.pop(reply.metadata.src_node_id, None)
+                    handle(reply)
+                    del reply
             if not pending or time.monotonic() >= deadline:
                 break
             time.sleep(self.poll_interval)
         if pending:
-            log.warning("%s round %d: %d site(s) did not reply within %.0f s",
-                        kind, round_, len(pending), ttl)
+            log.warning("%s round %d: %d site(s) did not reply in time", kind, round_,
+                        len(pending))
         return len(nodes)
+
+    def _messages(self, kind: str, ins: Instruction, round_: int, nodes: list[int],
+                  state: Mapping[str, torch.Tensor] | None) -> list[Message]:
+        """One message per node; with ``state``, its shared tensors and the node's heads."""
+        config = ins.to_config()
+        arrays = {k: Array(v) for k, v in state.items()} if state is not None else None
+        by_tasks: dict[tuple[str, ...], RecordDict] = {}
+        msgs = []
+        for n in nodes:
+            tasks = tuple(sorted(self.node_sites[n][1])) if arrays is not None else ()
+            if tasks not in by_tasks:
+                records: dict[str, Any] = {CONFIG: ConfigRecord(config)}
+                if arrays is not None:
+                    records[ARRAYS] = ArrayRecord(
+                        {k: a for k, a in arrays.items() if head_task(k) in (None, *tasks)})
+                    self.master_sha[tasks] = self.audit.master(
+                        round_, kind.split(".")[0], records[ARRAYS], tasks=list(tasks),
+                        sites=sorted(self.node_sites[m][0] for m in nodes
+                                     if tuple(sorted(self.node_sites[m][1])) == tasks))
+                by_tasks[tasks] = RecordDict(records)
+            msgs.append(Message(by_tasks[tasks], dst_node_id=n, message_type=kind,
+                                ttl=self.cfg.round_timeout_s, group_id=str(round_)))
+        return msgs
+
+    def _site_tasks(self, grid: Grid, nodes: list[int], round_: int) -> dict[int, list[str]]:
+        """Each node's tasks; nodes not heard from yet are asked once (``query.tasks``).
+
+        A node that does not answer within ``min(round_timeout_s, 300)`` s sits out.
+        """
+        unknown = [n for n in nodes if n not in self.node_sites]
+        if unknown:
+            def handle(msg: Message) -> None:
+                try:
+                    r = _read_reply(msg)
+                except ValueError as e:
+                    log.warning("round %d: a site did not say its tasks: %s", round_, e)
+                    return
+                self.node_sites[r.node_id] = (r.site, r.tasks)
+                log.info("site %s (node %d) trains %s", r.site, r.node_id, ", ".join(r.tasks))
+
+            self._exchange(grid, TASKS_QUERY, Instruction.for_round(self.cfg, round_), round_,
+                           handle, nodes=unknown, timeout=min(self.cfg.round_timeout_s, 300.0))
+        silent = [n for n in nodes if n not in self.node_sites]
+        if silent:
+            log.warning("round %d: node(s) %s did not say their tasks: they sit this one out",
+                        round_, silent)
+        return {n: self.node_sites[n][1] for n in nodes if n in self.node_sites}
 
     # -- one training round ----------------------------------------------------------
     def train_round(self, grid: Grid, master: ArkModel, round_: int) -> dict | None:
@@ -193,12 +268,8 @@ class ArkFederation:
         """
         state = float_state(master)
         ins = Instruction.for_round(self.cfg, round_, self.run.lr(round_))
-        content = RecordDict(
-            {ARRAYS: ArrayRecord(state), CONFIG: ConfigRecord(ins.to_config())}
-        )
         agg = (DPAggregator(state, self.cfg.privacy) if self.cfg.privacy
                else make_aggregator(state, self.cfg.aggregation))
-        sha = self.audit.master(round_, "train", state)
         lines: list[dict] = []
         expected = self.cfg.transfer.encoding
 
@@ -212,10 +283,15 @@ class ArkFederation:
                 log.warning("round %d: reply rejected: %s", round_, e)
                 self.audit.update(round_, "train", site=None, node_id=msg.metadata.src_node_id,
                                   arrived=arrived, arrays=None, norm=None, accepted=False,
-                                  reason=str(e), master_sha256=sha)
+                                  reason=str(e))
                 return
             update = r.update(state, expected)
+            sent_tasks = sent_to.get(r.node_id, [])
             try:
+                if sorted(r.tasks) != sent_tasks:
+                    self.node_sites[r.node_id] = (r.site, r.tasks)  # next round sends those heads
+                    raise UpdateRejected(f"declares tasks {r.tasks}, but was sent the heads of "
+                                         f"{sent_tasks}")
                 missing = [t for t in r.tasks if f"num-examples.{t}" not in r.metrics]
                 if missing:
                     raise UpdateRejected(f"no example counts for tasks {missing}")
@@ -237,13 +313,16 @@ class ArkFederation:
             encoding = declared_encoding(r.manifest)
             self.audit.update(round_, "train", site=r.site, node_id=r.node_id, arrived=arrived,
                               arrays=r.arrays, norm=norm, accepted=accepted, reason=reason,
-                              master_sha256=sha, nbytes=r.nbytes, encoding=encoding)
+                              master_sha256=self.master_sha.get(tuple(sent_tasks), ""),
+                              nbytes=r.nbytes, encoding=encoding)
             lines.append({"round": round_, "kind": "train", "site": r.site, "node_id": r.node_id,
                           "accepted": accepted, **({"reason": reason} if reason else {}),
                           "bytes": r.nbytes, "encoding": encoding, **r.metrics})
 
-        sent = self._exchange(grid, MessageType.TRAIN, content, round_, handle)
-        del content
+        known = self._site_tasks(grid, self._nodes(grid), round_)
+        sent_to = {n: sorted(t) for n, t in known.items()}
+        sent = self._exchange(grid, MessageType.TRAIN, ins, round_, handle, state=state,
+                              nodes=list(known))
         if agg.num_accepted < self.cfg.min_sites:
             log.warning("round %d: %d valid update(s) from %d site(s) asked, %d needed",
                         round_, agg.num_accepted, sent, self.cfg.min_sites)
@@ -263,9 +342,6 @@ class ArkFederation:
     def evaluate_round(self, grid: Grid, master: ArkModel, round_: int) -> None:
         """Ask every site for validation AUC of the master student and its teacher; log it."""
         ins = Instruction.for_round(self.cfg, round_, self.run.lr(round_))
-        content = RecordDict(
-            {ARRAYS: ArrayRecord(float_state(master)), CONFIG: ConfigRecord(ins.to_config())}
-        )
         lines: list[dict] = []
 
         def handle(msg: Message) -> None:
@@ -281,16 +357,16 @@ class ArkFederation:
             lines.append({"round": round_, "kind": "evaluate", "site": r.site,
                           "node_id": r.node_id, **r.metrics})
 
-        self._exchange(grid, MessageType.EVALUATE, content, round_, handle)
+        self._exchange(grid, MessageType.EVALUATE, ins, round_, handle,
+                       state=float_state(master))
         self.run.append_metrics(lines)
 
     def query_teachers(self, grid: Grid, master: ArkModel) -> tuple[ArkModel | None, list[str]]:
         """Collect each site's teacher once and average those received (heads by task)."""
         ins = Instruction.for_round(self.cfg, 0)
-        content = RecordDict({CONFIG: ConfigRecord(ins.to_config())})
         state = float_state(master)
         agg = StreamingAggregator(state)
-        sha = self.audit.master(self.cfg.rounds, "query", state)
+        sha = tensors_sha256(state)  # the master the teachers' norms are measured against
         lines: list[dict] = []
 
         def handle(msg: Message) -> None:
@@ -316,7 +392,7 @@ class ArkFederation:
             lines.append({"round": self.cfg.rounds, "kind": "query", "site": r.site,
                           "node_id": r.node_id, **r.metrics})
 
-        self._exchange(grid, MessageType.QUERY, content, self.cfg.rounds, handle)
+        self._exchange(grid, MessageType.QUERY, ins, self.cfg.rounds, handle)
         self.run.append_metrics(lines)
         if agg.num_accepted == 0:
             log.error("no site sent its teacher: no master teacher is written")

@@ -78,9 +78,12 @@ def test_large_model_round_over_loopback(tmp_path, keys):
         site_log = [json.loads(ln) for ln in
                     (tmp_path / "sites" / name / "audit.jsonl").read_text().splitlines()]
         sent = {a["kind"]: a["bytes"] for a in site_log if a.get("event") == "reply"}
+        got = {a["kind"]: a["received_bytes"] for a in site_log if a.get("event") == "reply"}
         assert sent["train"] >= 4 * 100_000_000 and sent["query"] >= 4 * 100_000_000
         assert updates[("train", name)] == sent["train"]
-        print(f"\n{name}: received master {4 * params / MIB:.0f} MiB, sent student "
+        # The master minus the other site's head: nih is 14 x 384,000 weights, ped 384,000.
+        assert got["train"] < 4 * params - (4 * 14 * 384_000 if name == "site-b" else 4 * 384_000)
+        print(f"\n{name}: received master {got['train'] / MIB:.0f} MiB, sent student "
               f"{sent['train'] / MIB:.0f} MiB (train), teacher {sent['query'] / MIB:.0f} MiB "
               "(query, once per run)")
     db = sum(f.stat().st_size for f in run.glob("superlink.db*"))

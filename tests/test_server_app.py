@@ -10,6 +10,7 @@ from flower_local_grid import LocalGrid
 from flwr.app import Array, Context, Message, RecordDict
 
 from ark_core.aggregate import head_task
+from ark_core.audit import read_audit
 from ark_core.checkpoint import load_tensors, read_metadata
 from ark_core.federation import load_simulation
 from ark_core.model import create_model
@@ -50,7 +51,7 @@ def _inspect(reply: Message, seen: list, encoding: str = "fp32") -> None:
             "num-examples", "loss", "task-loss", "consistency", "momentum", "lam", "bad-files",
             "lr", "ema-step", "teacher-from-round", "student", "teacher", "teacher-round",
         }, k
-    if kind == "evaluate":
+    if kind in ("evaluate", "query.tasks"):
         assert not c.array_records
     else:
         arrays = c.array_records["arrays"]
@@ -99,7 +100,25 @@ def test_full_run_layout_provenance_and_reply_contents(tmp_path):
     assert all(x["accepted"] for x in train)
     ev = _lines(run, "evaluate")
     assert len(ev) == 4 and all("student.auc.ped" in x for x in ev)
-    assert sorted(k for k, _ in seen) == ["evaluate"] * 4 + ["query"] * 2 + ["train"] * 4
+    assert sorted(k for k, _ in seen) == (
+        ["evaluate"] * 4 + ["query"] * 2 + ["query.tasks"] * 2 + ["train"] * 4)
+    # Each site was asked its tasks once and then sent only its own tasks' heads (ARK_METHOD).
+    for name, tasks in SITE_TASKS.items():
+        recs = read_audit(run / "sites" / name / "audit.jsonl")
+        assert [r["kind"] for r in recs].count("query.tasks") == 1
+        got = [r for r in recs if r["kind"] in ("train", "evaluate")]
+        assert len(got) == 4 and all(r["received_heads"] == sorted(tasks) for r in got)
+        assert all(0 < r["received_bytes"] for r in got)
+    server = read_audit(run / "audit.jsonl")
+    sent = {(r["round"], r["kind"], s): r["sha256"] for r in server if r["event"] == "master"
+            for s in r["sites"]}
+    assert sorted(k for k in sent if k[1] == "train") == [
+        (1, "train", "hosp-a"), (1, "train", "hosp-b"), (2, "train", "hosp-a"),
+        (2, "train", "hosp-b")]
+    for name in SITE_TASKS:
+        for r in read_audit(run / "sites" / name / "audit.jsonl"):
+            if r["kind"] in ("train", "evaluate"):
+                assert r["master_sha256"] == sent[r["round"], r["kind"], name]
     # The master student is the last round's checkpoint.
     last = load_tensors(run / "rounds" / "round_002.safetensors")
     final = load_tensors(run / "master_student.safetensors")
@@ -146,8 +165,9 @@ def test_rejected_update_leaves_master_unchanged_by_it(tmp_path, caplog):
 def test_resume_after_kill_mid_round(tmp_path):
     rc = write_sim(tmp_path, rounds=2, evaluate_every=0)
     cfg, run_dir = federation_from_run_config(rc)
-    # Killed in round 2 after both sites trained (and saved their round-2 teachers).
-    grid = LocalGrid(client_app, 2, rc, crash_after=4)
+    # Killed in round 2 after both sites trained (and saved their round-2 teachers): the
+    # replies are 2 to query.tasks, 2 in round 1 and 2 in round 2.
+    grid = LocalGrid(client_app, 2, rc, crash_after=6)
     with pytest.raises(KeyboardInterrupt):
         ArkFederation(cfg, run_dir, poll_interval=0.01).start(grid)
     assert json.loads((run_dir / "state.json").read_text())["last_round"] == 1
@@ -180,7 +200,7 @@ def test_too_few_sites_retries_then_stops_with_master_intact(tmp_path):
         ArkFederation(cfg, run_dir, poll_interval=0.01).start(grid)
     state = json.loads((run_dir / "state.json").read_text())
     assert state["last_round"] == 0 and not state["finished"]
-    assert grid.produced == 2  # the site that answered trained in both attempts
+    assert grid.produced == 3  # the site that answered said its tasks once, trained twice
     assert sorted(p.name for p in (run_dir / "rounds").iterdir()) == ["round_000.safetensors"]
     assert not (run_dir / "metrics.jsonl").exists()
 

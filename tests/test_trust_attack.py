@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from ark_core.audit import read_audit
 from ark_core.checkpoint import load_tensors
 from client.app import app as client_app
-from client.app import evaluate, query, train
+from client.app import evaluate, query, site_tasks, train
 from client.audit import audit_mod
 from client.egress import egress_guard
 from server.app import federation_from_run_config
@@ -46,6 +46,7 @@ attack_app = ClientApp(mods=[_attack_mod, audit_mod, egress_guard])
 attack_app.train()(train)
 attack_app.evaluate()(evaluate)
 attack_app.query()(query)
+attack_app.query("tasks")(site_tasks)
 
 
 def _sites() -> list[dict]:

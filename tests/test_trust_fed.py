@@ -148,15 +148,20 @@ def test_dp_run_audit_logs_and_privacy_report(tmp_path):
     assert not (run_dir / "master_teacher.safetensors").exists()
     assert read_metadata(run_dir / "master_student.safetensors")["provenance"]["teacher_sites"] == []
     server = read_audit(run_dir / "audit.jsonl")
-    masters = {r["round"]: r["sha256"] for r in server if r["event"] == "master"}
+    # One master event per round and task set: hosp-a (nih, ped) and hosp-b (ped) get
+    # different parts of the master, each hashed as sent.
+    masters = {(r["round"], s): r["sha256"] for r in server if r["event"] == "master"
+               for s in r["sites"]}
     updates = [r for r in server if r["event"] == "update"]
-    assert sorted(masters) == [1, 2] and len(updates) == 4
+    assert sorted(masters) == [(1, "hosp-a"), (1, "hosp-b"), (2, "hosp-a"), (2, "hosp-b")]
+    assert masters[1, "hosp-a"] != masters[1, "hosp-b"] and len(updates) == 4
     assert all(r["accepted"] and r["bytes"] > 0 and r["norm"] > 0 for r in updates)
-    assert all(r["master_sha256"] == masters[r["round"]] for r in updates)
+    assert all(r["master_sha256"] == masters[r["round"], r["site"]] for r in updates)
     for site in ("hosp-a", "hosp-b"):
-        recs = read_audit(run_dir / "sites" / site / "audit.jsonl")
+        recs = [r for r in read_audit(run_dir / "sites" / site / "audit.jsonl")
+                if r["kind"] == "train"]
         assert [r["round"] for r in recs] == [1, 2]
-        assert all(r["master_sha256"] == masters[r["round"]] for r in recs)
+        assert all(r["master_sha256"] == masters[r["round"], site] for r in recs)
         sizes = {r["site"]: r["bytes"] for r in updates if r["round"] == 1}
         assert recs[0]["bytes"] == sizes[site]
     # A restart appends: the log survives and grows, nothing is rewritten.
