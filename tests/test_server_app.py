@@ -70,10 +70,21 @@ def _inspect(reply: Message, seen: list, encoding: str = "fp32") -> None:
     seen.append((kind, site["name"]))
 
 
+class CountingGrid(LocalGrid):
+    """Records how many message ids each pull asks for."""
+
+    pulls: list[int]
+
+    def pull_messages(self, message_ids):
+        ids = list(message_ids)
+        self.pulls = [*getattr(self, "pulls", []), len(ids)]
+        return super().pull_messages(ids)
+
+
 def test_full_run_layout_provenance_and_reply_contents(tmp_path):
     rc = write_sim(tmp_path)
     seen: list = []
-    grid = LocalGrid(client_app, 2, rc, on_reply=lambda m: _inspect(m, seen))
+    grid = CountingGrid(client_app, 2, rc, on_reply=lambda m: _inspect(m, seen))
     # Through the ServerApp object, as Flower calls it.
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                              run_config=dict(rc)))
@@ -102,6 +113,8 @@ def test_full_run_layout_provenance_and_reply_contents(tmp_path):
     assert len(ev) == 4 and all("student.auc.ped" in x for x in ev)
     assert sorted(k for k, _ in seen) == (
         ["evaluate"] * 4 + ["query"] * 2 + ["query.tasks"] * 2 + ["train"] * 4)
+    # One reply held at a time, however many are ready: each pull asks for one message id.
+    assert grid.pulls and set(grid.pulls) == {1}
     # Each site was asked its tasks once and then sent only its own tasks' heads (ARK_METHOD).
     for name, tasks in SITE_TASKS.items():
         recs = read_audit(run / "sites" / name / "audit.jsonl")
