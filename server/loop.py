@@ -192,16 +192,20 @@ class ArkFederation:
             known = self._site_tasks(grid, nodes, round_)
             nodes = [n for n in nodes if n in known]
         msgs = self._messages(kind, ins, round_, nodes, state)
-        pending = [m for m in grid.push_messages(msgs) if m]
+        ids = list(grid.push_messages(msgs))  # in order; None (or nothing) where refused
         del msgs
+        if len(ids) != len(nodes) or None in ids:
+            log.error("%s round %d: the SuperLink took %d of %d messages (see its log)", kind,
+                      round_, len([m for m in ids if m]), len(nodes))
+        # message id -> node: error replies made by the SuperLink do not name the node
+        pending = {m: n for m, n in zip(ids, nodes, strict=False) if m}
         deadline = time.monotonic() + (ttl if timeout is None else timeout)
         while pending:
             for mid in list(pending):
                 for reply in grid.pull_messages([mid]):
-                    if reply.metadata.reply_to_message_id in pending:
-                        pending.remove(reply.metadata.reply_to_message_id)
+                    node = pending.pop(reply.metadata.reply_to_message_id, None)
                     if reply.has_error():  # its tasks are asked again before its next master
-                        self.node_sites.pop(reply.metadata.src_node_id, None)
+                        self.node_sites.pop(node, None)
                     handle(reply)
                     del reply
             if not pending or time.monotonic() >= deadline:
