@@ -304,3 +304,57 @@ def test_copied_good_file_still_reads(tmp_path):
     dst = tmp_path / "ok.jpeg"
     shutil.copy(pediatric_jpeg(), dst)
     assert read_image(dst).shape == (96, 96)
+
+
+# ------------------------------------------------------------------------ compressed DICOM
+def _compress(src: Path, dst: Path, syntax: str) -> Path:
+    """``src`` re-encoded by GDCM in transfer syntax ``syntax`` (a gdcm.TransferSyntax name)."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(src))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(dst))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+    return dst
+
+
+# What PACS exports and public releases use: JPEG Lossless SV1 and JPEG-LS (CR/DX archives),
+# JPEG 2000 (VinDr-CXR), RLE.
+@needs_data
+@pytest.mark.parametrize("syntax", [
+    "JPEGLosslessProcess14_1", "JPEGLSLossless", "JPEG2000Lossless", "RLELossless"])
+def test_lossless_compressed_dicom_reads_as_the_uncompressed(tmp_path, syntax):
+    stored = np.asarray(Image.open(nih_png())).astype(np.uint16) * 16 + 3  # 12-bit values
+    src = write_dicom(tmp_path / "raw.dcm", stored, bits_stored=12, window=(2048, 4096))
+    packed = _compress(src, tmp_path / "packed.dcm", syntax)
+    ts = pydicom.dcmread(packed, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    assert ts.is_compressed and packed.stat().st_size < src.stat().st_size
+    np.testing.assert_array_equal(read_image(packed), read_image(src))
+    # A cut file fails with an error naming it, as an uncompressed one does.
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(packed.read_bytes()[: packed.stat().st_size * 2 // 3])
+    with pytest.raises(ImageReadError, match="cut.dcm"):
+        read_image(cut)
+
+
+@needs_data
+def test_jpeg_baseline_dicom_8bit(tmp_path):
+    # RSNA Pneumonia's DICOMs are 8-bit JPEG Baseline (lossy): close to the source, not equal.
+    grey = np.asarray(Image.open(nih_png()))
+    src = write_dicom(tmp_path / "raw.dcm", grey, bits_stored=16)
+    ds = pydicom.dcmread(src)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = grey.astype(np.uint8).tobytes()
+    ds.save_as(src, enforce_file_format=True)
+    packed = _compress(src, tmp_path / "baseline.dcm", "JPEGBaselineProcess1")
+    assert pydicom.dcmread(packed).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    got = read_image(packed).astype(np.int16)
+    assert np.abs(got - read_image(src).astype(np.int16)).mean() < 2.0
