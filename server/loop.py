@@ -89,9 +89,12 @@ class Reply:
         return as_update(self.arrays, self.manifest, self.scales, master, expected)
 
 
-def _read_reply(msg: Message) -> Reply:
-    """Parse a reply; raises ``ValueError`` naming what is malformed."""
-    node = msg.metadata.src_node_id
+def _read_reply(msg: Message, node: int) -> Reply:
+    """Parse the reply of ``node``; raises ``ValueError`` naming what is malformed.
+
+    The node comes from the message id the reply answers: an error reply the SuperLink
+    makes (a lost or expired message) names the SuperLink as its sender, not the site.
+    """
     if msg.has_error():
         raise ValueError(f"node {node} replied with an error: {msg.error.reason}")
     c = msg.content
@@ -169,13 +172,13 @@ class ArkFederation:
         kind: str,
         ins: Instruction,
         round_: int,
-        handle: Callable[[Message], None],
+        handle: Callable[[Message, int], None],
         *,
         state: Mapping[str, torch.Tensor] | None = None,
         nodes: list[int] | None = None,
         timeout: float | None = None,
     ) -> int:
-        """Send the instruction (and ``state``) to every site, hand each reply to ``handle``.
+        """Send the instruction (and ``state``) to every site; ``handle(reply, node)`` each reply.
 
         With ``state``, each site gets the shared tensors and its own tasks' heads only (the
         method's rule); a site whose tasks are not known yet is asked first
@@ -203,10 +206,11 @@ class ArkFederation:
         while pending:
             for mid in list(pending):
                 for reply in grid.pull_messages([mid]):
-                    node = pending.pop(reply.metadata.reply_to_message_id, None)
+                    node = pending.pop(reply.metadata.reply_to_message_id,
+                                       reply.metadata.src_node_id)
                     if reply.has_error():  # its tasks are asked again before its next master
                         self.node_sites.pop(node, None)
-                    handle(reply)
+                    handle(reply, node)
                     del reply
             if not pending or time.monotonic() >= deadline:
                 break
@@ -246,9 +250,9 @@ class ArkFederation:
         """
         unknown = [n for n in nodes if n not in self.node_sites]
         if unknown:
-            def handle(msg: Message) -> None:
+            def handle(msg: Message, node: int) -> None:
                 try:
-                    r = _read_reply(msg)
+                    r = _read_reply(msg, node)
                 except ValueError as e:
                     log.warning("round %d: a site did not say its tasks: %s", round_, e)
                     return
@@ -277,15 +281,15 @@ class ArkFederation:
         lines: list[dict] = []
         expected = self.cfg.transfer.encoding
 
-        def handle(msg: Message) -> None:
+        def handle(msg: Message, node: int) -> None:
             arrived = time.time()
             try:
-                r = _read_reply(msg)
+                r = _read_reply(msg, node)
                 if r.arrays is None:
                     raise ValueError(f"node {r.node_id}: train reply without '{ARRAYS}'")
             except ValueError as e:
                 log.warning("round %d: reply rejected: %s", round_, e)
-                self.audit.update(round_, "train", site=None, node_id=msg.metadata.src_node_id,
+                self.audit.update(round_, "train", site=None, node_id=node,
                                   arrived=arrived, arrays=None, norm=None, accepted=False,
                                   reason=str(e))
                 return
@@ -348,9 +352,9 @@ class ArkFederation:
         ins = Instruction.for_round(self.cfg, round_, self.run.lr(round_))
         lines: list[dict] = []
 
-        def handle(msg: Message) -> None:
+        def handle(msg: Message, node: int) -> None:
             try:
-                r = _read_reply(msg)
+                r = _read_reply(msg, node)
             except ValueError as e:
                 log.warning("round %d: evaluation failed: %s", round_, e)
                 return
@@ -373,10 +377,10 @@ class ArkFederation:
         sha = tensors_sha256(state)  # the master the teachers' norms are measured against
         lines: list[dict] = []
 
-        def handle(msg: Message) -> None:
+        def handle(msg: Message, node: int) -> None:
             arrived, r = time.time(), None
             try:
-                r = _read_reply(msg)
+                r = _read_reply(msg, node)
                 if r.arrays is None:
                     raise ValueError(f"node {r.node_id}: teacher reply without '{ARRAYS}'")
                 # Teachers travel once, as plain fp32 weights, whatever the run's transfer.
@@ -385,7 +389,7 @@ class ArkFederation:
             except (ValueError, UpdateRejected) as e:
                 log.warning("teacher not used: %s", e)
                 self.audit.update(self.cfg.rounds, "query", site=r.site if r else None,
-                                  node_id=msg.metadata.src_node_id, arrived=arrived,
+                                  node_id=node, arrived=arrived,
                                   arrays=r.arrays if r else None, norm=None, accepted=False,
                                   reason=str(e), master_sha256=sha)
                 return

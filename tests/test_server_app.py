@@ -7,7 +7,7 @@ import pytest
 import torch
 from fed_helpers import write_sim
 from flower_local_grid import LocalGrid
-from flwr.app import Array, Context, Message, RecordDict
+from flwr.app import Array, Context, Error, Message, RecordDict
 
 from ark_core.aggregate import head_task
 from ark_core.audit import read_audit
@@ -173,6 +173,30 @@ def test_rejected_update_leaves_master_unchanged_by_it(tmp_path, caplog):
         torch.testing.assert_close(master[k], good[k], rtol=1e-6, atol=1e-7)
     line = [x for x in _lines(run_dir, "train") if x["site"] == "hosp-b"][0]
     assert line["accepted"] is False and "NaN" in line["reason"]
+
+
+def test_error_reply_made_by_the_superlink_is_put_down_to_its_site(tmp_path):
+    # A lost or expired message comes back as an error the SuperLink makes, naming itself
+    # (node 1) as the sender; the audit log must still name the site it was sent to.
+    rc = write_sim(tmp_path, rounds=1, evaluate_every=0, min_sites=1)
+
+    def expire(reply: Message):
+        if reply.metadata.message_type == "train" and reply.metadata.src_node_id == 2:
+            lost = Message(Error(code=0, reason="message expired"), reply_to=reply)
+            lost.metadata.__dict__["_src_node_id"] = 1  # SUPERLINK_NODE_ID, as Flower does
+            lost.metadata.__dict__["_reply_to_message_id"] = reply.metadata.reply_to_message_id
+            return lost
+        return None
+
+    cfg, run_dir = federation_from_run_config(rc)
+    ArkFederation(cfg, run_dir, poll_interval=0.0).start(LocalGrid(client_app, 2, rc,
+                                                                   on_reply=expire))
+    rejected = [r for r in read_audit(run_dir / "audit.jsonl")
+                if r["event"] == "update" and not r["accepted"]]
+    assert len(rejected) == 1 and rejected[0]["node_id"] == 2
+    assert "node 2 replied with an error: message expired" in rejected[0]["reason"]
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["rounds"]["1"]["sites"] == ["hosp-a"]
 
 
 def test_resume_after_kill_mid_round(tmp_path):
