@@ -140,8 +140,8 @@ class ArkFederation:
         self.audit = ServerAudit(self.run.path)
         # node id -> (site, tasks) as the site said (query.tasks or a reply); sent heads follow
         self.node_sites: dict[int, tuple[str, list[str]]] = {}
-        # sorted tasks -> SHA-256 of the master's part last sent to sites training exactly those
-        self.master_sha: dict[tuple[str, ...], str] = {}
+        # node id -> (sorted tasks whose heads it was sent, SHA-256 of that master part)
+        self.sent: dict[int, tuple[list[str], str]] = {}
 
     # -- messaging -----------------------------------------------------------------
     def _nodes(self, grid: Grid) -> list[int]:
@@ -226,6 +226,7 @@ class ArkFederation:
         config = ins.to_config()
         arrays = {k: Array(v) for k, v in state.items()} if state is not None else None
         by_tasks: dict[tuple[str, ...], RecordDict] = {}
+        shas: dict[tuple[str, ...], str] = {}
         msgs = []
         for n in nodes:
             tasks = tuple(sorted(self.node_sites[n][1])) if arrays is not None else ()
@@ -234,11 +235,13 @@ class ArkFederation:
                 if arrays is not None:
                     records[ARRAYS] = ArrayRecord(
                         {k: a for k, a in arrays.items() if head_task(k) in (None, *tasks)})
-                    self.master_sha[tasks] = self.audit.master(
+                    shas[tasks] = self.audit.master(
                         round_, kind.split(".")[0], records[ARRAYS], tasks=list(tasks),
                         sites=sorted(self.node_sites[m][0] for m in nodes
                                      if tuple(sorted(self.node_sites[m][1])) == tasks))
                 by_tasks[tasks] = RecordDict(records)
+            if arrays is not None:
+                self.sent[n] = (list(tasks), shas[tasks])
             msgs.append(Message(by_tasks[tasks], dst_node_id=n, message_type=kind,
                                 ttl=self.cfg.round_timeout_s, group_id=str(round_)))
         return msgs
@@ -294,7 +297,7 @@ class ArkFederation:
                                   reason=str(e))
                 return
             update = r.update(state, expected)
-            sent_tasks = sent_to.get(r.node_id, [])
+            sent_tasks, sent_sha = self.sent.get(r.node_id, ([], ""))
             try:
                 if sorted(r.tasks) != sent_tasks:
                     self.node_sites[r.node_id] = (r.site, r.tasks)  # next round sends those heads
@@ -321,16 +324,13 @@ class ArkFederation:
             encoding = declared_encoding(r.manifest)
             self.audit.update(round_, "train", site=r.site, node_id=r.node_id, arrived=arrived,
                               arrays=r.arrays, norm=norm, accepted=accepted, reason=reason,
-                              master_sha256=self.master_sha.get(tuple(sent_tasks), ""),
+                              master_sha256=sent_sha,
                               nbytes=r.nbytes, encoding=encoding)
             lines.append({"round": round_, "kind": "train", "site": r.site, "node_id": r.node_id,
                           "accepted": accepted, **({"reason": reason} if reason else {}),
                           "bytes": r.nbytes, "encoding": encoding, **r.metrics})
 
-        known = self._site_tasks(grid, self._nodes(grid), round_)
-        sent_to = {n: sorted(t) for n, t in known.items()}
-        sent = self._exchange(grid, MessageType.TRAIN, ins, round_, handle, state=state,
-                              nodes=list(known))
+        sent = self._exchange(grid, MessageType.TRAIN, ins, round_, handle, state=state)
         if agg.num_accepted < self.cfg.min_sites:
             log.warning("round %d: %d valid update(s) from %d site(s) asked, %d needed",
                         round_, agg.num_accepted, sent, self.cfg.min_sites)
