@@ -10,13 +10,23 @@ from .metrics import binary_targets
 from .tasks import TaskSpec, TaskType
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (servers and sites have no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (creating the directory) and close ``fig``; returns ``path``."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    pyplot().close(fig)
+    return path
 
 
 def label_names(target: np.ndarray, spec: TaskSpec) -> list[str]:
@@ -35,7 +45,7 @@ def tsne_png(
     """2-D t-SNE of the embeddings, coloured by name (rare names pooled as 'other')."""
     from sklearn.manifold import TSNE
 
-    plt = _plt()
+    plt = pyplot()
     n = len(embedding)
     xy = TSNE(n_components=2, perplexity=float(min(30, max(5, (n - 1) // 3))), init="pca",
               random_state=seed).fit_transform(embedding)
@@ -52,16 +62,12 @@ def tsne_png(
     ax.set_ylabel("t-SNE 2")
     ax.set_title(title)
     ax.legend(fontsize=8, markerscale=2, loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def subgroups_png(result: dict, label: str, path: Path, title: str) -> Path:
     """AUC with 95% CI and false-negative rate per subgroup, for one label."""
-    plt = _plt()
+    plt = pyplot()
     cols = list(result)
     fig, axes = plt.subplots(2, len(cols), figsize=(4.5 * len(cols), 7), squeeze=False, dpi=100)
     for j, col in enumerate(cols):
@@ -92,8 +98,4 @@ def subgroups_png(result: dict, label: str, path: Path, title: str) -> Path:
         for ax in axes[:, j]:
             ax.grid(alpha=0.3, axis="y")
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -113,10 +113,9 @@ def _series(rows: list[Row], **match) -> dict[tuple[str, str, str], tuple[list[i
 
 def plot_report(rows: list[Row], path: Path, title: str = "") -> Path:
     """One column per task: mean AUC per round (top) and training loss (bottom)."""
-    import matplotlib
+    from .plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tasks = sorted({r.task for r in rows if r.task and (r.metric == "auc" or r.metric == "loss")})
     if not tasks:
@@ -161,11 +160,7 @@ def plot_report(rows: list[Row], path: Path, title: str = "") -> Path:
                 ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
