@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dicom_helpers import write_dicom
 from torch.utils.data import DataLoader
 
 from ark_core.data.dataset import (
@@ -34,26 +35,6 @@ BINARY = TaskSpec("pneumonia", ("Pneumonia",), TaskType.BINARY)
 THREE_WAY = TaskSpec("peds", ("normal", "bacteria", "virus"), TaskType.MULTICLASS)
 
 
-def write_dicom(path: Path, stored: np.ndarray, pixel_data: bool = True) -> Path:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    if pixel_data:
-        ds.PixelData = stored.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 @pytest.fixture
 def site(tmp_path) -> tuple[Path, list[str], dict[str, str]]:
     """A folder of 6 good images (PNG, JPEG, DICOM) and 6 bad ones: (root, paths, bad kind)."""
@@ -64,7 +45,7 @@ def site(tmp_path) -> tuple[Path, list[str], dict[str, str]]:
     for i, src in enumerate(sorted((PEDIATRIC / "NORMAL").glob("*.jpeg"))[:2]):
         shutil.copy(src, tmp_path / f"ped{i}.jpeg")
         good.append(f"ped{i}.jpeg")
-    write_dicom(tmp_path / "ok.dcm", np.arange(64 * 64).reshape(64, 64) % 4096)
+    write_dicom(tmp_path / "ok.dcm", np.arange(64 * 64).reshape(64, 64) % 4096, bits_stored=12)
     good.append("ok.dcm")
     png, jpeg = (tmp_path / "nih0.png").read_bytes(), (tmp_path / "ped0.jpeg").read_bytes()
     (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
