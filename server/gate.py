@@ -1,11 +1,17 @@
-"""The sites' door: an HTTPS proxy that passes the Fleet API and nothing else.
+"""The sites' door: an HTTPS proxy that passes the Fleet API's routes and nothing else.
 
 Flower 1.42's SuperLink serves its Fleet API (SuperNodes), its Control API (run submission,
 node registration) and its runtime API (the ServerApp) on one port. Opening that port to
 the hospitals would let anyone who reaches it register a key or submit a run, because the
 Control API has no account authentication outside Flower's enterprise plugins. So the
 SuperLink listens on loopback only, and this gate listens on the sites' port and forwards
-``/v1/fleet/*`` (and ``/health``) to it; every other path answers 404.
+the exact routes an authenticated SuperNode calls (:data:`FLEET_ROUTES`, POST) and
+``/health`` (GET, HEAD); everything else answers 404.
+
+The decision is made on the request target exactly as it arrived (``raw_path``), and that
+same path is what goes upstream: a target holding a dot segment, an empty segment, a
+percent-escape, a backslash, a ``;`` parameter, a query or any non-ASCII byte matches no
+route, so no normalisation on either side can turn an allowed path into another one.
 
 Run by ``ark-server``: ``python -m server.gate --host H --port P --upstream URL ...``.
 """
@@ -13,20 +19,27 @@ Run by ``ark-server``: ``python -m server.gate --host H --port P --upstream URL 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import logging
 import ssl
-from collections.abc import AsyncIterator
 
 import httpx
 import uvicorn
-from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
-ALLOWED_PREFIXES = ("/v1/fleet/",)
-ALLOWED_PATHS = ("/health",)
+log = logging.getLogger("ark.gate")
+
+# What flower-supernode 1.42 calls with node authentication on (supernode/fleet_http_client.py).
+# register-node and unregister-node are left out: SuperNodes use them only to register
+# themselves, which a SuperLink with --enable-supernode-auth refuses anyway.
+FLEET_ROUTES = frozenset(f"/v1/fleet/{r}" for r in (
+    "activate-node", "deactivate-node", "send-node-heartbeat", "pull-messages",
+    "push-messages", "get-run", "get-fab", "push-object", "pull-object",
+    "confirm-message-received",
+))
+HEALTH = "/health"
 # Hop-by-hop headers (RFC 9110 7.6.1) are not forwarded.
 HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -34,25 +47,62 @@ HOP_BY_HOP = {
 }  # fmt: skip
 
 
-def allowed(path: str) -> bool:
-    return path in ALLOWED_PATHS or path.startswith(ALLOWED_PREFIXES)
+def route(method: str, raw_path: bytes, query: bytes = b"") -> str | None:
+    """The path to forward for a request, or None if the gate must refuse it.
+
+    Only an exact, byte-for-byte match of an allowed route with the allowed method passes.
+    """
+    if query:
+        return None
+    try:
+        path = raw_path.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if method == "POST" and path in FLEET_ROUTES:
+        return path
+    if method in ("GET", "HEAD") and path == HEALTH:
+        return path
+    return None
 
 
-def create_app(upstream: str, verify: ssl.SSLContext | bool) -> Starlette:
-    """The proxy app; ``upstream`` is the SuperLink's loopback URL."""
-    # No timeout: a large model download may take long; the SuperLink enforces its own.
-    client = httpx.AsyncClient(base_url=upstream, verify=verify, timeout=None)
+class Gate:
+    """The proxy, as a bare ASGI app (no router runs before the check).
 
-    async def proxy(request: Request) -> Response:
-        if not allowed(request.url.path):
-            return PlainTextResponse("not found\n", status_code=404)
+    Args:
+        upstream: The SuperLink's loopback URL.
+        verify: Verifies the SuperLink's certificate (or False).
+    """
+
+    def __init__(self, upstream: str, verify: ssl.SSLContext | bool) -> None:
+        # No timeout: a large model download may take long; the SuperLink enforces its own.
+        self.client = httpx.AsyncClient(verify=verify, timeout=None)
+        self.base = httpx.URL(upstream)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        raw = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
+        path = route(scope["method"], raw, scope.get("query_string", b""))
+        if path is None:
+            log.warning("refused %s %r from %s", scope["method"], raw[:200],
+                        (scope.get("client") or ("?",))[0])
+            response: Response = PlainTextResponse("not found\n", status_code=404)
+        else:
+            response = await self._forward(Request(scope, receive), path)
+        await response(scope, receive, send)
+
+    async def _forward(self, request: Request, path: str) -> Response:
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
-        req = client.build_request(
-            request.method, request.url.path, params=request.query_params,
-            headers=headers, content=request.stream(),
+        # raw_path: httpx sends these bytes as they are (no dot-segment removal, no quoting).
+        req = self.client.build_request(
+            request.method, self.base.copy_with(raw_path=path.encode()), headers=headers,
+            content=request.stream(),
         )
         try:
-            resp = await client.send(req, stream=True)
+            resp = await self.client.send(req, stream=True)
         except httpx.TransportError:
             return PlainTextResponse("SuperLink unavailable\n", status_code=503)
         out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
@@ -61,13 +111,20 @@ def create_app(upstream: str, verify: ssl.SSLContext | bool) -> Starlette:
             background=BackgroundTask(resp.aclose),
         )
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        yield
-        await client.aclose()
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            event = await receive()
+            if event["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif event["type"] == "lifespan.shutdown":
+                await self.client.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
-    methods = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]
-    return Starlette(routes=[Route("/{path:path}", proxy, methods=methods)], lifespan=lifespan)
+
+def create_app(upstream: str, verify: ssl.SSLContext | bool) -> Gate:
+    """The gate in front of the SuperLink at ``upstream``."""
+    return Gate(upstream, verify)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     verify: ssl.SSLContext | bool = False
     if args.ssl_ca_certfile:
         verify = ssl.create_default_context(cafile=args.ssl_ca_certfile)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     uvicorn.run(
         create_app(args.upstream, verify), host=args.host, port=args.port,
         ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
