@@ -21,6 +21,12 @@ class SiteKey(Strict):
 
     name: str = Field(min_length=1)
     public_key: Path = Field(description="The site's .pub file.")
+    max_examples: int | None = Field(
+        None, gt=0,
+        description="Cap on the example counts this site reports each round (its total and "
+        "each task's): they weigh its update, and the coordinator, not the site, bounds them. "
+        "Unset: the counts of the site's first accepted round become its cap.",
+    )
 
 
 class ServerDeployment(Strict):

@@ -8,9 +8,14 @@ clear message and a non-zero exit at the first problem:
 3. the server: a TLS handshake verified by the CA, a bounded number of tries.
 
 Then it runs ``flower-supernode`` with the key, the CA and ``site-config`` in its node
-config; the SuperNode keeps reconnecting when the server restarts. After a killed session it
-first waits until the server has given that session up (:func:`session_wait_s`). Nothing but model
-tensors and numbers leaves the site (see client/site.py).
+config; the SuperNode keeps reconnecting when the server restarts, and ark-client starts a
+new one when it ends after it had joined (:mod:`client.supernode`). One ark-client runs per
+site (a lock in its state dir). After a killed session it first waits until the server has
+given that session up (:func:`session_wait_s`). Nothing but model tensors and numbers
+leaves the site (see client/site.py).
+
+Exit codes: 2 configuration or credentials, 3 data, 4 server unreachable, 5 key refused,
+6 TLS or Flower version mismatch, 7 another ark-client of this site is running.
 """
 
 from __future__ import annotations
@@ -34,20 +39,27 @@ from ark_core.deployment import SiteDeployment
 from ark_core.federation import SiteConfig
 from server import procs
 
-EXIT_CONFIG, EXIT_DATA, EXIT_UNREACHABLE, EXIT_REFUSED = 2, 3, 4, 5
+from .supernode import (
+    EXIT_CONFIG,
+    EXIT_DATA,
+    EXIT_DUPLICATE,
+    EXIT_MISMATCH,
+    EXIT_REFUSED,
+    EXIT_UNREACHABLE,
+    OutputTail,
+    SiteError,
+    SiteLock,
+    explain,
+)
+
+__all__ = ["EXIT_CONFIG", "EXIT_DATA", "EXIT_DUPLICATE", "EXIT_MISMATCH", "EXIT_REFUSED",
+           "EXIT_UNREACHABLE", "SiteError", "main"]
 SESSION_FILE = "ark-client.session"  # in the state dir while a SuperNode runs
 TOUCH_S = 10.0  # how often the session file is touched
+REJOIN_MAX_S = 60.0  # longest back-off between SuperNodes
 
 
-class SiteError(Exception):
-    """A problem the site must fix; ``code`` is the exit status."""
-
-    def __init__(self, msg: str, code: int = EXIT_CONFIG) -> None:
-        super().__init__(msg)
-        self.code = code
-
-
-def check_credentials(dep: SiteDeployment, base: Path, insecure: bool) -> tuple[Path, Path | None]:
+def check_credentials(dep: SiteDeployment, base: Path) -> tuple[Path, Path]:
     """The private key's and CA certificate's absolute paths, after reading both."""
     key = resolve_path(dep.private_key, base).resolve()
     try:
@@ -60,8 +72,6 @@ def check_credentials(dep: SiteDeployment, base: Path, insecure: bool) -> tuple[
         raise SiteError(f"private key {key}: not an ECDSA key (Flower needs a NIST curve)")
     if stat.S_IMODE(key.stat().st_mode) & 0o077:
         print(f"[ark-client] WARNING: {key} is readable by others; chmod 600 it", file=sys.stderr)
-    if insecure:
-        return key, None
     ca = resolve_path(dep.ca_cert, base).resolve()
     try:
         x509.load_pem_x509_certificate(ca.read_bytes())
@@ -110,22 +120,25 @@ def check_data(yaml_path: Path) -> str:
     return report
 
 
-def wait_for_server(address: str, ca: Path | None, tries: int, wait_s: float) -> None:
+def wait_for_server(address: str, ca: Path, tries: int, wait_s: float) -> None:
     """Open a TLS connection (verified by ``ca``) to ``address``; bounded retries."""
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
-    ctx = ssl.create_default_context(cafile=str(ca)) if ca else None
+    ctx = ssl.create_default_context(cafile=str(ca))
     err: Exception | None = None
     for attempt in range(1, tries + 1):
         try:
             with socket.create_connection((host, int(port)), timeout=5) as sock:
-                if ctx is not None:
-                    with ctx.wrap_socket(sock, server_hostname=host):
-                        pass
+                with ctx.wrap_socket(sock, server_hostname=host):
+                    pass
             return
         except ssl.SSLCertVerificationError as e:
             raise SiteError(f"server {address}: its certificate does not verify with the CA "
-                            f"({e.verify_message}); check ca_cert and the server address") from None
+                            f"({e.verify_message}); check ca_cert and the server address",
+                            EXIT_MISMATCH) from None
+        except ssl.SSLError as e:
+            raise SiteError(f"server {address}: the TLS handshake failed ({e.reason or e}); is "
+                            "it the federation's site port?", EXIT_MISMATCH) from None
         except OSError as e:
             err = e
             print(f"[ark-client] server {address} not reachable (try {attempt}/{tries}): {e}",
@@ -156,13 +169,13 @@ def session_wait_s(state_dir: Path, now: float | None = None) -> float:
     return max(0.0, last_alive + window - (time.time() if now is None else now))
 
 
-def supernode_command(yaml_path: Path, dep: SiteDeployment, key: Path, ca: Path | None,
+def supernode_command(yaml_path: Path, dep: SiteDeployment, key: Path, ca: Path,
                       base: Path) -> list[str]:
     cmd = [procs.flwr_bin("flower-supernode"), "--superlink", dep.server,
            "--auth-supernode-private-key", str(key),
            "--node-config", f'site-config="{yaml_path}"',
-           "--host", "127.0.0.1", "--port", str(dep.runtime_port)]
-    cmd += ["--root-certificates", str(ca)] if ca else ["--insecure"]
+           "--host", "127.0.0.1", "--port", str(dep.runtime_port),
+           "--root-certificates", str(ca)]
     if dep.trusted_entities is not None:
         cmd += ["--trusted-entities", str(resolve_path(dep.trusted_entities, base).resolve())]
     return cmd
@@ -172,59 +185,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ark-client", description=__doc__.splitlines()[0])
     p.add_argument("config", type=Path, help="site YAML with a deployment: section")
     p.add_argument("--check-only", action="store_true", help="check credentials and data, then exit")
-    p.add_argument("--insecure", action="store_true",
-                   help="no TLS (local experiments only, against ark-server --insecure)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     procs.terminate_on_sigterm()
-    node, session = None, None
+    session: Path | None = None
     try:
         path = args.config.expanduser().resolve()
         cfg = load_config(path, SiteConfig)
         if cfg.deployment is None:
             raise SiteError(f"{path}: no deployment: section (server, ca_cert, private_key)")
         dep, base = cfg.deployment, path.parent
-        if args.insecure:
-            print("[ark-client] WARNING: --insecure: the server is not authenticated and traffic "
-                  "is not encrypted. Use it for local experiments only.", file=sys.stderr)
-        key, ca = check_credentials(dep, base, args.insecure)
+        key, ca = check_credentials(dep, base)
         print(check_data(path), flush=True)
         if args.check_only:
             return 0
-        wait_for_server(dep.server, ca, dep.startup_retries, dep.retry_wait_s)
         from .site import Site
 
         state_dir = Site.from_yaml(path).state_dir
-        wait = session_wait_s(state_dir)
-        if wait > 0:
-            print(f"[ark-client] the last session of this site was killed; waiting {wait:.0f} s "
-                  "until the server has given up the round message it may have held",
-                  flush=True)
-            time.sleep(wait)
-        env = procs.child_env()
-        if not env.get("FLWR_HOME"):  # installed app bundles stay in the site's state dir
-            env["FLWR_HOME"] = str(state_dir / "flwr")
-        if dep.gpus is not None:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in dep.gpus)
-        print(f"[ark-client] site {cfg.name} joining {dep.server}", flush=True)
-        state_dir.mkdir(parents=True, exist_ok=True)
-        session = state_dir / SESSION_FILE
-        node = procs.start(supernode_command(path, dep, key, ca, base), env)
-        while (code := node.poll()) is None:
-            session.touch()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                node.wait(timeout=TOUCH_S)
-        # It keeps reconnecting while the server is away; it stops by itself when the server
-        # refuses its key: at start (never registered: 'Failed to activate SuperNode', exit
-        # 1) or later (removed or rotated: exit 0 after the server's 401).
-        why = ("'Failed to activate SuperNode' above means" if code else "it was running, so")
-        print(f"ark-client: error: the SuperNode stopped (exit {code}); {why} the server refused "
-              "this site's key (never registered, or removed or rotated since): the coordinator "
-              "must register the site's current .pub file.", file=sys.stderr)
-        return EXIT_REFUSED
+        with SiteLock(state_dir, cfg.name):
+            wait_for_server(dep.server, ca, dep.startup_retries, dep.retry_wait_s)
+            wait = session_wait_s(state_dir)
+            if wait > 0:
+                print(f"[ark-client] the last session of this site was killed; waiting {wait:.0f} "
+                      "s until the server has given up the round message it may have held",
+                      flush=True)
+                time.sleep(wait)
+            env = procs.child_env()
+            if not env.get("FLWR_HOME"):  # installed app bundles stay in the site's state dir
+                env["FLWR_HOME"] = str(state_dir / "flwr")
+            if dep.gpus is not None:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in dep.gpus)
+            print(f"[ark-client] site {cfg.name} joining {dep.server}", flush=True)
+            session = state_dir / SESSION_FILE
+            return run_supernode(supernode_command(path, dep, key, ca, base), env, session)
     except KeyboardInterrupt:
         print("\n[ark-client] stopping", file=sys.stderr)
         return 130
@@ -235,9 +231,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ark-client: error: {e}", file=sys.stderr)
         return e.code
     finally:
-        procs.stop(node)
         if session is not None:
             session.unlink(missing_ok=True)
+
+
+def run_supernode(cmd: list[str], env: dict[str, str], session: Path) -> int:
+    """Run SuperNodes until one ends for a reason the site must act on; its exit code.
+
+    A SuperNode that ends after it had joined (the server answered 401 to its node) is
+    replaced, with back-off: the next one joins again if the server merely started over
+    with a new registry, and is refused if the site's key was removed or rotated.
+    """
+    backoff = 1.0
+    while True:
+        started = time.monotonic()
+        node = procs.start(cmd, env, pipe=True)
+        try:
+            assert node.stdout is not None
+            tail = OutputTail(node.stdout)
+            while (code := node.poll()) is None:
+                session.touch()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    node.wait(timeout=TOUCH_S)
+        finally:
+            procs.stop(node)
+        verdict = explain(tail.text())
+        if verdict is not None:
+            print(f"ark-client: error: {verdict.message}", file=sys.stderr, flush=True)
+            return verdict.code
+        if time.monotonic() - started > REJOIN_MAX_S:
+            backoff = 1.0
+        print(f"[ark-client] the SuperNode ended (exit {code}) after it had joined: the server "
+              "no longer knows its node (a new registry, or this site's key was removed); "
+              f"starting a new one in {backoff:.0f} s", file=sys.stderr, flush=True)
+        time.sleep(backoff)
+        backoff = min(2 * backoff, REJOIN_MAX_S)
 
 
 if __name__ == "__main__":

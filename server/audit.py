@@ -6,12 +6,16 @@ Records (one JSON object a line, append-only, fsynced; read with
 - ``{"event": "master", "round", "kind", "sha256", "tasks", "sites"}``: the master sent out
   for a round to ``sites``, the sites that train exactly ``tasks``: its shared tensors and
   those tasks' heads, which is what ``sha256`` covers.
+- ``{"event": "stranger", "round", "node_id"}``: a connected node that is not enrolled;
+  it got no work that round.
 - ``{"event": "update", "round", "kind", "site", "node_id", "arrived", "bytes", "encoding",
-  "norm", "accepted", "reason", "master_sha256"}``: one reply; ``bytes`` its tensor payload
+  "norm", "accepted", "reason", "master_sha256", "clipped"}``: one reply; ``site`` the site
+  its node is enrolled as (a deployment), whatever the reply says; ``bytes`` its tensor payload
   (:func:`ark_core.transfer.payload_nbytes`: arrays, int8 scales and encoding manifest),
   ``encoding`` what its manifest declares (``fp32`` without one), ``norm`` the L2 norm of its
   difference from that master (None when rejected before it could be measured);
-  ``master_sha256`` the hash of the master part that site was sent.
+  ``master_sha256`` the hash of the master part that site was sent; ``clipped`` the example
+  counts cut to the site's cap (``{key: [claimed, used]}``), or None.
 
 Lines of a round that was interrupted and replayed stay: the log records what happened.
 """
@@ -56,14 +60,19 @@ class ServerAudit:
     def update(self, round_: int, kind: str, *, site: str | None, node_id: int, arrived: float,
                arrays: Mapping[str, Any] | None, norm: float | None, accepted: bool,
                reason: str = "", master_sha256: str = "", nbytes: int | None = None,
-               encoding: str = "fp32") -> None:
+               encoding: str = "fp32", clipped: dict | None = None) -> None:
         """Log one reply and what became of it (``nbytes`` default: the bytes of ``arrays``)."""
         append_audit(self.path, {
             "event": "update", "round": round_, "kind": kind, "site": site, "node_id": node_id,
             "arrived": arrived, "bytes": arrays_nbytes(arrays) if nbytes is None else nbytes,
             "encoding": encoding, "norm": norm,
             "accepted": accepted, "reason": reason, "master_sha256": master_sha256,
+            "clipped": clipped,
         })
+
+    def stranger(self, round_: int, node_id: int) -> None:
+        """Log a connected node that is not enrolled (it gets no work)."""
+        append_audit(self.path, {"event": "stranger", "round": round_, "node_id": node_id})
 
 
 def write_privacy(run_dir: str | Path, report: dict) -> Path:

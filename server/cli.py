@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import ssl
 import subprocess
@@ -36,6 +35,7 @@ from ark_core.deployment import ServerDeployment
 from ark_core.federation import FederationConfig
 
 from . import procs
+from .enrolment import read_registry, write_registry
 
 CONNECTION = "ark"  # the SuperLink connection name in $FLWR_HOME/config.toml
 
@@ -58,7 +58,7 @@ def app_dir() -> Path:
 class Coordinator:
     """The processes of one ark-server session over a run directory."""
 
-    def __init__(self, cfg_path: Path, cfg: FederationConfig, run_dir: Path, tls: Tls | None) -> None:
+    def __init__(self, cfg_path: Path, cfg: FederationConfig, run_dir: Path, tls: Tls) -> None:
         if cfg.deployment is None:
             raise ConfigError(f"{cfg_path}: no deployment: section (host, port, keys, sites)")
         self.cfg_path, self.cfg, self.run_dir, self.tls = cfg_path, cfg, run_dir, tls
@@ -83,34 +83,32 @@ class Coordinator:
             "--database", str(self.run_dir / "superlink.db"), "--enable-supernode-auth",
             "--disable-runtime-dependency-installation",
         ]
-        cmd += self._tls_args() if self.tls else ["--insecure"]
+        cmd += self._tls_args()
         self.superlink = procs.start(cmd, self.env, self.logs / "superlink.log", cwd=self.run_dir)
         self._write_connection()
         (self.run_dir / "superlink.json").write_text(json.dumps({"port": self.port}))
         self._wait_ready()
 
     def _tls_args(self) -> list[str]:
-        assert self.tls
         return ["--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.cert),
                 "--ssl-keyfile", str(self.tls.key)]
 
     def _write_connection(self) -> None:
         """The CLI's connection to our SuperLink, in a FLWR_HOME of its own (never ~/.flwr)."""
-        auth = f'root-certificates = "{self.tls.ca}"' if self.tls else "insecure = true"
+        auth = f'root-certificates = "{self.tls.ca}"'
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\n{auth}\n'
         )
 
     def _wait_ready(self) -> None:
-        scheme = "https" if self.tls else "http"
-        ctx = ssl.create_default_context(cafile=str(self.tls.ca)) if self.tls else None
+        ctx = ssl.create_default_context(cafile=str(self.tls.ca))
         deadline = time.monotonic() + self.dep.startup_timeout_s
         while time.monotonic() < deadline:
             if self.superlink and self.superlink.poll() is not None:
                 raise RuntimeError(f"flower-superlink exited; see {self.logs / 'superlink.log'}")
             try:
-                with urllib.request.urlopen(f"{scheme}://127.0.0.1:{self.port}/health",
+                with urllib.request.urlopen(f"https://127.0.0.1:{self.port}/health",
                                             context=ctx, timeout=2):
                     return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -140,9 +138,13 @@ class Coordinator:
         return out
 
     def sync_keys(self) -> None:
-        """Register listed sites' keys; unregister replaced keys and removed sites."""
-        path = self.run_dir / "site_keys.json"
-        registry: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+        """Register listed sites' keys; unregister replaced keys and removed sites.
+
+        Then compare the SuperLink's registered nodes with the enrolment and warn about any
+        node that is not enrolled (registered by hand, or left from an older run): the
+        ServerApp sends it no work, but only unregistering it shuts it out.
+        """
+        registry = read_registry(self.run_dir)
         wanted = {s.name: resolve_path(s.public_key, self.base) for s in self.dep.sites}
         for name, entry in sorted(registry.items()):
             pub = wanted.get(name)
@@ -150,7 +152,7 @@ class Coordinator:
                 self._flwr("supernode", "unregister", str(entry["node_id"]))
                 print(f"[ark-server] site {name}: key unregistered (node {entry['node_id']})")
                 del registry[name]
-                _save(path, registry)
+                write_registry(self.run_dir, registry)
         for name, pub in wanted.items():
             if name in registry:
                 continue
@@ -158,17 +160,27 @@ class Coordinator:
                 raise FileNotFoundError(f"site {name}: public key {pub} not found")
             out = self._flwr("supernode", "register", str(pub), "--name", name)
             registry[name] = {"node_id": int(out["node-id"]), "fingerprint": _fingerprint(pub)}
-            _save(path, registry)
+            write_registry(self.run_dir, registry)
             print(f"[ark-server] site {name}: key registered (node {out['node-id']})")
+        self.check_enrolment(registry)
+
+    def check_enrolment(self, registry: dict[str, dict]) -> None:
+        """Warn about SuperLink nodes that no enrolled site owns."""
+        enrolled = {int(v["node_id"]) for v in registry.values()}
+        nodes = self._flwr("supernode", "list").get("nodes", [])
+        for n in nodes:
+            node_id, status = int(n["node-id"]), str(n.get("status", ""))
+            if node_id not in enrolled and status != "unregistered":
+                print(f"[ark-server] WARNING: node {node_id} ({status}) is registered on the "
+                      "SuperLink but enrolled as no site of the federation YAML: it gets no "
+                      f"work. Unregister it: FLWR_HOME={self.flwr_home} flwr supernode "
+                      f"unregister {node_id} {CONNECTION}", file=sys.stderr, flush=True)
 
     # -- the sites' port -----------------------------------------------------------
     def start_gate(self) -> None:
-        scheme = "https" if self.tls else "http"
         cmd = [sys.executable, "-m", "server.gate", "--host", self.dep.host,
-               "--port", str(self.dep.port), "--upstream", f"{scheme}://127.0.0.1:{self.port}"]
-        if self.tls:
-            cmd += ["--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.cert),
-                    "--ssl-keyfile", str(self.tls.key)]
+               "--port", str(self.dep.port), "--upstream", f"https://127.0.0.1:{self.port}",
+               *self._tls_args()]
         self.gate = procs.start(cmd, self.env, self.logs / "gate.log", cwd=app_dir())
         host = "127.0.0.1" if self.dep.host in ("0.0.0.0", "::", "") else self.dep.host
         if not procs.wait_listening(host, self.dep.port, self.gate, self.dep.startup_timeout_s):
@@ -240,12 +252,6 @@ def _fingerprint(pub: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _save(path: Path, registry: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(registry, indent=1))
-    os.replace(tmp, path)
-
-
 def print_summary(run_dir: Path) -> None:
     """Rounds, the sites of each round and the last validation AUC per site and task."""
     state = json.loads((run_dir / "state.json").read_text())
@@ -271,8 +277,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="register/unregister site keys on the running ark-server, then exit")
     p.add_argument("--no-submit", action="store_true",
                    help="start the SuperLink and the sites' port only (submit later with flwr run)")
-    p.add_argument("--insecure", action="store_true",
-                   help="no TLS (local experiments only; site keys are still checked)")
     return p
 
 
@@ -285,19 +289,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(cfg_path, FederationConfig)
         run_dir = resolve_path(args.run_dir or cfg.run_dir, cfg_path.parent).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
-        tls = None
-        if args.insecure:
-            print("[ark-server] WARNING: --insecure: traffic to the sites is NOT encrypted and the "
-                  "server is not authenticated. Use it for local experiments only.", file=sys.stderr)
-        else:
-            if cfg.deployment is None:
-                raise ConfigError(f"{cfg_path}: no deployment: section")
-            keys = resolve_path(cfg.deployment.keys_dir, cfg_path.parent).resolve()
-            tls = Tls(keys / "ca.crt", keys / "server.crt", keys / "server.key")
-            for f in (tls.ca, tls.cert, tls.key):
-                if not f.is_file():
-                    raise FileNotFoundError(f"{f} not found; make it with `ark keys init {keys}`")
-            verify_server_cert(keys)
+        # No plain-HTTP mode: Flower 1.42 authenticates site keys only over TLS, and the
+        # enrolment (node id -> site) rests on those keys.
+        if cfg.deployment is None:
+            raise ConfigError(f"{cfg_path}: no deployment: section")
+        keys = resolve_path(cfg.deployment.keys_dir, cfg_path.parent).resolve()
+        tls = Tls(keys / "ca.crt", keys / "server.crt", keys / "server.key")
+        for f in (tls.ca, tls.cert, tls.key):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} not found; make it with `ark keys init {keys}`")
+        verify_server_cert(keys)
         coord = Coordinator(cfg_path, cfg, run_dir, tls)
         if args.sync_keys:
             coord.attach()

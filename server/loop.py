@@ -16,6 +16,12 @@ its answer to a ``query.tasks`` message, sent once per node before its first mas
   difference from the master, int8 with error feedback; :mod:`ark_core.transfer`). The
   master goes out in fp32; replies are decoded tensor by tensor and summed in fp32.
 
+In a deployment (a ``deployment:`` section) only the sites enrolled in the run directory
+(:mod:`server.enrolment`) get messages, and a reply's site is the one its node id is
+enrolled as: a connected node that is not enrolled is logged and gets no work, and a reply
+that names another site is rejected as an impersonation attempt. The example counts that
+weigh each update are clipped to the site's cap (:mod:`ark_core.caps`).
+
 Replies are validated and folded into running sums as they arrive
 (:class:`ark_core.aggregate.StreamingAggregator`; ``aggregation`` selects a robust rule of
 :mod:`ark_core.robust`, ``privacy`` the clipped, noised mean of :mod:`ark_core.privacy`),
@@ -44,6 +50,7 @@ from flwr.serverapp import Grid
 
 from ark_core.aggregate import StreamingAggregator, UpdateRejected, float_state, head_task
 from ark_core.audit import tensors_sha256
+from ark_core.caps import Bounded, ExampleCaps
 from ark_core.federation import FederationConfig
 from ark_core.model import ArkModel, create_model, make_teacher
 from ark_core.privacy import DPAggregator, privacy_report
@@ -62,6 +69,8 @@ from ark_core.train import seed_everything
 from ark_core.transfer import as_update, declared_encoding, payload_nbytes
 
 from .audit import ServerAudit, write_privacy
+from .enrolment import FILE as ENROLMENT_FILE
+from .enrolment import enrolled_nodes
 from .rundir import RunDir
 
 log = logging.getLogger("flwr.ark.server")
@@ -89,11 +98,17 @@ class Reply:
         return as_update(self.arrays, self.manifest, self.scales, master, expected)
 
 
-def _read_reply(msg: Message, node: int) -> Reply:
+class Impersonation(ValueError):
+    """A reply names a site other than the one its node is enrolled as."""
+
+
+def _read_reply(msg: Message, node: int, enrolled: Mapping[int, str] | None = None) -> Reply:
     """Parse the reply of ``node``; raises ``ValueError`` naming what is malformed.
 
     The node comes from the message id the reply answers: an error reply the SuperLink
     makes (a lost or expired message) names the SuperLink as its sender, not the site.
+    With ``enrolled`` (a deployment), the site is the one ``node`` is enrolled as, and a
+    reply that says otherwise raises :class:`Impersonation`.
     """
     if msg.has_error():
         raise ValueError(f"node {node} replied with an error: {msg.error.reason}")
@@ -101,11 +116,19 @@ def _read_reply(msg: Message, node: int) -> Reply:
     if METRICS not in c.metric_records or SITE not in c.config_records:
         raise ValueError(f"node {node}: reply lacks the '{METRICS}' or '{SITE}' record")
     site = c.config_records[SITE]
+    name = str(site.get("name", f"node-{node}"))
+    if enrolled is not None:
+        if node not in enrolled:
+            raise ValueError(f"node {node} is not enrolled (anymore)")
+        if name != enrolled[node]:
+            raise Impersonation(f"node {node} is enrolled as site {enrolled[node]}, but its reply "
+                                f"says it is site {name!r}: impersonation attempt, reply rejected")
+        name = enrolled[node]
     arrays, scales = c.array_records.get(ARRAYS), c.array_records.get(SCALES)
     manifest = dict(c.config_records[ENCODING]) if ENCODING in c.config_records else None
     return Reply(
         node_id=node,
-        site=str(site.get("name", f"node-{node}")),
+        site=name,
         tasks=[str(t) for t in site.get("tasks", [])],
         metrics={k: float(v) for k, v in c.metric_records[METRICS].items()
                  if isinstance(v, int | float)},
@@ -142,9 +165,34 @@ class ArkFederation:
         self.node_sites: dict[int, tuple[str, list[str]]] = {}
         # node id -> (sorted tasks whose heads it was sent, SHA-256 of that master part)
         self.sent: dict[int, tuple[list[str], str]] = {}
+        # A deployment: node id -> enrolled site (re-read every exchange), and count caps.
+        dep = cfg.deployment
+        self.enrolled: dict[int, str] | None = {} if dep else None
+        self.caps = ExampleCaps({s.name: s.max_examples for s in dep.sites},
+                                self.run.state.get("example_caps")) if dep else None
+        self._told: set[tuple[int, int]] = set()  # (round, node) of strangers already logged
 
     # -- messaging -----------------------------------------------------------------
-    def _nodes(self, grid: Grid) -> list[int]:
+    def _admitted(self, grid: Grid, round_: int) -> list[int]:
+        """Connected nodes that may get work: all (simulation) or the enrolled ones.
+
+        A connected node that is not enrolled is logged, once a round, in this log and in
+        the audit log (``{"event": "stranger"}``), and gets nothing.
+        """
+        nodes = sorted(grid.get_node_ids())
+        if self.enrolled is None:
+            return nodes
+        self.enrolled = enrolled_nodes(self.run.path)
+        for n in nodes:
+            if n not in self.enrolled and (round_, n) not in self._told:
+                self._told.add((round_, n))
+                log.warning("round %d: node %d is connected but not enrolled in %s: it gets no "
+                            "work (unregister it on the coordinator: flwr supernode unregister "
+                            "%d)", round_, n, self.run.path / ENROLMENT_FILE, n)
+                self.audit.stranger(round_, n)
+        return [n for n in nodes if n in self.enrolled]
+
+    def _nodes(self, grid: Grid, round_: int) -> list[int]:
         """Connected sites: at least ``min_sites``, then any other listed site within a grace.
 
         In a deployment, once ``min_sites`` are connected the round waits up to
@@ -156,15 +204,36 @@ class ArkFederation:
         now = time.monotonic()
         deadline, grace_end = now + self.node_wait_s, None
         while True:
-            nodes = sorted(grid.get_node_ids())
+            nodes = self._admitted(grid, round_)
             now = time.monotonic()
             if len(nodes) >= listed or now >= deadline:
+                self._report_absent(nodes, round_)
                 return nodes
             if len(nodes) >= self.cfg.min_sites:
                 grace_end = grace_end or now + (dep.site_wait_s if dep else 0.0)
                 if now >= grace_end:
+                    self._report_absent(nodes, round_)
                     return nodes
             time.sleep(self.poll_interval)
+
+    def _report_absent(self, nodes: list[int], round_: int) -> None:
+        """Warn about enrolled sites that are not connected (a deployment only)."""
+        if self.enrolled is None:
+            return
+        if not self.enrolled:
+            log.error("round %d: no site is enrolled: %s lists none (ark-server writes it when "
+                      "it registers the sites' keys)", round_, self.run.path / ENROLMENT_FILE)
+            return
+        absent = sorted(s for n, s in self.enrolled.items() if n not in nodes)
+        if absent and (round_, 0) not in self._told:
+            self._told.add((round_, 0))
+            log.warning("round %d: enrolled site(s) not connected: %s", round_, ", ".join(absent))
+
+    def _weights(self, r: Reply) -> Bounded:
+        """The reply's example counts, clipped to the site's caps in a deployment."""
+        tasks = {t: r.metrics.get(f"num-examples.{t}", 0.0) for t in r.tasks}
+        num = r.metrics.get("num-examples", 0.0)
+        return Bounded(num, tasks) if self.caps is None else self.caps.bound(r.site, num, tasks)
 
     def _exchange(
         self,
@@ -189,7 +258,7 @@ class ArkFederation:
         Returns:
             The number of sites the message went to.
         """
-        nodes = self._nodes(grid) if nodes is None else nodes
+        nodes = self._nodes(grid, round_) if nodes is None else nodes
         ttl = self.cfg.round_timeout_s
         if state is not None:
             known = self._site_tasks(grid, nodes, round_)
@@ -255,9 +324,13 @@ class ArkFederation:
         if unknown:
             def handle(msg: Message, node: int) -> None:
                 try:
-                    r = _read_reply(msg, node)
+                    r = _read_reply(msg, node, self.enrolled)
                 except ValueError as e:
                     log.warning("round %d: a site did not say its tasks: %s", round_, e)
+                    if isinstance(e, Impersonation):
+                        self.audit.update(round_, TASKS_QUERY, site=self._site_of(node),
+                                          node_id=node, arrived=time.time(), arrays=None,
+                                          norm=None, accepted=False, reason=str(e))
                     return
                 self.node_sites[r.node_id] = (r.site, r.tasks)
                 log.info("site %s (node %d) trains %s", r.site, r.node_id, ", ".join(r.tasks))
@@ -282,17 +355,18 @@ class ArkFederation:
         agg = (DPAggregator(state, self.cfg.privacy) if self.cfg.privacy
                else make_aggregator(state, self.cfg.aggregation))
         lines: list[dict] = []
+        clipped: dict[str, dict] = {}
         expected = self.cfg.transfer.encoding
 
         def handle(msg: Message, node: int) -> None:
             arrived = time.time()
             try:
-                r = _read_reply(msg, node)
+                r = _read_reply(msg, node, self.enrolled)
                 if r.arrays is None:
                     raise ValueError(f"node {r.node_id}: train reply without '{ARRAYS}'")
             except ValueError as e:
                 log.warning("round %d: reply rejected: %s", round_, e)
-                self.audit.update(round_, "train", site=None, node_id=node,
+                self.audit.update(round_, "train", site=self._site_of(node), node_id=node,
                                   arrived=arrived, arrays=None, norm=None, accepted=False,
                                   reason=str(e))
                 return
@@ -306,10 +380,14 @@ class ArkFederation:
                 missing = [t for t in r.tasks if f"num-examples.{t}" not in r.metrics]
                 if missing:
                     raise UpdateRejected(f"no example counts for tasks {missing}")
-                agg.add(
-                    r.site, update, r.metrics.get("num-examples", 0.0),
-                    {t: r.metrics[f"num-examples.{t}"] for t in r.tasks},
-                )
+                w = self._weights(r)
+                agg.add(r.site, update, w.num_examples, w.task_examples)
+                if self.caps is not None:
+                    self.caps.accept(r.site, w)
+                if w.clipped:
+                    clipped[r.site] = w.clipped
+                    log.warning("round %d: site %s claims more examples than its cap; clipped "
+                                "({key: [claimed, used]}): %s", round_, r.site, w.clipped)
                 accepted, reason = True, ""
                 log.info("round %d: update of site %s (node %d) folded in: %s", round_, r.site,
                          r.node_id, _losses(r.metrics))
@@ -324,8 +402,8 @@ class ArkFederation:
             encoding = declared_encoding(r.manifest)
             self.audit.update(round_, "train", site=r.site, node_id=r.node_id, arrived=arrived,
                               arrays=r.arrays, norm=norm, accepted=accepted, reason=reason,
-                              master_sha256=sent_sha,
-                              nbytes=r.nbytes, encoding=encoding)
+                              master_sha256=sent_sha, nbytes=r.nbytes, encoding=encoding,
+                              clipped=clipped.get(r.site))
             lines.append({"round": round_, "kind": "train", "site": r.site, "node_id": r.node_id,
                           "accepted": accepted, **({"reason": reason} if reason else {}),
                           "bytes": r.nbytes, "encoding": encoding, **r.metrics})
@@ -340,6 +418,8 @@ class ArkFederation:
         rep = agg.report
         record = {"sites": rep.sites, "contributors": rep.contributors, "weights": rep.weights,
                   "rejected": rep.rejected, "kept": len(rep.kept)}
+        if clipped:
+            record["clipped"] = clipped
         if self.cfg.privacy is not None:
             record["privacy"] = {**privacy_report(self.cfg.privacy, round_),
                                  "noise_std": agg.noise_std}
@@ -354,7 +434,7 @@ class ArkFederation:
 
         def handle(msg: Message, node: int) -> None:
             try:
-                r = _read_reply(msg, node)
+                r = _read_reply(msg, node, self.enrolled)
             except ValueError as e:
                 log.warning("round %d: evaluation failed: %s", round_, e)
                 return
@@ -378,17 +458,18 @@ class ArkFederation:
         lines: list[dict] = []
 
         def handle(msg: Message, node: int) -> None:
-            arrived, r = time.time(), None
+            arrived, r, w = time.time(), None, None
             try:
-                r = _read_reply(msg, node)
+                r = _read_reply(msg, node, self.enrolled)
                 if r.arrays is None:
                     raise ValueError(f"node {r.node_id}: teacher reply without '{ARRAYS}'")
                 # Teachers travel once, as plain fp32 weights, whatever the run's transfer.
-                agg.add(r.site, r.update(state, "fp32"), r.metrics.get("num-examples", 0.0),
-                        {t: r.metrics.get(f"num-examples.{t}", 0.0) for t in r.tasks})
+                w = self._weights(r)
+                agg.add(r.site, r.update(state, "fp32"), w.num_examples, w.task_examples)
             except (ValueError, UpdateRejected) as e:
                 log.warning("teacher not used: %s", e)
-                self.audit.update(self.cfg.rounds, "query", site=r.site if r else None,
+                self.audit.update(self.cfg.rounds, "query",
+                                  site=r.site if r else self._site_of(node),
                                   node_id=node, arrived=arrived,
                                   arrays=r.arrays if r else None, norm=None, accepted=False,
                                   reason=str(e), master_sha256=sha)
@@ -396,7 +477,7 @@ class ArkFederation:
             self.audit.update(self.cfg.rounds, "query", site=r.site, node_id=r.node_id,
                               arrived=arrived, arrays=r.arrays,
                               norm=update_norm(r.arrays, state), accepted=True,
-                              master_sha256=sha)
+                              master_sha256=sha, clipped=w.clipped or None)
             lines.append({"round": self.cfg.rounds, "kind": "query", "site": r.site,
                           "node_id": r.node_id, **r.metrics})
 
@@ -444,6 +525,8 @@ class ArkFederation:
                     f"run directory continues at round {r}."
                 )
             record["seconds"] = round(time.monotonic() - t0, 3)
+            if self.caps is not None:
+                self.run.state["example_caps"] = self.caps.pinned
             self.run.commit_round(r, master, record)
             self.run.append_metrics([{"round": r, "kind": "round", "seconds": record["seconds"],
                                       "sites": len(record["sites"])}])
@@ -476,6 +559,11 @@ class ArkFederation:
         self.run.finish(master, teacher, provenance)
         log.info("federation finished: %s (teachers of %s)", self.run.path,
                  ", ".join(teacher_sites) or "no site")
+
+
+    def _site_of(self, node: int) -> str | None:
+        """The site ``node`` is enrolled as (a deployment), else None."""
+        return (self.enrolled or {}).get(node)
 
 
 def _fmt(v: float | None) -> str:

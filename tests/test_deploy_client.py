@@ -101,8 +101,9 @@ def test_server_with_a_certificate_from_another_ca_is_refused(tmp_path, keys, tm
     t = threading.Thread(target=serve, daemon=True)
     t.start()
     try:
-        with pytest.raises(cli.SiteError, match="does not verify with the CA"):
+        with pytest.raises(cli.SiteError, match="does not verify with the CA") as e:
             cli.wait_for_server(f"localhost:{port}", keys / "ca.crt", tries=1, wait_s=0.1)
+        assert e.value.code == cli.EXIT_MISMATCH
     finally:
         srv.close()
         t.join(timeout=5)
@@ -118,3 +119,62 @@ def test_a_killed_session_delays_the_next_one_until_the_server_gave_it_up(tmp_pa
     offline = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL  # when the SuperLink gives up
     assert offline + cli.TOUCH_S < cli.session_wait_s(tmp_path, now=last) < offline + 30
     assert cli.session_wait_s(tmp_path, now=last + 200) == 0
+
+
+def _https_server(keys, handler_cls):
+    import http.server
+    import ssl
+    import threading
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(keys / "server.crt", keys / "server.key")
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def test_a_server_of_an_incompatible_flower_version_ends_with_its_own_code(tmp_path, keys, capsys):
+    """A real flower-supernode against a stand-in SuperLink that answers as a SuperLink of
+    an incompatible Flower version does (its version check's error payload)."""
+    import http.server
+    import json
+
+    from flwr.supercore.error import ApiErrorCode, FlowerError
+
+    body = json.dumps(FlowerError(
+        ApiErrorCode.RUNTIME_VERSION_INCOMPATIBLE, "",
+        public_details="SuperLink 9.0.0 does not accept SuperNode 1.42.0.",
+    ).to_json("Runtime version compatibility check failed.")).encode()
+
+    class Incompatible(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(412)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = _https_server(keys, Incompatible)
+    try:
+        site = write_site(tmp_path, "site-a", keys, srv.server_address[1], tasks=[NIH])
+        code, out = _run(capsys, str(site))
+    finally:
+        srv.shutdown()
+    assert code == cli.EXIT_MISMATCH, out
+    assert "Flower version does not work with this site's" in out and "9.0.0" in out
+
+
+def test_a_second_instance_of_a_site_stops_at_once(tmp_path, keys):
+    from client.supernode import SiteLock
+
+    with SiteLock(tmp_path, "site-a"):
+        with pytest.raises(cli.SiteError, match="another ark-client of site site-a") as e:
+            SiteLock(tmp_path, "site-a").__enter__()
+        assert e.value.code == cli.EXIT_DUPLICATE
+    with SiteLock(tmp_path, "site-a"):  # released on exit: the next one runs
+        pass

@@ -77,7 +77,7 @@ def test_commands_parse_and_configs_agree(services):
 
     server = services["server"]
     sargs = server_parser().parse_args(server["command"][1:])
-    assert not sargs.insecure
+    assert not sargs.sync_keys and not sargs.no_submit
     m = _mounts(server)
     assert _host_path(str(sargs.config), m)[0] == fed_path
     assert m["/keys"][1], "the server only reads the keys"
@@ -89,7 +89,7 @@ def test_commands_parse_and_configs_agree(services):
     for name in ("site-a", "site-b", "site-c", "site-gpu"):
         svc = services[name]
         cargs = client_parser().parse_args(svc["command"][1:])
-        assert not cargs.insecure and not cargs.check_only
+        assert not cargs.check_only
         m = _mounts(svc)
         site_path, _ = _host_path(str(cargs.config), m)
         site = load_config(site_path, SiteConfig)
