@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from flwr.clientapp import ClientApp
+
+from client.app import evaluate, query, site_tasks, train
+from client.audit import audit_mod
+from client.egress import egress_guard
 
 DEMO = Path(__file__).resolve().parents[1] / "simulations" / "demo_data"
 NIH_LABELS = [
@@ -40,3 +45,14 @@ def write_sim(tmp: Path, sites: list[dict] | None = None, **fed) -> dict:
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return {"sim-config": str(path), "data-root": str(DEMO), "run-dir": str(tmp / "run"),
             "fed-config": ""}
+
+
+def hostile_app(mod) -> ClientApp:
+    """The site's ClientApp with ``mod`` outside its audit log and egress guard, where a
+    hostile site's own code would sit."""
+    app = ClientApp(mods=[mod, audit_mod, egress_guard])
+    app.train()(train)
+    app.evaluate()(evaluate)
+    app.query()(query)
+    app.query("tasks")(site_tasks)
+    return app

@@ -11,17 +11,13 @@ import math
 
 import pytest
 import torch
-from fed_helpers import write_sim
+from fed_helpers import hostile_app, write_sim
 from flower_local_grid import LocalGrid
 from flwr.app import ArrayRecord
-from flwr.clientapp import ClientApp
 
 from ark_core.audit import read_audit
 from ark_core.checkpoint import load_tensors
 from client.app import app as client_app
-from client.app import evaluate, query, site_tasks, train
-from client.audit import audit_mod
-from client.egress import egress_guard
 from server.app import federation_from_run_config
 from server.loop import ArkFederation
 
@@ -42,11 +38,7 @@ def _attack_mod(msg, context, call_next):
     return reply
 
 
-attack_app = ClientApp(mods=[_attack_mod, audit_mod, egress_guard])
-attack_app.train()(train)
-attack_app.evaluate()(evaluate)
-attack_app.query()(query)
-attack_app.query("tasks")(site_tasks)
+attack_app = hostile_app(_attack_mod)
 
 
 def _sites() -> list[dict]:

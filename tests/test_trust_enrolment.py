@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from fed_helpers import write_sim
+from fed_helpers import hostile_app, write_sim
 from flower_local_grid import LocalGrid
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.clientapp import ClientApp
@@ -20,9 +20,6 @@ from ark_core.aggregate import StreamingAggregator
 from ark_core.audit import read_audit
 from ark_core.checkpoint import load_tensors
 from ark_core.deployment import ServerDeployment, SiteKey
-from client.app import evaluate, query, site_tasks, train
-from client.audit import audit_mod
-from client.egress import egress_guard
 from server.app import federation_from_run_config
 from server.enrolment import write_registry
 from server.loop import ArkFederation
@@ -40,12 +37,7 @@ def _app(attack) -> ClientApp:
             attack(msg, reply, context.node_id)
         return reply
 
-    app = ClientApp(mods=[mod, audit_mod, egress_guard])
-    app.train()(train)
-    app.evaluate()(evaluate)
-    app.query()(query)
-    app.query("tasks")(site_tasks)
-    return app
+    return hostile_app(mod)
 
 
 class RecordingGrid(LocalGrid):
