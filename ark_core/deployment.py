@@ -50,6 +50,12 @@ class ServerDeployment(Strict):
         "leave the coordinator); 0 picks a free one at each start.",
     )
     startup_timeout_s: float = Field(60.0, gt=0, description="Wait for the SuperLink to answer.")
+    superlink_retry_s: float = Field(
+        600.0, gt=0,
+        description="How long the ServerApp keeps retrying a SuperLink call that fails with "
+        "a passing error (HTTP 5xx, a dropped connection, a locked database) before the round "
+        "gives up on it.",
+    )
     site_wait_s: float = Field(
         120.0, ge=0,
         description="Before each round, once min_sites are connected, wait up to this long for "

@@ -13,6 +13,10 @@ same path is what goes upstream: a target holding a dot segment, an empty segmen
 percent-escape, a backslash, a ``;`` parameter, a query or any non-ASCII byte matches no
 route, so no normalisation on either side can turn an allowed path into another one.
 
+A 500 from the SuperLink on a Fleet route (its SQLite state busy: "database is locked")
+goes to the site as 503: Flower 1.42's SuperNode retries 502-504 with back-off but gives
+up on a 500, and then stays alive without working.
+
 Run by ``ark-server``: ``python -m server.gate --host H --port P --upstream URL ...``.
 """
 
@@ -105,6 +109,13 @@ class Gate:
             resp = await self.client.send(req, stream=True)
         except httpx.TransportError:
             return PlainTextResponse("SuperLink unavailable\n", status_code=503)
+        if resp.status_code == 500 and path in FLEET_ROUTES:
+            await resp.aread()
+            await resp.aclose()
+            log.warning("SuperLink answered 500 to %s: passed on as 503, so the site retries: %s",
+                        path, resp.text[:300])
+            return PlainTextResponse("SuperLink busy, try again\n", status_code=503,
+                                     headers={"Retry-After": "1"})
         out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
         return StreamingResponse(
             resp.aiter_raw(), status_code=resp.status_code, headers=out_headers,

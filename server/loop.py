@@ -71,6 +71,7 @@ from ark_core.transfer import as_update, declared_encoding, payload_nbytes
 from .audit import ServerAudit, write_privacy
 from .enrolment import FILE as ENROLMENT_FILE
 from .enrolment import enrolled_nodes
+from .retry import RetryingGrid
 from .rundir import RunDir
 
 log = logging.getLogger("flwr.ark.server")
@@ -503,14 +504,20 @@ class ArkFederation:
     def start(self, grid: Grid, *, max_rounds: int | None = None) -> RunDir:
         """Run (or continue) the federation to the end, or for ``max_rounds`` rounds more.
 
+        Every SuperLink call is retried on passing failures (:class:`RetryingGrid`); the
+        round's record counts those retries (``superlink_retries``).
+
         Raises:
             FederationStopped: A round failed ``1 + retries`` times.
         """
+        dep = self.cfg.deployment
+        if not isinstance(grid, RetryingGrid):
+            grid = RetryingGrid(grid, give_up_s=dep.superlink_retry_s if dep else 600.0)
         master = self._initial_master()
         first = self.run.last_round + 1
         last = self.cfg.rounds if max_rounds is None else min(self.cfg.rounds, first + max_rounds - 1)
         for r in range(first, last + 1):
-            t0 = time.monotonic()
+            t0, retries = time.monotonic(), grid.retries
             for attempt in range(self.cfg.retries + 1):
                 if attempt:
                     log.warning("round %d: retry %d of %d", r, attempt, self.cfg.retries)
@@ -525,6 +532,7 @@ class ArkFederation:
                     f"run directory continues at round {r}."
                 )
             record["seconds"] = round(time.monotonic() - t0, 3)
+            record["superlink_retries"] = grid.retries - retries
             if self.caps is not None:
                 self.run.state["example_caps"] = self.caps.pinned
             self.run.commit_round(r, master, record)

@@ -30,6 +30,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, bytes, bytes]] = []
+        self.status = 200
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -41,9 +42,10 @@ class Recorder:
         self.seen.append((scope["method"], scope["raw_path"], scope["query_string"]))
         while (await receive()).get("more_body"):
             pass
-        await send({"type": "http.response.start", "status": 200,
+        status = self.status
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-length", b"3")]})
-        await send({"type": "http.response.body", "body": b"ok\n"})
+        await send({"type": "http.response.body", "body": b"ok\n" if status == 200 else b"no\n"})
 
 
 def _serve(app, port: int) -> tuple[uvicorn.Server, threading.Thread]:
@@ -247,3 +249,14 @@ def test_fuzzed_targets_reach_only_allowed_routes(gate):
     assert counts["sent"] >= 10_000 and counts["allowed"] > 0
     # Whatever was sent, the upstream saw allowed routes only.
     assert all(_allowed(m, p.decode()) and not q for m, p, q in recorder.seen)
+
+
+def test_a_superlink_500_reaches_the_site_as_503(gate):
+    """Flower's SuperNode retries 503 and gives up on 500 (then hangs): the gate translates."""
+    port, recorder = gate
+    recorder.status = 500
+    try:
+        assert _raw(port, "POST", b"/v1/fleet/pull-messages") == 503
+        assert _raw(port, "GET", b"/health") == 500  # not a Fleet route: passed as it is
+    finally:
+        recorder.status = 200
