@@ -87,6 +87,11 @@ class SiteDeployment(Strict):
         10, ge=1, description="Tries to reach the server before ark-client gives up at start."
     )
     retry_wait_s: float = Field(3.0, gt=0, description="Seconds between start-up tries.")
+    rejoin_timeout_s: float = Field(
+        3600.0, gt=0,
+        description="After a SuperNode ended, how long ark-client keeps starting new ones "
+        "(back-off up to 60 s) until one stays joined, before it gives up (exit code 4).",
+    )
     runtime_port: int = Field(
         9094, ge=1, le=65535, description="Loopback port of the SuperNode's app runtime API."
     )

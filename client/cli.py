@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in dep.gpus)
             print(f"[ark-client] site {cfg.name} joining {dep.server}", flush=True)
             session = state_dir / SESSION_FILE
-            return run_supernode(supernode_command(path, dep, key, ca, base), env, session)
+            return run_supernode(supernode_command(path, dep, key, ca, base), env, session,
+                                 dep.rejoin_timeout_s)
     except KeyboardInterrupt:
         print("\n[ark-client] stopping", file=sys.stderr)
         return 130
@@ -235,14 +236,16 @@ def main(argv: list[str] | None = None) -> int:
             session.unlink(missing_ok=True)
 
 
-def run_supernode(cmd: list[str], env: dict[str, str], session: Path) -> int:
+def run_supernode(cmd: list[str], env: dict[str, str], session: Path,
+                  give_up_s: float = 3600.0) -> int:
     """Run SuperNodes until one ends for a reason the site must act on; its exit code.
 
     A SuperNode that ends after it had joined (the server answered 401 to its node) is
     replaced, with back-off: the next one joins again if the server merely started over
-    with a new registry, and is refused if the site's key was removed or rotated.
+    with a new registry, and is refused if the site's key was removed or rotated. After
+    ``give_up_s`` without a SuperNode that stayed up for ``REJOIN_MAX_S``, it gives up.
     """
-    backoff = 1.0
+    backoff, steady = 1.0, time.monotonic()
     while True:
         started = time.monotonic()
         node = procs.start(cmd, env, pipe=True)
@@ -260,7 +263,12 @@ def run_supernode(cmd: list[str], env: dict[str, str], session: Path) -> int:
             print(f"ark-client: error: {verdict.message}", file=sys.stderr, flush=True)
             return verdict.code
         if time.monotonic() - started > REJOIN_MAX_S:
-            backoff = 1.0
+            backoff, steady = 1.0, time.monotonic()
+        elif time.monotonic() - steady > give_up_s:
+            print(f"ark-client: error: no SuperNode stayed joined for {give_up_s:.0f} s (the last "
+                  f"ended with exit {code}); see the SuperNode's output above",
+                  file=sys.stderr, flush=True)
+            return EXIT_UNREACHABLE
         print(f"[ark-client] the SuperNode ended (exit {code}) after it had joined: the server "
               "no longer knows its node (a new registry, or this site's key was removed); "
               f"starting a new one in {backoff:.0f} s", file=sys.stderr, flush=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import ssl
 import subprocess
@@ -38,6 +39,7 @@ from . import procs
 from .enrolment import read_registry, write_registry
 
 CONNECTION = "ark"  # the SuperLink connection name in $FLWR_HOME/config.toml
+STOPPED = "stopped.json"  # in the run directory after `flwr stop`
 
 
 @dataclass
@@ -86,7 +88,8 @@ class Coordinator:
         cmd += self._tls_args()
         self.superlink = procs.start(cmd, self.env, self.logs / "superlink.log", cwd=self.run_dir)
         self._write_connection()
-        (self.run_dir / "superlink.json").write_text(json.dumps({"port": self.port}))
+        (self.run_dir / "superlink.json").write_text(
+            json.dumps({"port": self.port, "pid": os.getpid()}))
         self._wait_ready()
 
     def _tls_args(self) -> list[str]:
@@ -120,7 +123,13 @@ class Coordinator:
         info = self.run_dir / "superlink.json"
         if not info.exists():
             raise RuntimeError(f"{info}: no running ark-server on this run directory")
-        self.port = int(json.loads(info.read_text())["port"])
+        data = json.loads(info.read_text())
+        pid = data.get("pid")
+        if pid is not None and not _alive(int(pid)):  # left by a crash
+            info.unlink(missing_ok=True)
+            raise RuntimeError(f"no running ark-server on {self.run_dir}: the ark-server that "
+                               f"wrote {info.name} (pid {pid}) is gone; its stale file was removed")
+        self.port = int(data["port"])
         self._wait_ready()
 
     # -- site keys -----------------------------------------------------------------
@@ -226,8 +235,15 @@ class Coordinator:
         if self.finished():
             print_summary(self.run_dir)
             return 0
-        print(f"[ark-server] the run stopped before its last round; see {self.logs}; start "
-              "ark-server again on this run directory to resume", file=sys.stderr)
+        if status == "finished:stopped":
+            (self.run_dir / STOPPED).write_text(json.dumps({"run_id": run_id, "at": time.time()}))
+            print(f"[ark-server] run {run_id} was stopped (flwr stop) after round "
+                  f"{_last_round(self.run_dir)}; it does not resume by itself. To continue it: "
+                  f"ark-server {self.cfg_path} --resume", file=sys.stderr)
+            return 0
+        print(f"[ark-server] the run stopped before its last round (Flower: {status or 'unknown'})"
+              f": {last_error(self.logs / 'run.log')}\n  full log: {self.logs / 'run.log'}\n"
+              "  start ark-server again on this run directory to resume", file=sys.stderr)
         return 1
 
     def _run_status(self, run_id: str) -> str:
@@ -245,6 +261,39 @@ class Coordinator:
         procs.stop(self.superlink)
         self.gate = self.superlink = None
         (self.run_dir / "superlink.json").unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _last_round(run_dir: Path) -> int:
+    state = run_dir / "state.json"
+    return int(json.loads(state.read_text()).get("last_round", 0)) if state.exists() else 0
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def last_error(log: Path, most: int = 25) -> str:
+    """The ServerApp's last traceback in ``log`` (its final lines), or its last error line."""
+    try:
+        lines = [_ANSI.sub("", ln.rstrip()) for ln in log.read_text(errors="replace").splitlines()]
+    except OSError:
+        return "(no run log)"
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last)")]
+    if starts:
+        tb = lines[starts[-1]:]
+        end = next((i for i, ln in enumerate(tb[1:], 1) if ln and not ln.startswith(" ")), len(tb) - 1)
+        return "\n" + "\n".join(tb[: end + 1][-most:])
+    errors = [ln for ln in lines if "ERROR" in ln or "Error" in ln or "rror:" in ln]
+    return errors[-1].strip() if errors else "no error in the run log"
 
 
 def _fingerprint(pub: Path) -> str:
@@ -275,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, help="override the YAML's run_dir")
     p.add_argument("--sync-keys", action="store_true",
                    help="register/unregister site keys on the running ark-server, then exit")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run that `flwr stop` stopped")
     p.add_argument("--no-submit", action="store_true",
                    help="start the SuperLink and the sites' port only (submit later with flwr run)")
     return p
@@ -307,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
         if coord.finished():
             print_summary(run_dir)
             return 0
+        stopped = run_dir / STOPPED
+        if stopped.exists() and not args.resume:
+            print(f"[ark-server] this run was stopped with `flwr stop` ({stopped}); it does not "
+                  "resume by itself: pass --resume to continue it", file=sys.stderr)
+            return 0
+        stopped.unlink(missing_ok=True)
         coord.start_superlink()
         coord.sync_keys()
         coord.start_gate()

@@ -5,12 +5,15 @@
   federation YAML) connects: it gets no work, and the coordinator logs it;
 - an enrolled site says it is another site: its reply is rejected as impersonation;
 - a second ark-client of the same site stops at once with its own exit code;
-- the coordinator starts over with a new run directory: the sites rejoin, not exit.
+- the coordinator starts over with a new run directory: the sites rejoin, not exit;
+- ``flwr stop`` ends that run as stopped: ark-server exits 0, and started again it does not
+  resume it (a restart policy would otherwise undo the stop).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -108,7 +111,7 @@ def test_outsider_intruder_impersonator_and_duplicate(tmp_path, tmp_path_factory
         cfg = yaml.safe_load(fed.read_text())
         cfg["run_dir"] = str(tmp_path / "run2")
         fed.write_text(yaml.safe_dump(cfg))
-        again = procs.start("server-new-run", "ark-server", str(fed), "--no-submit")
+        again = procs.start("server-new-run", "ark-server", str(fed))
         wait_for(lambda: (tmp_path / "run2" / "site_keys.json").exists()
                  or again.poll() is not None, 180, "the new registry")
         node_a = _json(tmp_path / "run2" / "site_keys.json")["site-a"]["node_id"]
@@ -116,3 +119,17 @@ def test_outsider_intruder_impersonator_and_duplicate(tmp_path, tmp_path_factory
                  or a.poll() is not None, 300, "site-a to rejoin the new run")
         assert a.poll() is None, procs.log(a)
         assert "starting a new one" in procs.log(a)
+
+        # flwr stop, on the coordinator: recorded as stopped, not resumed by a restart.
+        wait_for(lambda: re.search(r"started run (\d+)", procs.log(again)) or again.poll()
+                 is not None, 180, "the new run")
+        run_id = re.search(r"started run (\d+)", procs.log(again)).group(1)
+        res = subprocess.run([str(BIN / "flwr"), "stop", run_id, "ark"], capture_output=True,
+                             text=True, timeout=120,
+                             env={**procs.env, "FLWR_HOME": str(tmp_path / "run2" / "flwr")})
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert again.wait(timeout=300) == 0, procs.log(again)
+        assert "was stopped (flwr stop)" in procs.log(again)
+        assert (tmp_path / "run2" / "stopped.json").exists()
+        after = procs.start("server-after-stop", "ark-server", str(fed))
+        assert after.wait(timeout=120) == 0 and "pass --resume" in procs.log(after)

@@ -178,3 +178,31 @@ def test_a_second_instance_of_a_site_stops_at_once(tmp_path, keys):
         assert e.value.code == cli.EXIT_DUPLICATE
     with SiteLock(tmp_path, "site-a"):  # released on exit: the next one runs
         pass
+
+
+def _stand_in(tmp_path, script: str) -> list[str]:
+    """A process in the SuperNode's place that prints what a SuperNode prints, then exits."""
+    path = tmp_path / "supernode.py"
+    path.write_text(script)
+    import sys
+
+    return [sys.executable, str(path)]
+
+
+def test_a_supernode_that_ends_after_joining_is_replaced_until_the_give_up_time(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    cmd = _stand_in(tmp_path, f"open({str(runs)!r}, 'a').write('x')\nprint('SuperNode ID: 7')\n")
+    code = cli.run_supernode(cmd, {}, tmp_path / "session", give_up_s=2.5)
+    out = capsys.readouterr()
+    assert code == cli.EXIT_UNREACHABLE
+    assert len(runs.read_text()) >= 2, "it was started again"
+    assert "starting a new one" in out.err and "no SuperNode stayed joined" in out.err
+    assert "SuperNode ID: 7" in out.out  # its output reaches ark-client's
+
+
+def test_a_refused_key_ends_the_site_at_once(tmp_path, capsys):
+    cmd = _stand_in(tmp_path, "print('ERROR :     Exit Code: 305')\n"
+                    "print('Failed to initialize the connection to the SuperLink.')\n"
+                    "print('[code: 2004] Failed to activate SuperNode.')\nraise SystemExit(49)\n")
+    assert cli.run_supernode(cmd, {}, tmp_path / "session") == cli.EXIT_REFUSED
+    assert "the server refused this site's key" in capsys.readouterr().err

@@ -39,7 +39,6 @@ from deploy_helpers import (
 
 from ark_core.commands.keys import make_site_key, retire_site_key
 from client.cli import EXIT_REFUSED
-from server import procs as server_procs
 from server.procs import free_port
 
 pytestmark = pytest.mark.slow
@@ -81,16 +80,6 @@ def _registered_nodes(run: Path, env: dict) -> dict[int, str]:
     return {int(n["node-id"]): str(n["status"]) for n in out["nodes"]}
 
 
-def _clientapp_running(p: subprocess.Popen) -> bool:
-    for pid in server_procs.descendants(p.pid):
-        try:
-            if b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return True
-        except OSError:
-            continue
-    return False
-
-
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     return session_keys(tmp_path_factory)
@@ -124,9 +113,11 @@ def test_federation_lifecycle_over_tls(tmp_path, keys):
 
         # Round 2: site-c is killed while it trains (its SuperNode has taken the message)
         # and restarted at once, as a container's restart policy would.
+        # Killed as soon as its own log says it took the message: a ClientApp process may be
+        # slow to appear on a busy machine, or already gone, but the reply cannot be out
+        # before the ClientApp has started and trained.
         wait_for(lambda: procs.log(site["site-c"]).count("Receiving: train message") >= 2
                  or server.poll() is not None, 600, "round 2 at site-c")
-        wait_for(lambda: _clientapp_running(site["site-c"]), 30, "site-c's ClientApp")
         procs.kill(site["site-c"])
         wait_for(lambda: not own_processes(str(tmp_path / "site-c.yaml")), 10, "site-c's end")
         [fp_dir] = [d for d in teachers.iterdir() if d.is_dir()]
