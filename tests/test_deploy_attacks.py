@@ -82,9 +82,10 @@ def test_outsider_intruder_impersonator_and_duplicate(tmp_path, tmp_path_factory
         a = procs.start("site-a", "ark-client", str(site_a))
         procs.start("site-b", "ark-client", str(site_b))
 
-        # A second ark-client of site-a stops at once, naming the first.
+        # A second ark-client of site-a, started once the first holds the site's lock (it
+        # takes it before it joins), stops at once, naming the first.
+        wait_for(lambda: "joining" in procs.log(a) or a.poll() is not None, 120, "site-a to join")
         second = procs.start("site-a-again", "ark-client", str(site_a))
-        wait_for(lambda: "joining" in procs.log(a), 120, "site-a to join")
         assert second.wait(timeout=120) == EXIT_DUPLICATE, procs.log(second)
         assert "another ark-client of site site-a is running" in procs.log(second)
 
