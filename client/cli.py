@@ -46,6 +46,7 @@ from .supernode import (
     EXIT_MISMATCH,
     EXIT_REFUSED,
     EXIT_UNREACHABLE,
+    STALL_GRACE_S,
     OutputTail,
     SiteError,
     SiteLock,
@@ -254,8 +255,12 @@ def run_supernode(cmd: list[str], env: dict[str, str], session: Path,
             tail = OutputTail(node.stdout)
             while (code := node.poll()) is None:
                 session.touch()
+                if tail.stalled():
+                    print("[ark-client] the SuperNode stopped working after a server error but "
+                          "did not exit; replacing it", file=sys.stderr, flush=True)
+                    break
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    node.wait(timeout=TOUCH_S)
+                    node.wait(timeout=min(TOUCH_S, STALL_GRACE_S / 2))
         finally:
             procs.stop(node)
         verdict = explain(tail.text())

@@ -6,6 +6,11 @@ rotated, or the server started over with a new run directory and registry). ark-
 tells these apart: a refused or incompatible start ends ark-client with its own exit code
 (:data:`EXIT_CODES`); an end after the node had joined is followed by a new SuperNode with
 back-off, which either joins again (a new registry) or is refused (the key is gone).
+
+A Flower 1.42 SuperNode whose connection meets an HTTP 5xx it does not retry (the SuperLink's
+500, or a proxy's) logs ``Server error '5..'`` and stops working without exiting: its
+main loop has ended, a server thread keeps the process alive. :class:`OutputTail` notices
+that line; a SuperNode still alive :data:`STALL_GRACE_S` later is replaced as above.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +39,8 @@ EXIT_CODES = {
 LOCK_FILE = "ark-client.lock"  # in the state dir, locked while an ark-client runs
 # Flower's exit codes (flwr.supercore.exit.ExitCode) that a SuperNode prints when it quits.
 _FLWR_CONNECTION_ERROR, _FLWR_VERSION_INCOMPATIBLE = 305, 606
+_STALL = re.compile(r"Server error '5\d\d ")
+STALL_GRACE_S = 10.0
 _TLS = re.compile(r"SSL|CERTIFICATE_VERIFY|certificate verify|TLSV1_ALERT|WRONG_VERSION_NUMBER")
 
 
@@ -128,6 +136,7 @@ class OutputTail:
 
     def __init__(self, stream: IO[str], keep: int = 400) -> None:
         self.lines: deque[str] = deque(maxlen=keep)
+        self.stalled_at: float | None = None  # when a line said the node stopped working
         self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
         self._thread.start()
 
@@ -137,6 +146,12 @@ class OutputTail:
                 sys.stdout.write(line)
                 sys.stdout.flush()
                 self.lines.append(line)
+                if self.stalled_at is None and _STALL.search(line):
+                    self.stalled_at = time.monotonic()
+
+    def stalled(self) -> bool:
+        """Whether the SuperNode said it stopped working, more than a grace period ago."""
+        return self.stalled_at is not None and time.monotonic() - self.stalled_at > STALL_GRACE_S
 
     def text(self, timeout: float = 5.0) -> str:
         """The kept output, once the stream has ended (or after ``timeout``)."""

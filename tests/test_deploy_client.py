@@ -206,3 +206,53 @@ def test_a_refused_key_ends_the_site_at_once(tmp_path, capsys):
                     "print('[code: 2004] Failed to activate SuperNode.')\nraise SystemExit(49)\n")
     assert cli.run_supernode(cmd, {}, tmp_path / "session") == cli.EXIT_REFUSED
     assert "the server refused this site's key" in capsys.readouterr().err
+
+
+def test_a_supernode_that_stops_working_on_a_server_error_is_replaced(tmp_path, keys, capsys):
+    """A real flower-supernode against a stand-in SuperLink that answers one pull with 500:
+    Flower's SuperNode then stops working without exiting. ark-client replaces it; the
+    stand-in refuses the second activation as a SuperLink refuses an unknown key."""
+    import http.server
+    import json
+
+    from flwr.proto.fleet_pb2 import ActivateNodeResponse, PullMessagesResponse
+    from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatResponse
+    from flwr.supercore.error import ApiErrorCode, FlowerError
+
+    seen: list[str] = []
+    refused = json.dumps(FlowerError(ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED, "").to_json(
+        "Failed to activate SuperNode.")).encode()
+
+    class FailsOnce(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            seen.append(self.path.rsplit("/", 1)[1])
+            kind, code = "application/protobuf", 200
+            if seen[-1] == "activate-node" and seen.count("activate-node") == 1:
+                body = ActivateNodeResponse(node_id=5).SerializeToString()
+            elif seen[-1] == "activate-node":
+                body, code, kind = refused, 412, "application/json"
+            elif seen[-1] == "send-node-heartbeat":
+                body = SendNodeHeartbeatResponse(success=True).SerializeToString()
+            elif seen[-1] == "pull-messages" and seen.count("pull-messages") < 2:
+                body = PullMessagesResponse().SerializeToString()
+            else:
+                body, code, kind = b'{"detail": "database is locked"}', 500, "application/json"
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = _https_server(keys, FailsOnce)
+    try:
+        site = write_site(tmp_path, "site-a", keys, srv.server_address[1], tasks=[NIH])
+        code, out = _run(capsys, str(site))
+    finally:
+        srv.shutdown()
+    assert "stopped working after a server error" in out
+    assert seen.count("activate-node") == 2, seen
+    assert code == cli.EXIT_REFUSED, out
