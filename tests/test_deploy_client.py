@@ -121,23 +121,41 @@ def test_a_killed_session_delays_the_next_one_until_the_server_gave_it_up(tmp_pa
     assert cli.session_wait_s(tmp_path, now=last + 200) == 0
 
 
-def _https_server(keys, handler_cls):
+def _run_against_standin(tmp_path, keys, capsys, answer) -> tuple[int, str]:
+    """Run ark-client against a stand-in SuperLink over TLS; ``answer(route)`` gives each
+    POST's (status, content type, body)."""
     import http.server
     import ssl
     import threading
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
+    class StandIn(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            code, kind, body = answer(self.path.rsplit("/", 1)[1])
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(keys / "server.crt", keys / "server.key")
     srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    return srv
+    try:
+        site = write_site(tmp_path, "site-a", keys, srv.server_address[1], tasks=[NIH])
+        return _run(capsys, str(site))
+    finally:
+        srv.shutdown()
 
 
 def test_a_server_of_an_incompatible_flower_version_ends_with_its_own_code(tmp_path, keys, capsys):
     """A real flower-supernode against a stand-in SuperLink that answers as a SuperLink of
     an incompatible Flower version does (its version check's error payload)."""
-    import http.server
     import json
 
     from flwr.supercore.error import ApiErrorCode, FlowerError
@@ -147,24 +165,8 @@ def test_a_server_of_an_incompatible_flower_version_ends_with_its_own_code(tmp_p
         public_details="SuperLink 9.0.0 does not accept SuperNode 1.42.0.",
     ).to_json("Runtime version compatibility check failed.")).encode()
 
-    class Incompatible(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's name
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            self.send_response(412)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    srv = _https_server(keys, Incompatible)
-    try:
-        site = write_site(tmp_path, "site-a", keys, srv.server_address[1], tasks=[NIH])
-        code, out = _run(capsys, str(site))
-    finally:
-        srv.shutdown()
+    code, out = _run_against_standin(tmp_path, keys, capsys,
+                                     lambda route: (412, "application/json", body))
     assert code == cli.EXIT_MISMATCH, out
     assert "Flower version does not work with this site's" in out and "9.0.0" in out
 
@@ -212,7 +214,6 @@ def test_a_supernode_that_stops_working_on_a_server_error_is_replaced(tmp_path, 
     """A real flower-supernode against a stand-in SuperLink that answers one pull with 500:
     Flower's SuperNode then stops working without exiting. ark-client replaces it; the
     stand-in refuses the second activation as a SuperLink refuses an unknown key."""
-    import http.server
     import json
 
     from flwr.proto.fleet_pb2 import ActivateNodeResponse, PullMessagesResponse
@@ -223,36 +224,20 @@ def test_a_supernode_that_stops_working_on_a_server_error_is_replaced(tmp_path, 
     refused = json.dumps(FlowerError(ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED, "").to_json(
         "Failed to activate SuperNode.")).encode()
 
-    class FailsOnce(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's name
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            seen.append(self.path.rsplit("/", 1)[1])
-            kind, code = "application/protobuf", 200
-            if seen[-1] == "activate-node" and seen.count("activate-node") == 1:
-                body = ActivateNodeResponse(node_id=5).SerializeToString()
-            elif seen[-1] == "activate-node":
-                body, code, kind = refused, 412, "application/json"
-            elif seen[-1] == "send-node-heartbeat":
-                body = SendNodeHeartbeatResponse(success=True).SerializeToString()
-            elif seen[-1] == "pull-messages" and seen.count("pull-messages") < 2:
-                body = PullMessagesResponse().SerializeToString()
-            else:
-                body, code, kind = b'{"detail": "database is locked"}', 500, "application/json"
-            self.send_response(code)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(route: str) -> tuple[int, str, bytes]:
+        seen.append(route)
+        pb = "application/protobuf"
+        if route == "activate-node" and seen.count(route) == 1:
+            return 200, pb, ActivateNodeResponse(node_id=5).SerializeToString()
+        if route == "activate-node":
+            return 412, "application/json", refused
+        if route == "send-node-heartbeat":
+            return 200, pb, SendNodeHeartbeatResponse(success=True).SerializeToString()
+        if route == "pull-messages" and seen.count(route) < 2:
+            return 200, pb, PullMessagesResponse().SerializeToString()
+        return 500, "application/json", b'{"detail": "database is locked"}'
 
-        def log_message(self, *args):
-            pass
-
-    srv = _https_server(keys, FailsOnce)
-    try:
-        site = write_site(tmp_path, "site-a", keys, srv.server_address[1], tasks=[NIH])
-        code, out = _run(capsys, str(site))
-    finally:
-        srv.shutdown()
+    code, out = _run_against_standin(tmp_path, keys, capsys, answer)
     assert "stopped working after a server error" in out
     assert seen.count("activate-node") == 2, seen
     assert code == cli.EXIT_REFUSED, out
