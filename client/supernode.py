@@ -24,6 +24,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import IO
 
@@ -92,8 +93,6 @@ def _detail(output: str) -> str:
 
 
 def _flwr_version() -> str:
-    from importlib.metadata import version
-
     return f"flwr {version('flwr')}"
 
 

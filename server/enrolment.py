@@ -9,8 +9,9 @@ afresh each round so that ``ark-server --sync-keys`` takes effect on the running
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from .rundir import _atomic_write_text
 
 FILE = "site_keys.json"
 
@@ -36,10 +37,7 @@ def read_registry(run_dir: Path) -> dict[str, dict]:
 
 def write_registry(run_dir: Path, registry: dict[str, dict]) -> None:
     """Replace the enrolment file atomically."""
-    path = Path(run_dir) / FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(registry, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    _atomic_write_text(Path(run_dir) / FILE, json.dumps(registry, indent=1))
 
 
 def enrolled_nodes(run_dir: Path) -> dict[int, str]:
