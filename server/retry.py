@@ -6,7 +6,9 @@ dropped connections only), and a SuperLink whose SQLite state is busy answers 50
 back-off and full jitter, and lets permanent errors (authentication, a version mismatch, a
 malformed request, a stopped run) through at once. A pull is retried with the same message
 ids; a reply is confirmed to the SuperLink only once it has been read, so a retried pull
-finds it again, and the round loop folds each reply once, when it is returned.
+finds it again, and the round loop folds each reply once, when it is returned. The
+ServerApp's heartbeat, which Flower sends from its own thread, is kept alive the same way
+(:func:`shield_heartbeat`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class RetryingGrid:
     def __init__(self, grid: Grid, *, give_up_s: float = 600.0, base_s: float = 0.5,
                  cap_s: float = 30.0, seed: int | None = None) -> None:
         self.grid = grid
+        shield_heartbeat(grid)
         self.give_up_s, self.base_s, self.cap_s = give_up_s, base_s, cap_s
         self.retries = 0  # failed calls that were tried again, over the run
         self._rng = random.Random(seed)
@@ -86,6 +89,36 @@ class RetryingGrid:
                             _short(e), tries + 1, wait)
                 time.sleep(wait)
                 ceiling = min(2 * ceiling, self.cap_s)
+
+
+def shield_heartbeat(grid: object) -> bool:
+    """Keep Flower's ServerApp heartbeat alive across transient SuperLink errors.
+
+    Flower 1.42's heartbeat thread retries a 503/504 or a dropped connection but dies on a
+    500, after which the SuperLink stops hearing from the ServerApp and ends its run. Its
+    heartbeat function calls ``grid._runtime_client.SendTaskHeartbeat`` afresh each time, so
+    wrapping that one method turns a transient error into the dropped connection Flower
+    retries (with its own back-off, up to 20 s). Returns whether there was one to wrap.
+    """
+    client = getattr(grid, "_runtime_client", None)
+    send = getattr(client, "SendTaskHeartbeat", None)
+    if send is None or getattr(send, "ark_shielded", False):
+        return False
+
+    def send_retried(request: object) -> object:
+        try:
+            return send(request)
+        except httpx.TransportError:
+            raise
+        except Exception as e:  # noqa: BLE001 - only transient errors are recast
+            if not transient(e):
+                raise
+            log.warning("SuperLink heartbeat failed (%s); Flower tries it again", _short(e))
+            raise httpx.TransportError(f"heartbeat: {_short(e)}") from e
+
+    send_retried.ark_shielded = True  # type: ignore[attr-defined]
+    client.SendTaskHeartbeat = send_retried  # type: ignore[union-attr]
+    return True
 
 
 def _short(exc: BaseException) -> str:

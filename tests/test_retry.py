@@ -8,20 +8,27 @@ request leaves it.
 
 from __future__ import annotations
 
+import http.server
 import json
 import random
+import threading
+import time
+import types
 
 import httpx
 import pytest
 import torch
 from fed_helpers import write_sim
 from flower_local_grid import LocalGrid
+from flwr.proto.runtime_pb2 import SendTaskHeartbeatResponse
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.runtime.runtime_http_client import RuntimeHttpClient
 
 from ark_core.checkpoint import load_tensors
 from client.app import app as client_app
 from server.app import federation_from_run_config
 from server.loop import ArkFederation
-from server.retry import RetryingGrid, transient
+from server.retry import RetryingGrid, shield_heartbeat, transient
 
 torch.set_num_threads(1)
 
@@ -104,3 +111,58 @@ def test_a_lasting_failure_gives_up_after_its_time():
     with pytest.raises(httpx.HTTPStatusError):
         grid.get_node_ids()
     assert inner.calls > 3 and grid.retries == inner.calls - 1
+
+
+class _HeartbeatEndpoint(http.server.BaseHTTPRequestHandler):
+    """The SuperLink's send-task-heartbeat: 500 for the first ``fail`` calls, then success."""
+
+    fail = 2
+    calls: list[int] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        code = 500 if len(self.calls) < self.fail else 200
+        self.calls.append(code)
+        body = b"database is locked" if code == 500 else (
+            SendTaskHeartbeatResponse(success=True).SerializeToString())
+        self.send_response(code)
+        self.send_header("content-type", "application/protobuf")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("shielded", [True, False])
+def test_the_serverapp_heartbeat_survives_superlink_500s(shielded):
+    """Flower's own heartbeat thread and HTTP client; only the SuperLink end is a stand-in."""
+    _HeartbeatEndpoint.calls = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HeartbeatEndpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = RuntimeHttpClient(f"http://127.0.0.1:{server.server_port}")
+    grid = types.SimpleNamespace(_runtime_client=client)
+    if shielded:
+        assert shield_heartbeat(grid) and not shield_heartbeat(grid)  # wrapped once
+    sender = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    try:
+        sender.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and 200 not in _HeartbeatEndpoint.calls:
+            if not sender._thread.is_alive():
+                break
+            time.sleep(0.05)
+        if shielded:
+            assert _HeartbeatEndpoint.calls == [500, 500, 200]
+            assert sender.is_running  # the thread lives on to its next beat
+        else:  # what Flower does by itself: the thread ends on the first 500
+            assert _HeartbeatEndpoint.calls == [500]
+            assert not sender._thread.is_alive()
+    finally:
+        if sender.is_running:
+            sender.stop()
+        server.shutdown()
+        server.server_close()
+        client.close()
