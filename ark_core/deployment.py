@@ -56,6 +56,12 @@ class ServerDeployment(Strict):
         "a passing error (HTTP 5xx, a dropped connection, a locked database) before the round "
         "gives up on it.",
     )
+    stall_s: float = Field(
+        900.0, ge=10,
+        description="ark-server restarts its SuperLink and resumes the run when the SuperLink "
+        "has not answered its health check, or the ServerApp has made no call to it, for this "
+        "long (both alive but stuck). Above the longest single push of the master.",
+    )
     site_wait_s: float = Field(
         120.0, ge=0,
         description="Before each round, once min_sites are connected, wait up to this long for "

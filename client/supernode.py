@@ -16,8 +16,6 @@ that line; a SuperNode still alive :data:`STALL_GRACE_S` later is replaced as ab
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import re
 import sys
 import threading
@@ -27,6 +25,8 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import IO
+
+from ark_core.io import ExclusiveLock, LockHeld
 
 EXIT_CONFIG, EXIT_DATA, EXIT_UNREACHABLE, EXIT_REFUSED, EXIT_MISMATCH, EXIT_DUPLICATE = 2, 3, 4, 5, 6, 7
 EXIT_CODES = {
@@ -96,38 +96,24 @@ def _flwr_version() -> str:
     return f"flwr {version('flwr')}"
 
 
-class SiteLock:
+class SiteLock(ExclusiveLock):
     """An exclusive lock on the site's state dir, held while this ark-client runs.
 
     A second ark-client of the same site would share the teacher store and the node key;
-    it stops at once, naming the first one's process id. The kernel drops the lock when
-    the holder dies, so a killed ark-client never blocks the next.
+    it stops at once, naming the first one's process id.
     """
 
     def __init__(self, state_dir: Path, site: str) -> None:
-        self.path = state_dir / LOCK_FILE
+        super().__init__(state_dir / LOCK_FILE)
         self.site = site
-        self._fd: int | None = None
 
     def __enter__(self) -> SiteLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise SiteError(f"another ark-client of site {self.site} is running (pid {holder}, "
+            super().__enter__()
+        except LockHeld as e:
+            raise SiteError(f"another ark-client of site {self.site} is running (pid {e.holder}, "
                             f"lock {self.path}); stop it first", EXIT_DUPLICATE) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # releases the lock
-            self._fd = None
 
 
 class OutputTail:

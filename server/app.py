@@ -18,10 +18,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from ark_core.config import load_config, resolve_path
 from ark_core.federation import FederationConfig, load_simulation
+from ark_core.io import ExclusiveLock, LockHeld
 
 from .loop import ArkFederation
 
 app = ServerApp()
+LOCK_FILE = "serverapp.lock"  # in the run directory, locked while a ServerApp runs it
 
 
 def federation_from_run_config(run_config: dict) -> tuple[FederationConfig, Path]:
@@ -48,4 +50,11 @@ def federation_from_run_config(run_config: dict) -> tuple[FederationConfig, Path
 def main(grid: Grid, context: Context) -> None:
     """Run or resume the federation the run config describes."""
     cfg, run_dir = federation_from_run_config(dict(context.run_config))
-    ArkFederation(cfg, run_dir).start(grid)
+    # Two ServerApps on one run directory would both write its rounds: one left over from
+    # an earlier start (ark-server stops such runs) gets a minute to go, then this one stops.
+    try:
+        with ExclusiveLock(run_dir / LOCK_FILE, wait_s=60):
+            ArkFederation(cfg, run_dir).start(grid)
+    except LockHeld as e:
+        raise RuntimeError(f"{run_dir} is in use by another ServerApp (pid {e.holder}); "
+                           "stop its run first (flwr stop)") from None

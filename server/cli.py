@@ -7,7 +7,9 @@ From a federation YAML with a ``deployment:`` section it
 2. registers the public key of every site the YAML lists (and unregisters keys that were
    replaced or whose site was removed);
 3. opens the sites' port: a gate that passes only the Fleet API (see :mod:`server.gate`);
-4. submits the Ark+ run with ``flwr run`` and streams its log until it ends.
+4. submits the Ark+ run with ``flwr run`` and streams its log until it ends, watching that
+   the SuperLink and the ServerApp keep moving (:mod:`server.liveness`): one alive but stuck
+   is stopped, and the SuperLink started again to resume the run.
 
 Everything lands in the run directory; Ctrl-C stops every process it started; started again
 on the same run directory, the SuperLink keeps its registrations and the ServerApp resumes
@@ -24,6 +26,7 @@ import re
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,9 +40,11 @@ from ark_core.federation import FederationConfig
 
 from . import procs
 from .enrolment import read_registry, write_registry
+from .liveness import PULSE, Watch
 
 CONNECTION = "ark"  # the SuperLink connection name in $FLWR_HOME/config.toml
 STOPPED = "stopped.json"  # in the run directory after `flwr stop`
+RESTARTS = 3  # restarts of a stuck SuperLink in a row, without a round finished between
 
 
 @dataclass
@@ -74,6 +79,8 @@ class Coordinator:
         self.superlink: subprocess.Popen | None = None
         self.gate: subprocess.Popen | None = None
         self.port = 0
+        self.stuck: str | None = None  # why the watch stopped the run, if it did
+        self.watch_interval_s = min(10.0, self.dep.stall_s / 4)
 
     # -- SuperLink -----------------------------------------------------------------
     def start_superlink(self) -> None:
@@ -210,9 +217,14 @@ class Coordinator:
         run_config = f'fed-config="{self.cfg_path}" run-dir="{self.run_dir}"'
         cmd = [procs.flwr_bin("flwr"), "run", str(app_dir()), CONNECTION,
                "--run-config", run_config, "--stream"]
-        run_id = None
+        run_id, self.stuck = None, None
+        watch = Watch(f"https://127.0.0.1:{self.port}/health",
+                      ssl.create_default_context(cafile=str(self.tls.ca)),
+                      self.run_dir / PULSE, self.dep.stall_s,
+                      {"the SuperLink": self.superlink, "the gate": self.gate})
         while True:
             follower = procs.start(cmd, self.env, cwd=app_dir(), pipe=True)
+            guard = self._guard(watch, follower)
             try:
                 with open(self.logs / "run.log", "a", encoding="utf-8") as log:
                     assert follower.stdout
@@ -224,7 +236,11 @@ class Coordinator:
                             run_id = m.group(1)
                 follower.wait()
             finally:
+                guard.set()
                 procs.stop(follower, grace_s=5)
+            if self.stuck:
+                print(f"[ark-server] {self.stuck}", file=sys.stderr, flush=True)
+                return 1
             status = self._run_status(run_id) if run_id else ""
             if not status or status.startswith("finished"):
                 break
@@ -246,6 +262,33 @@ class Coordinator:
               "  start ark-server again on this run directory to resume", file=sys.stderr)
         return 1
 
+    def _guard(self, watch: Watch, follower: subprocess.Popen) -> threading.Event:
+        """Check ``watch`` every interval; a stuck run ends the log stream with the reason."""
+        done = threading.Event()
+
+        def run() -> None:
+            while not done.wait(self.watch_interval_s):
+                if reason := watch.check():
+                    self.stuck = reason
+                    procs.stop(follower, grace_s=5)
+                    return
+
+        threading.Thread(target=run, name="ark-liveness", daemon=True).start()
+        return done
+
+    def stop_stale_runs(self) -> None:
+        """Stop runs an earlier start left unfinished in the SuperLink's database.
+
+        Each start submits a new run that resumes from the run directory; Flower would also
+        start the ServerApp of a run that was pending or running when the SuperLink went
+        down, and two ServerApps would then share one run directory.
+        """
+        for run in self._flwr("list").get("runs", []):
+            if not str(run.get("status", "")).startswith("finished"):
+                self._flwr("stop", str(run["run-id"]))
+                print(f"[ark-server] stopped run {run['run-id']}, left {run.get('status')} by an "
+                      "earlier start (this start resumes it as a new run)", flush=True)
+
     def _run_status(self, run_id: str) -> str:
         """Flower's status of a run ('running', 'finished:completed', ...); '' if unknown."""
         for _ in range(5):  # the SuperLink may be briefly busy
@@ -261,6 +304,35 @@ class Coordinator:
         procs.stop(self.superlink)
         self.gate = self.superlink = None
         (self.run_dir / "superlink.json").unlink(missing_ok=True)
+
+
+def serve(coord: Coordinator, no_submit: bool = False) -> int:
+    """Start the SuperLink, keys and gate, and run; start again when the watch finds it stuck."""
+    restarts, last = 0, _last_round(coord.run_dir)
+    while True:
+        coord.start_superlink()
+        coord.sync_keys()
+        if not no_submit:
+            coord.stop_stale_runs()
+        coord.start_gate()
+        if no_submit:
+            print("[ark-server] serving; Ctrl-C stops", flush=True)
+            assert coord.superlink
+            return coord.superlink.wait()
+        code = coord.submit_and_follow()
+        if coord.stuck is None:
+            return code
+        if _last_round(coord.run_dir) > last:
+            restarts, last = 0, _last_round(coord.run_dir)
+        restarts += 1
+        coord.stop()
+        if restarts > RESTARTS:
+            print(f"[ark-server] the run is stuck after {RESTARTS} restarts without a round "
+                  f"finished; see {coord.logs}", file=sys.stderr)
+            return 1
+        print(f"[ark-server] restarting the SuperLink and resuming after round {last} "
+              f"(restart {restarts} of {RESTARTS})", file=sys.stderr, flush=True)
+        time.sleep(2.0 * restarts)
 
 
 def _alive(pid: int) -> bool:
@@ -364,14 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                   "resume by itself: pass --resume to continue it", file=sys.stderr)
             return 0
         stopped.unlink(missing_ok=True)
-        coord.start_superlink()
-        coord.sync_keys()
-        coord.start_gate()
-        if args.no_submit:
-            print("[ark-server] serving; Ctrl-C stops", flush=True)
-            assert coord.superlink
-            return coord.superlink.wait()
-        return coord.submit_and_follow()
+        return serve(coord, args.no_submit)
     except KeyboardInterrupt:
         print("\n[ark-server] stopping; start again on the same run directory to resume",
               file=sys.stderr)

@@ -71,6 +71,7 @@ from ark_core.transfer import as_update, declared_encoding, payload_nbytes
 from .audit import ServerAudit, write_privacy
 from .enrolment import FILE as ENROLMENT_FILE
 from .enrolment import enrolled_nodes
+from .liveness import PULSE, Pulse
 from .retry import RetryingGrid
 from .rundir import RunDir
 
@@ -512,7 +513,8 @@ class ArkFederation:
         """
         dep = self.cfg.deployment
         if not isinstance(grid, RetryingGrid):
-            grid = RetryingGrid(grid, give_up_s=dep.superlink_retry_s if dep else 600.0)
+            grid = RetryingGrid(grid, give_up_s=dep.superlink_retry_s if dep else 600.0,
+                                pulse=Pulse(self.run.path / PULSE) if dep else None)
         master = self._initial_master()
         first = self.run.last_round + 1
         last = self.cfg.rounds if max_rounds is None else min(self.cfg.rounds, first + max_rounds - 1)

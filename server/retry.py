@@ -23,6 +23,8 @@ import httpx
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from .liveness import Pulse
+
 log = logging.getLogger("flwr.ark.server")
 T = TypeVar("T")
 
@@ -46,11 +48,13 @@ class RetryingGrid:
         base_s: First back-off; it doubles up to ``cap_s``, each wait drawn from [0, it].
         cap_s: Longest single wait.
         seed: Seeds the jitter (tests).
+        pulse: Beaten on every try, so that ark-server sees the ServerApp move.
     """
 
     def __init__(self, grid: Grid, *, give_up_s: float = 600.0, base_s: float = 0.5,
-                 cap_s: float = 30.0, seed: int | None = None) -> None:
-        self.grid = grid
+                 cap_s: float = 30.0, seed: int | None = None,
+                 pulse: Pulse | None = None) -> None:
+        self.grid, self.pulse = grid, pulse
         shield_heartbeat(grid)
         self.give_up_s, self.base_s, self.cap_s = give_up_s, base_s, cap_s
         self.retries = 0  # failed calls that were tried again, over the run
@@ -74,6 +78,8 @@ class RetryingGrid:
         deadline = time.monotonic() + self.give_up_s
         ceiling, tries = self.base_s, 0
         while True:
+            if self.pulse is not None:
+                self.pulse.beat()
             try:
                 return fn()
             except Exception as e:  # noqa: BLE001 - classified below; permanent ones re-raised
