@@ -1,0 +1,63 @@
+"""The federation's numbers do not move: a 2-round tiny run against figures recorded from it.
+
+The real ServerApp loop and ClientApp over the in-process grid, fixed seeds, one thread. It
+records each site's losses per round and, per tensor of the final master student, its sum
+and norm (float64), and fails on any change beyond 1e-6. A change of the method is meant to
+change them: regenerate with ``ARK_GOLDEN_UPDATE=1 pytest tests/test_golden.py`` and say why
+in the commit. A refactoring must leave them as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from fed_helpers import write_sim
+from flower_local_grid import LocalGrid
+
+from ark_core.checkpoint import load_tensors
+from client.app import app as client_app
+from server.app import federation_from_run_config
+from server.loop import ArkFederation
+
+GOLDEN = Path(__file__).parent / "golden" / "federation_2rounds.json"
+TOL = 1e-6
+LOSSES = ("loss.", "task-loss.", "consistency.")
+
+
+def _figures(tmp_path: Path) -> dict:
+    torch.set_num_threads(1)
+    rc = write_sim(tmp_path, rounds=2, evaluate_every=2)
+    cfg, run_dir = federation_from_run_config(rc)
+    ArkFederation(cfg, run_dir, poll_interval=0.0).start(LocalGrid(client_app, 2, rc))
+    losses = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        if m["kind"] == "train":
+            losses[f"round {m['round']} {m['site']}"] = {
+                k: v for k, v in sorted(m.items()) if k.startswith(LOSSES)}
+    master = load_tensors(run_dir / "master_student.safetensors")
+    tensors = {k: [float(t.double().sum()), float(t.double().norm())]
+               for k, t in sorted(master.items()) if t.is_floating_point()}
+    return {"losses": losses, "master": tensors}
+
+
+def test_a_two_round_federation_gives_the_recorded_figures(tmp_path):
+    got = _figures(tmp_path)
+    if os.environ.get("ARK_GOLDEN_UPDATE") == "1":
+        GOLDEN.write_text(json.dumps(got, indent=1) + "\n", encoding="utf-8")
+    want = json.loads(GOLDEN.read_text(encoding="utf-8"))
+    assert got["losses"].keys() == want["losses"].keys()
+    for run_site, figures in want["losses"].items():
+        assert got["losses"][run_site].keys() == figures.keys(), run_site
+        for k, v in figures.items():
+            assert math.isclose(got["losses"][run_site][k], v, rel_tol=TOL, abs_tol=TOL), (
+                run_site, k, got["losses"][run_site][k], v)
+    assert got["master"].keys() == want["master"].keys()
+    off = {k: (g, w) for k, w in want["master"].items()
+           for g in [got["master"][k]]
+           if not all(math.isclose(a, b, rel_tol=TOL, abs_tol=TOL) for a, b in zip(g, w))}
+    assert not off, f"{len(off)} tensor(s) of the master changed, e.g. {next(iter(off.items()))}"
