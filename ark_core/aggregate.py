@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,6 @@ __all__ = [
     "TensorSpec",
     "UpdateRejected",
     "UpdateValidator",
-    "average_state_dicts",
     "float_state",
     "head_task",
 ]
@@ -295,38 +294,3 @@ class StreamingAggregator:
         self.report.kept = kept
         self._result = out
         return out
-
-
-def average_state_dicts(
-    states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None = None
-) -> dict[str, torch.Tensor]:
-    """Average tensors by name over the states that hold them (e.g. sites' teachers).
-
-    A head present in only some states is averaged over those; weights default to equal.
-
-    Args:
-        states: State dicts; float entries are averaged, others taken from the first holder.
-        weights: One positive weight per state.
-    """
-    if not states:
-        raise ValueError("nothing to average")
-    weights = [1.0] * len(states) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(states) or any(w <= 0 for w in weights):
-        raise ValueError("need one positive weight per state")
-    sums: dict[str, torch.Tensor] = {}
-    totals: dict[str, float] = {}
-    ref: dict[str, torch.Tensor] = {}
-    for state, w in zip(states, weights, strict=True):
-        for name, v in state.items():
-            if name in ref and tuple(ref[name].shape) != tuple(v.shape):
-                raise ValueError(f"{name}: shapes differ {list(ref[name].shape)} vs {list(v.shape)}")
-            ref.setdefault(name, v)
-            if not torch.is_floating_point(v):
-                continue
-            x = v.detach().cpu().to(torch.float32) * w
-            sums[name] = sums[name] + x if name in sums else x
-            totals[name] = totals.get(name, 0.0) + w
-    return {
-        name: (sums[name] / totals[name]).to(v.dtype) if name in sums else v.detach().clone()
-        for name, v in ref.items()
-    }

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .io import append_jsonl
 from .transfer import RAW_STYPE, raw_view
 
 __all__ = ["append_audit", "read_audit", "tensors_sha256"]
@@ -51,13 +51,7 @@ def tensors_sha256(tensors: Mapping[str, Any]) -> str:
 
 def append_audit(path: str | Path, record: Mapping[str, Any]) -> None:
     """Append one record (a ``time`` field is added if absent), flushed and fsynced."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"time": time.time(), **record}, sort_keys=False, default=str)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    append_jsonl(path, {"time": time.time(), **record})
 
 
 def read_audit(path: str | Path) -> list[dict[str, Any]]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import yaml
 from .config import ArkConfig, ModelConfig, TrainConfig, resolve_path
 from .data.dataset import check_files
 from .evaluate import evaluate
+from .io import append_jsonl, atomic_write
 from .model import create_model, make_teacher
 from .schedule import lr_at
 from .tblog import write_scalars
@@ -43,21 +43,6 @@ def config_fingerprint(cfg: ArkConfig) -> str:
     """Hash of what determines the result (not output paths, workers, device)."""
     d = cfg.model_dump(mode="json", exclude={"output_dir": True, "train": {"workers", "device"}})
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def atomic_torch_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def train_centralized(
@@ -166,18 +151,16 @@ def train_tasks(
         }
         append_jsonl(out / "metrics.jsonl", record)
         write_scalars(out, [record])
-        atomic_torch_save(
-            {
-                "student": student.state_dict(),
-                "teacher": teacher.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1,
-                "ema_step": ema_step,
-                "fingerprint": fp,
-                "rng": torch.get_rng_state(),
-            },
-            ckpt_path,
-        )
+        checkpoint = {
+            "student": student.state_dict(),
+            "teacher": teacher.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch + 1,
+            "ema_step": ema_step,
+            "fingerprint": fp,
+            "rng": torch.get_rng_state(),
+        }
+        atomic_write(ckpt_path, lambda tmp, ckpt=checkpoint: torch.save(ckpt, tmp))
         provenance = {
             "kind": "centralized",
             "epochs": epoch + 1,

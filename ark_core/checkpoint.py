@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import ModelConfig
+from .io import atomic_write
 from .model import ArkModel
 from .tasks import TaskSpec
 
@@ -39,7 +39,6 @@ __all__ = [
     "FORMAT_VERSION",
     "ModelFileError",
     "export_backbone",
-    "file_to_state_dict",
     "float_tensors",
     "init_from_file",
     "load_model",
@@ -48,7 +47,6 @@ __all__ = [
     "read_metadata",
     "save_model",
     "save_tensors",
-    "state_dict_to_file",
     "timm_create_call",
 ]
 
@@ -67,30 +65,6 @@ class ModelFileError(ValueError):
 
 
 # ----------------------------------------------------------------------------- raw tensors
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, fsync, and rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    try:  # make the rename itself durable; not every filesystem lets a directory be opened
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def float_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The floating-point tensors of a state dict, detached, contiguous, on the CPU."""
     return {
@@ -115,7 +89,7 @@ def save_tensors(
     if bad:
         raise TypeError(f"safetensors metadata must map str -> str; not so for {bad}")
     data = float_tensors(tensors)
-    _atomic_write(Path(path), lambda tmp: save_file(data, str(tmp), metadata=meta))
+    atomic_write(Path(path), lambda tmp: save_file(data, str(tmp), metadata=meta))
 
 
 def _open(path: Path):
@@ -184,16 +158,6 @@ def read_metadata(path: str | Path) -> dict:
         raise ModelFileError(f"{path}: metadata key 'tasks' is invalid ({e})") from None
     meta.setdefault("provenance", {})
     return meta
-
-
-def state_dict_to_file(model: nn.Module, path: str | Path, metadata: Mapping[str, str] | None = None):
-    """Save a module's float tensors (parameters and float buffers) with a header."""
-    save_tensors(model.state_dict(), path, metadata)
-
-
-def file_to_state_dict(path: str | Path, model: nn.Module) -> None:
-    """Load a tensors file into ``model``, checking names and shapes (see load_state_checked)."""
-    load_state_checked(model, load_tensors(path), str(path))
 
 
 def load_state_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str):
@@ -414,7 +378,7 @@ def export_backbone(model: ArkModel, path: str | Path) -> str:
         }
         save_tensors(tensors, path, meta)
     elif path.suffix in (".pth", ".pt", ".bin"):
-        _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+        atomic_write(path, lambda tmp: torch.save(tensors, tmp))
     else:
         raise ValueError(f"{path}: use a .safetensors or .pth file name")
     return call

@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ark_core.audit import append_audit, tensors_sha256
-
-from .rundir import _atomic_write_text
+from ark_core.io import atomic_write_text
 
 
 def arrays_nbytes(arrays: Mapping[str, Any] | None) -> int:
@@ -78,5 +77,5 @@ class ServerAudit:
 def write_privacy(run_dir: str | Path, report: dict) -> Path:
     """Write ``privacy.json`` (what the run spent) atomically."""
     path = Path(run_dir) / "privacy.json"
-    _atomic_write_text(path, json.dumps(report, indent=1))
+    atomic_write_text(path, json.dumps(report, indent=1))
     return path

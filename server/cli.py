@@ -37,6 +37,7 @@ from ark_core.commands.keys import verify_server_cert
 from ark_core.config import ConfigError, load_config, resolve_path
 from ark_core.deployment import ServerDeployment
 from ark_core.federation import FederationConfig
+from ark_core.io import atomic_write_text
 
 from . import procs
 from .enrolment import read_registry, write_registry
@@ -95,8 +96,8 @@ class Coordinator:
         cmd += self._tls_args()
         self.superlink = procs.start(cmd, self.env, self.logs / "superlink.log", cwd=self.run_dir)
         self._write_connection()
-        (self.run_dir / "superlink.json").write_text(
-            json.dumps({"port": self.port, "pid": os.getpid()}))
+        atomic_write_text(self.run_dir / "superlink.json",
+                          json.dumps({"port": self.port, "pid": os.getpid()}))
         self._wait_ready()
 
     def _tls_args(self) -> list[str]:
@@ -252,7 +253,8 @@ class Coordinator:
             print_summary(self.run_dir)
             return 0
         if status == "finished:stopped":
-            (self.run_dir / STOPPED).write_text(json.dumps({"run_id": run_id, "at": time.time()}))
+            atomic_write_text(self.run_dir / STOPPED,
+                              json.dumps({"run_id": run_id, "at": time.time()}))
             print(f"[ark-server] run {run_id} was stopped (flwr stop) after round "
                   f"{_last_round(self.run_dir)}; it does not resume by itself. To continue it: "
                   f"ark-server {self.cfg_path} --resume", file=sys.stderr)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .rundir import _atomic_write_text
+from ark_core.io import atomic_write_text
 
 FILE = "site_keys.json"
 
@@ -37,7 +37,7 @@ def read_registry(run_dir: Path) -> dict[str, dict]:
 
 def write_registry(run_dir: Path, registry: dict[str, dict]) -> None:
     """Replace the enrolment file atomically."""
-    _atomic_write_text(Path(run_dir) / FILE, json.dumps(registry, indent=1))
+    atomic_write_text(Path(run_dir) / FILE, json.dumps(registry, indent=1))
 
 
 def enrolled_nodes(run_dir: Path) -> dict[int, str]:

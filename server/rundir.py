@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import yaml
 
 from ark_core.checkpoint import load_model, save_model
 from ark_core.federation import FederationConfig, round_lr, run_fingerprint
+from ark_core.io import append_jsonl, atomic_write_text
 from ark_core.model import ArkModel
 from ark_core.tblog import write_scalars
 
@@ -42,15 +42,6 @@ _ROUND = "round_{:03d}.safetensors"
 
 class RunDirError(RuntimeError):
     """The run directory belongs to another run or is damaged; the message says why."""
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -86,7 +77,7 @@ class RunDir:
         else:
             self.path.mkdir(parents=True, exist_ok=True)
             self.rounds_dir.mkdir(exist_ok=True)
-            _atomic_write_text(
+            atomic_write_text(
                 self.path / "config.yaml",
                 yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
             )
@@ -111,7 +102,7 @@ class RunDir:
             raise RunDirError(f"{self.state_path}: unreadable ({e})") from None
 
     def _write_state(self) -> None:
-        _atomic_write_text(self.state_path, json.dumps(self.state, indent=1))
+        atomic_write_text(self.state_path, json.dumps(self.state, indent=1))
 
     def _check_same_run(self) -> None:
         if self.state.get("fingerprint") == self.fingerprint:
@@ -134,7 +125,7 @@ class RunDir:
         lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
         keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("round", 0) <= self.last_round]
         if len(keep) != len(lines):
-            _atomic_write_text(self.metrics_path, "".join(f"{ln}\n" for ln in keep))
+            atomic_write_text(self.metrics_path, "".join(f"{ln}\n" for ln in keep))
 
     @property
     def last_round(self) -> int:
@@ -185,11 +176,7 @@ class RunDir:
         """Append lines to metrics.jsonl (flushed and synced)."""
         if not records:
             return
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.metrics_path, records)
         write_scalars(self.path, records)
 
     def finish(self, student: ArkModel, teacher: ArkModel | None, provenance: dict) -> None:

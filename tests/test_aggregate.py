@@ -10,7 +10,6 @@ from ark_core.aggregate import (
     StreamingAggregator,
     UpdateRejected,
     UpdateValidator,
-    average_state_dicts,
     float_state,
     head_task,
 )
@@ -154,18 +153,6 @@ def test_bad_weights_and_duplicate_site_rejected():
     agg.add("a", _update(master, ["nih"], 1), 3, {"nih": 3})
     with pytest.raises(UpdateRejected, match="second update"):
         agg.add("a", _update(master, ["nih"], 2), 3, {"nih": 3})
-
-
-def test_average_state_dicts_heads_by_name():
-    s1 = {"w": torch.ones(2), "heads.a.bias": torch.zeros(1), "n": torch.tensor(3)}
-    s2 = {"w": torch.full((2,), 3.0), "heads.b.bias": torch.ones(1)}
-    out = average_state_dicts([s1, s2], weights=[1, 3])
-    torch.testing.assert_close(out["w"], torch.full((2,), 2.5))
-    assert torch.equal(out["heads.a.bias"], torch.zeros(1))
-    assert torch.equal(out["heads.b.bias"], torch.ones(1))
-    assert out["n"].item() == 3
-    with pytest.raises(ValueError):
-        average_state_dicts([s1, {"w": torch.ones(3)}])
 
 
 def test_float_state_of_a_real_model():

@@ -59,5 +59,5 @@ def test_a_two_round_federation_gives_the_recorded_figures(tmp_path):
     assert got["master"].keys() == want["master"].keys()
     off = {k: (g, w) for k, w in want["master"].items()
            for g in [got["master"][k]]
-           if not all(math.isclose(a, b, rel_tol=TOL, abs_tol=TOL) for a, b in zip(g, w))}
+           if not all(math.isclose(a, b, rel_tol=TOL, abs_tol=TOL) for a, b in zip(g, w, strict=True))}
     assert not off, f"{len(off)} tensor(s) of the master changed, e.g. {next(iter(off.items()))}"

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
-import os
 import re
 import shutil
 from pathlib import Path
@@ -32,6 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..config import ConfigError, load_yaml, parse_config
 from ..deployment import ServerDeployment
+from ..io import atomic_write_bytes
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 CA_DAYS = 3650
@@ -41,16 +41,6 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1")
 
 
 # ----------------------------------------------------------------------------- writing
-def _write(path: Path, data: bytes, private: bool) -> None:
-    """Write atomically; private files are created 0600 (never world-readable, not even briefly)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -81,8 +71,8 @@ def make_ca(keys_dir: Path, name: str = "Ark federation CA", days: int = CA_DAYS
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
-    _write(keys_dir / "ca.key", _pem_key(key), private=True)
-    _write(keys_dir / "ca.crt", cert.public_bytes(serialization.Encoding.PEM), private=False)
+    atomic_write_bytes(keys_dir / "ca.key", _pem_key(key), private=True)
+    atomic_write_bytes(keys_dir / "ca.crt", cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _load_ca(keys_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -133,8 +123,8 @@ def make_server_cert(keys_dir: Path, names: list[x509.GeneralName], days: int = 
         )
         .sign(ca_key, hashes.SHA384())
     )
-    _write(keys_dir / "server.key", _pem_key(key), private=True)
-    _write(keys_dir / "server.crt", cert.public_bytes(serialization.Encoding.PEM), private=False)
+    atomic_write_bytes(keys_dir / "server.key", _pem_key(key), private=True)
+    atomic_write_bytes(keys_dir / "server.crt", cert.public_bytes(serialization.Encoding.PEM))
 
 
 def server_cert_names(keys_dir: Path) -> list[x509.GeneralName]:
@@ -176,8 +166,8 @@ def make_site_key(keys_dir: Path, site: str) -> Path:
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
     sites = keys_dir / "sites"
-    _write(sites / f"{site}.key", priv, private=True)
-    _write(sites / f"{site}.pub", pub + f" {site}\n".encode(), private=False)
+    atomic_write_bytes(sites / f"{site}.key", priv, private=True)
+    atomic_write_bytes(sites / f"{site}.pub", pub + f" {site}\n".encode())
     return sites / f"{site}.pub"
 
 

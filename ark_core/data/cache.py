@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from ..io import atomic_write, atomic_write_text
 from .manifest import Manifest
 from .readers import ImageReadError, read_image_resized
 
@@ -131,15 +132,15 @@ def _build_one(
             img = read_image_resized(src, work_size)
         except ImageReadError as e:
             return rel, None, e.reason
-        out = directory / entry["file"]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        if fmt == "npy":
-            with open(tmp, "wb") as f:
-                np.save(f, img)
-        else:
-            Image.fromarray(img).save(tmp, format="PNG", compress_level=1)
-        os.replace(tmp, out)  # a crash never leaves a half-written copy under the real name
+        def write(tmp: Path) -> None:
+            if fmt == "npy":
+                with open(tmp, "wb") as f:
+                    np.save(f, img)
+            else:
+                Image.fromarray(img).save(tmp, format="PNG", compress_level=1)
+
+        # A crash never leaves a half-written copy under the real name; a lost one is rebuilt.
+        atomic_write(directory / entry["file"], write, durable=False)
         return rel, entry | {"fresh": True}, None
 
     items = sorted(files.items())
@@ -161,9 +162,8 @@ def _build_one(
         if rel not in new_files:
             (directory / prev["file"]).unlink(missing_ok=True)
             report.removed += 1
-    tmp = directory / (INDEX + ".tmp")
-    tmp.write_text(json.dumps({"work_size": work_size, "files": new_files}, indent=0))
-    os.replace(tmp, directory / INDEX)
+    atomic_write_text(directory / INDEX, json.dumps({"work_size": work_size, "files": new_files},
+                                                     indent=0))
     return report
 
 
