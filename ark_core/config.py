@@ -7,6 +7,7 @@ field path, e.g. ``site.yaml:12: tasks.0.uncertain: Input should be 'lsr-ones', 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -266,6 +267,14 @@ def _key_lines(text: str) -> dict[tuple, int]:
     return lines
 
 
+def _loc_part(x: object) -> str:
+    """A field path component as written, or JSON-quoted where it would not read back."""
+    text = str(x)
+    plain = (text and text == text.strip() and text.isprintable()
+             and not any(c in text for c in '.:"'))
+    return text if plain else json.dumps(text)
+
+
 def format_validation_error(err: ValidationError, source: str, text: str | None = None) -> str:
     """One line per problem: ``source:line: field.path: message``."""
     key_lines = _key_lines(text) if text else {}
@@ -278,7 +287,7 @@ def format_validation_error(err: ValidationError, source: str, text: str | None 
                 line = key_lines[loc[:n]]
                 break
         where = f"{source}:{line}" if line else source
-        field = ".".join(str(x) for x in loc) or "(top level)"
+        field = ".".join(_loc_part(x) for x in loc) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -311,6 +320,7 @@ def load_yaml(path: str | Path) -> tuple[Any, str]:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e)
+        problem = " ".join(str(problem).split()).replace(' in "<unicode string>",', "")
         raise ConfigError(f"{path}{line}: invalid YAML: {problem}") from None
     if data is None:
         raise ConfigError(f"{path}: file is empty")

@@ -6,6 +6,8 @@ ImageReadError (or an image); site updates -> UpdateRejected. Any other exceptio
 """
 
 import io
+import json
+import re
 import shutil
 import struct
 import tempfile
@@ -16,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from flwr.app import Array
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ark_core.aggregate import UpdateRejected, UpdateValidator
+from ark_core.aggregate import StreamingAggregator, UpdateRejected
 from ark_core.config import ArkConfig, ConfigError, load_config, parse_config
 from ark_core.data import DatasetError, build_manifest
 from ark_core.data.readers import ImageReadError, read_image, read_image_resized
@@ -36,7 +39,7 @@ VALID = {
     "catalogue": [{"name": "a", "labels": ["x", "y"], "task_type": "multilabel"}],
     "rounds": 2,
     "train": {"lr": 0.001, "batch_size": 4},
-    "aggregation": {"method": "trimmed_mean", "trim_fraction": 0.2},
+    "aggregation": {"method": "mean"},
     "privacy": {"clip_norm": 1.0, "noise_multiplier": 1.0},
     "sites": [{"name": "s", "tasks": [{"name": "a", "dataset": "csv", "root": "d",
                                        "labels": ["x", "y"], "split": {"seed": 1}}]}],
@@ -69,23 +72,66 @@ def _mutate(path, value):
     return d
 
 
-def _only_config_error(data, cls):
+_PART = r'(?:[^".:]+|"(?:[^"\\]|\\.)*")'  # as written, or JSON-quoted
+ERROR_LINE = re.compile(
+    rf"^(?P<src><config>)(?::\d+)?: (?P<field>\(top level\)|{_PART}(?:\.{_PART})*): (?P<msg>.+)$")
+
+
+def _field_errors(data, cls) -> list[tuple[str, ...]] | None:
+    """None if ``data`` is a valid ``cls``; else the fields its error names, one per line.
+
+    Every line must read ``<config>: field.path: message``; anything else (another
+    exception, a line without a field) fails the test.
+    """
     try:
         parse_config(data, cls)
-    except ConfigError:
-        pass
+    except ConfigError as e:
+        lines = str(e).splitlines()
+        assert lines, "an empty error"
+        fields = []
+        for line in lines:
+            m = ERROR_LINE.match(line)
+            assert m, f"not a field-named error: {line!r}"
+            parts = re.findall(_PART, m["field"])
+            fields.append(() if m["field"] == "(top level)" else tuple(
+                json.loads(x) if x.startswith('"') else x for x in parts))
+        return fields
+    return None
+
+
+def _related(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    n = min(len(a), len(b))
+    return a[:n] == b[:n]
+
+
+def test_the_fuzzed_documents_start_valid():
+    assert _field_errors(VALID, SimulationConfig) is None
+    assert _field_errors({k: v for k, v in VALID.items() if k != "sites"}, FederationConfig) is None
 
 
 @FAST
 @given(st.sampled_from(CONFIGS), st.sampled_from(PATHS), json_like)
 def test_config_with_one_field_replaced(cls, path, value):
-    _only_config_error(_mutate(path, value), cls)
+    """A valid config that one replacement makes invalid names that field, or a section
+    holding it (a rule across fields), never an unrelated one."""
+    doc = _mutate(path, value)
+    if cls is FederationConfig:
+        doc.pop("sites")
+        path = path if path[0] != "sites" else ("sites",)
+    fields = _field_errors(doc, cls)
+    if fields is not None and cls in (SimulationConfig, FederationConfig) and path != ("sites",):
+        where = tuple(str(k) for k in path)
+        assert any(_related(f, where) for f in fields), (where, fields)
 
 
 @FAST
 @given(st.sampled_from(CONFIGS), json_like)
 def test_config_random_documents(cls, data):
-    _only_config_error(data, cls)
+    if not isinstance(data, dict):
+        with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+            parse_config(data, cls)
+    else:
+        _field_errors(data, cls)
 
 
 @FAST
@@ -96,13 +142,15 @@ def test_config_random_documents(cls, data):
         lambda v: yaml.safe_dump(_mutate(p, v if not isinstance(v, bytes) else str(v))))),
 ))
 def test_config_random_yaml_files(cls, text):
+    """Every line of the error starts with the file's path and says what is wrong."""
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "c.yaml"
         p.write_text(text, encoding="utf-8", errors="surrogatepass")
         try:
             load_config(p, cls)
-        except ConfigError:
-            pass
+        except ConfigError as e:
+            for line in str(e).splitlines():
+                assert line.startswith(str(p)) and len(line) > len(str(p)) + 2, line
 
 
 # ----------------------------------------------------------------------------- label files
@@ -269,19 +317,52 @@ def _as(kind, a):
         return a
     if kind == "torch":
         return torch.from_numpy(a) if a.dtype != np.complex64 else a
-    from flwr.app import Array
-
     return Array(a)
+
+
+def _acceptable(upd: dict, tasks: list[str]) -> bool:
+    """The rule, stated apart from the code: exactly the shared tensors and the declared
+    catalogue tasks' heads, each of the master's shape and dtype, every value finite."""
+    if set(tasks) - {"a", "b"}:
+        return False
+    expected = {k for k in MASTER if not k.startswith("heads.") or k.split(".")[1] in tasks}
+    return set(upd) == expected and all(
+        a.shape == tuple(MASTER[k].shape) and a.dtype == np.float32 and np.isfinite(a).all()
+        for k, (_, a) in upd.items())
+
+
+GOOD = {k: torch.full_like(v, 0.25) for k, v in MASTER.items() if k != "heads.b.weight"}
+
+
+def _fold(extra: tuple[str, dict, list[str]] | None) -> tuple[bool, dict[str, torch.Tensor]]:
+    """Fold a good site's update, then ``extra`` (site, update, tasks) if any: (accepted, result)."""
+    agg = StreamingAggregator(MASTER)
+    agg.add("good", GOOD, 4, {"a": 4})
+    accepted = True
+    if extra is not None:
+        site, upd, tasks = extra
+        try:
+            agg.add(site, upd, 2, dict.fromkeys(tasks, 2))
+        except UpdateRejected:
+            accepted = False
+    return accepted, agg.result()
+
+
+VALID_A = {k: ("flower", np.full(tuple(v.shape), 0.5, np.float32))
+           for k, v in MASTER.items() if k != "heads.b.weight"}
 
 
 @settings(max_examples=150, deadline=2000, derandomize=True)
 @given(update(), st.lists(st.sampled_from(["a", "b", "c", ""]), unique=True, max_size=3))
+@example(VALID_A, ["a"])  # accepted: both outcomes are always exercised
+@example({**VALID_A, "heads.a.weight": ("torch", np.full((2, 4), np.nan, np.float32))}, ["a"])
 def test_update_validator_fuzzed(upd, tasks):
-    validator = UpdateValidator(MASTER)
-    try:
-        validator.check({k: _as(kind, a) for k, (kind, a) in upd.items()}, tasks)
-    except UpdateRejected:
-        pass
+    """Accepted exactly when the rule says so; a rejected update leaves the master bit-identical."""
+    accepted, master = _fold(("bad", {k: _as(kind, a) for k, (kind, a) in upd.items()}, tasks))
+    assert accepted == _acceptable(upd, tasks)
+    if not accepted:
+        _, without = _fold(None)
+        assert all(torch.equal(master[k], without[k]) for k in MASTER)
 
 
 def _npy_prefix(tail: bytes) -> bytes:
@@ -291,16 +372,27 @@ def _npy_prefix(tail: bytes) -> bytes:
     return buf.getvalue()[:128] + tail
 
 
+def _decodes_to_declared(data: bytes, dtype: str, shape: tuple) -> bool:
+    """Whether ``data`` is a .npy of a finite float32 (3, 4) array, as declared and expected."""
+    try:
+        a = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception:  # noqa: BLE001 - any failure to parse means it is not one
+        return False
+    return (dtype == "float32" and tuple(shape) == (3, 4) and a.dtype == np.float32
+            and a.shape == (3, 4) and bool(np.isfinite(a).all()))
+
+
 @FAST
-@given(st.one_of(st.binary(max_size=300), st.binary(max_size=40).map(_npy_prefix)),
+@given(st.one_of(st.binary(max_size=300), st.binary(max_size=48).map(_npy_prefix)),
        st.sampled_from(["float32", "float32", "float16"]), st.one_of(st.just((3, 4)), shapes))
+@example(_npy_prefix(np.ones((3, 4), np.float32).tobytes()), "float32", (3, 4))  # a true one
+@example(_npy_prefix(b"\x00" * 47), "float32", (3, 4))  # one byte short
 def test_update_validator_on_forged_flower_arrays(data, dtype, shape):
     """Declared dtype/shape right, payload forged: bytes that are no (or another) .npy."""
-    from flwr.app import Array
-
     forged = Array(dtype=dtype, shape=tuple(shape), stype="numpy.ndarray", data=data)
     upd = {"backbone.w": forged, "heads.a.weight": np.zeros((2, 4), np.float32)}
-    try:
-        UpdateValidator(MASTER).check(upd, ["a"])
-    except UpdateRejected:
-        pass
+    accepted, master = _fold(("forger", upd, ["a"]))
+    assert accepted == _decodes_to_declared(data, dtype, shape)
+    if not accepted:
+        _, without = _fold(None)
+        assert all(torch.equal(master[k], without[k]) for k in MASTER)
