@@ -164,22 +164,32 @@ class Coordinator:
         registry = read_registry(self.run_dir)
         wanted = {s.name: resolve_path(s.public_key, self.base) for s in self.dep.sites}
         for name, entry in sorted(registry.items()):
-            pub = wanted.get(name)
-            if pub is None or not pub.exists() or _fingerprint(pub) != entry["fingerprint"]:
-                self._flwr("supernode", "unregister", str(entry["node_id"]))
-                print(f"[ark-server] site {name}: key unregistered (node {entry['node_id']})")
+            if name not in wanted:  # a removed site
+                self._unregister(name, entry)
                 del registry[name]
                 write_registry(self.run_dir, registry)
         for name, pub in wanted.items():
-            if name in registry:
-                continue
             if not pub.exists():
+                if name in registry:  # its key file is gone: it is shut out
+                    self._unregister(name, registry.pop(name))
+                    write_registry(self.run_dir, registry)
                 raise FileNotFoundError(f"site {name}: public key {pub} not found")
+            old = registry.get(name)
+            if old is not None and _fingerprint(pub) == old["fingerprint"]:
+                continue
+            # A rotated key is registered before the old one is unregistered: the site's
+            # SuperNode, refused with the old key, must find the new one already in place.
             out = self._flwr("supernode", "register", str(pub), "--name", name)
             registry[name] = {"node_id": int(out["node-id"]), "fingerprint": _fingerprint(pub)}
             write_registry(self.run_dir, registry)
             print(f"[ark-server] site {name}: key registered (node {out['node-id']})")
+            if old is not None:
+                self._unregister(name, old)
         self.check_enrolment(registry)
+
+    def _unregister(self, name: str, entry: dict) -> None:
+        self._flwr("supernode", "unregister", str(entry["node_id"]))
+        print(f"[ark-server] site {name}: key unregistered (node {entry['node_id']})")
 
     def check_enrolment(self, registry: dict[str, dict]) -> None:
         """Warn about SuperLink nodes that no enrolled site owns."""
