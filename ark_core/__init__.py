@@ -3,21 +3,14 @@
 This package never imports Flower; the federated apps in ``server`` and ``client`` call it.
 """
 
-from .model import ArkModel, create_model, ema_update, make_teacher
+from .factory import create_model, load_model
+from .model import ArkModel, ema_update, make_teacher
 from .tasks import ARK_PLUS_TASKS, TaskSpec, TaskType
-
-__version__ = "0.1.0"
-
-
-def load_model(path, **kwargs):
-    """Load a model file (.safetensors) or a released Ark checkpoint (.pth.tar)."""
-    from .checkpoint import load_model as _load
-
-    return _load(path, **kwargs)
-
+from .version import __version__
 
 __all__ = [
     "ARK_PLUS_TASKS",
+    "__version__",
     "ArkModel",
     "TaskSpec",
     "TaskType",

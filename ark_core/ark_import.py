@@ -25,6 +25,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer import checkpoint_filter_fn as swin_filter_fn
 
+from .checkpoint import load_state_checked
 from .config import ConfigError, Strict, format_validation_error, load_yaml
 from .model import ArkModel
 from .tasks import ARK_PLUS_TASKS, TaskSpec, TaskType
@@ -294,8 +295,6 @@ def _sha256(path: Path) -> str:
 def _build_released(
     path: Path, role: str, task_names: Any, img_size: int | None, allow_pickle: bool
 ) -> tuple[ArkModel, Mapping]:
-    from .checkpoint import load_state_checked
-
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     ck = _read_checkpoint(path, allow_pickle)

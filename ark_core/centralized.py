@@ -23,8 +23,9 @@ import yaml
 from .config import ArkConfig, ModelConfig, TrainConfig, resolve_path
 from .data.dataset import check_files
 from .evaluate import evaluate
+from .factory import create_model
 from .io import append_jsonl, atomic_write
-from .model import create_model, make_teacher
+from .model import make_teacher
 from .schedule import lr_at
 from .tblog import write_scalars
 from .train import (

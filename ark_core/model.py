@@ -17,10 +17,9 @@ import timm
 import torch
 from torch import nn
 
-from .config import ModelConfig
 from .tasks import TaskSpec
 
-__all__ = ["ArkModel", "create_model", "ema_update", "make_teacher"]
+__all__ = ["ArkModel", "ema_update", "make_teacher"]
 
 
 class ArkModel(nn.Module):
@@ -142,25 +141,6 @@ class ArkModel(nn.Module):
             "projector_dim": self.embed_dim,
             "tasks": [t.to_dict() for t in self.tasks.values()],
         }
-
-
-def create_model(cfg: ModelConfig, tasks: Iterable[TaskSpec]) -> ArkModel:
-    """Build an ArkModel from its config; ``init`` other than random/imagenet loads a file."""
-    tasks = list(tasks)
-    if cfg.init not in ("random", "imagenet"):
-        from .checkpoint import init_from_file
-
-        return init_from_file(cfg, tasks)
-    return ArkModel(
-        cfg.backbone,
-        tasks,
-        img_size=cfg.img_size,
-        projector=cfg.projector,
-        projector_dim=cfg.projector_dim,
-        pretrained=cfg.init == "imagenet",
-        backbone_kwargs=cfg.backbone_kwargs,
-        work_size=cfg.resolved_work_size,
-    )
 
 
 def make_teacher(student: nn.Module) -> nn.Module:

@@ -14,11 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .tasks import ARK_PLUS_TASKS
 
-__all__ = ["default_cfgs", "load_pretrained", "weights_dir"]
+__all__ = ["default_cfgs", "weights_dir", "weights_file"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -71,27 +69,17 @@ def weights_dir() -> Path:
     return Path(os.environ.get("ARK_WEIGHTS_DIR") or Path.home() / ".cache" / "ark").expanduser()
 
 
-def load_pretrained(
-    name: str,
-    *,
-    file: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    role: str | None = None,
-):
-    """Load published weights by registry name from a local file (never downloads).
+def weights_file(name: str, file: str | Path | None = None) -> Path:
+    """The local file of published weights ``name`` (never downloads).
 
     Args:
         name: A key of :data:`default_cfgs`.
         file: The downloaded checkpoint; default ``weights_dir() / cfg['file_name']``.
-        device: Where to put the model.
-        role: ``"teacher"`` (default) or ``"student"``.
 
     Raises:
         KeyError: Unknown name.
         FileNotFoundError: The weights are not on this machine (with where to get them).
     """
-    from .checkpoint import load_model
-
     if name not in default_cfgs:
         raise KeyError(f"unknown weights {name!r}; known: {sorted(default_cfgs)}")
     cfg = default_cfgs[name]
@@ -102,4 +90,4 @@ def load_pretrained(
             f"downloaded automatically: get them from {cfg['project_page']} (licence: "
             f"{cfg['license']}) and put the file at {path}, or pass its path."
         )
-    return load_model(path, device=device, task_names=cfg["tasks"], role=role)
+    return path

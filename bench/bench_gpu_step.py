@@ -37,7 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ark_core.config import ModelConfig, TrainConfig
 from ark_core.data.dataset import BadFileCounter
-from ark_core.model import ArkModel, create_model, ema_update, make_teacher
+from ark_core.factory import create_model
+from ark_core.model import ArkModel, ema_update, make_teacher
 from ark_core.tasks import TaskSpec, TaskType
 from ark_core.train import accelerate, build_optimizer, train_task_epoch
 

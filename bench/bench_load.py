@@ -44,8 +44,8 @@ from deploy_helpers import (  # noqa: E402 - the tests' deployment helpers
     write_site,
 )
 
+from ops.procs import free_port  # noqa: E402
 from server.gate import Gate  # noqa: E402
-from server.procs import free_port  # noqa: E402
 
 SITES = ["site-a", "site-b", "site-c"]
 

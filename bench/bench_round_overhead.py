@@ -28,8 +28,9 @@ import torch
 import yaml
 from _util import ROOT, machine, ratio_line
 
+from ark_core.factory import create_model
 from ark_core.federation import load_simulation
-from ark_core.model import create_model, make_teacher
+from ark_core.model import make_teacher
 from ark_core.train import load_task_data, train_round
 
 

@@ -39,7 +39,8 @@ from _util import ROOT, machine, ratio_line, timed
 
 from ark_core.config import ModelConfig, SplitConfig, TaskConfig, TrainConfig
 from ark_core.data.dataset import BadFileCounter
-from ark_core.model import ArkModel, create_model, ema_update, make_teacher
+from ark_core.factory import create_model
+from ark_core.model import ArkModel, ema_update, make_teacher
 from ark_core.schedule import consistency_weight, momentum_schedule
 from ark_core.tasks import TaskSpec, TaskType
 from ark_core.train import (

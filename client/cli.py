@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from ark_core.config import ConfigError, TrainConfig, load_config, resolve_path
 from ark_core.deployment import SiteDeployment
 from ark_core.federation import SiteConfig
-from server import procs
+from ops import procs
 
 from .supernode import (
     EXIT_CONFIG,

@@ -29,7 +29,7 @@ import torch
 from flwr.app import Context, Error, Message, MessageType
 
 from ark_core.aggregate import float_state, head_task
-from ark_core.model import create_model
+from ark_core.factory import create_model
 from ark_core.protocol import ARRAYS, CONFIG, ENCODING, METRICS, SCALES, SITE, Instruction
 from ark_core.tasks import TaskSpec
 from ark_core.transfer import check_declared

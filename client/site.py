@@ -19,6 +19,7 @@ import torch
 from ark_core.aggregate import float_state
 from ark_core.config import TrainConfig, load_config, resolve_path
 from ark_core.evaluate import evaluate
+from ark_core.factory import create_model
 from ark_core.federation import (
     SiteConfig,
     check_site_tasks,
@@ -26,7 +27,7 @@ from ark_core.federation import (
     load_simulation,
     site_train_config,
 )
-from ark_core.model import ArkModel, create_model, make_teacher
+from ark_core.model import ArkModel, make_teacher
 from ark_core.protocol import Instruction
 from ark_core.train import TaskData, load_task_data, resolve_device, seed_everything, train_round
 from ark_core.transfer import Payload, encode_update

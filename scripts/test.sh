@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export CUDA_VISIBLE_DEVICES=""
 .venv/bin/ruff check .
+.venv/bin/lint-imports
 exec .venv/bin/pytest -q "$@"

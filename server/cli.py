@@ -33,13 +33,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ark_core.commands.keys import verify_server_cert
 from ark_core.config import ConfigError, load_config, resolve_path
 from ark_core.deployment import ServerDeployment
 from ark_core.federation import FederationConfig
 from ark_core.io import atomic_write_text
+from ark_core.pki import verify_server_cert
+from ops import procs
 
-from . import procs
 from .enrolment import read_registry, write_registry
 from .liveness import PULSE, Watch
 

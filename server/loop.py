@@ -51,8 +51,9 @@ from flwr.serverapp import Grid
 from ark_core.aggregate import StreamingAggregator, UpdateRejected, float_state, head_task
 from ark_core.audit import tensors_sha256
 from ark_core.caps import Bounded, ExampleCaps
+from ark_core.factory import create_model
 from ark_core.federation import FederationConfig
-from ark_core.model import ArkModel, create_model, make_teacher
+from ark_core.model import ArkModel, make_teacher
 from ark_core.privacy import DPAggregator, privacy_report
 from ark_core.protocol import (
     ARRAYS,

@@ -29,7 +29,8 @@ from typing import Any
 
 import yaml
 
-from ark_core.checkpoint import load_model, save_model
+from ark_core.checkpoint import save_model
+from ark_core.factory import load_model
 from ark_core.federation import FederationConfig, round_lr, run_fingerprint
 from ark_core.io import append_jsonl, atomic_write_text
 from ark_core.model import ArkModel

@@ -24,10 +24,10 @@ import yaml
 
 from ark_core.audit import read_audit
 from ark_core.centralized import train_tasks
-from ark_core.checkpoint import load_model
 from ark_core.config import resolve_path
 from ark_core.data.manifest import Manifest
 from ark_core.evaluate import evaluate
+from ark_core.factory import load_model
 from ark_core.federation import SimulationConfig, load_simulation, run_fingerprint
 from ark_core.privacy import PrivacyConfig
 from ark_core.report import write_report

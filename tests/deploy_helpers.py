@@ -16,9 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from ark_core.commands.keys import make_ca, make_server_cert, make_site_key, server_names
-from server import procs as server_procs
-from server.procs import free_port
+from ark_core.pki import make_ca, make_server_cert, make_site_key, server_names
+from ops import procs as ops_procs
+from ops.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "simulations" / "demo_data"
@@ -135,7 +135,7 @@ class Procs:
 
     def kill(self, p: subprocess.Popen) -> None:
         """A crash: SIGKILL the process and everything below it (Flower's own sessions too)."""
-        for pid in [*server_procs.descendants(p.pid), p.pid]:
+        for pid in [*ops_procs.descendants(p.pid), p.pid]:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -145,7 +145,7 @@ class Procs:
     def stop_all(self) -> None:
         """SIGTERM, then SIGKILL, every process started and everything it spawned."""
         for p, _ in reversed(self.started):
-            server_procs.stop(p, grace_s=15)
+            ops_procs.stop(p, grace_s=15)
 
 
 @contextlib.contextmanager
@@ -203,7 +203,7 @@ class PeakRss:
         """Pid -> names of the patterns its command line matches."""
         roots = [p.pid for p, _ in self.procs.started if p.poll() is None]
         found = {}
-        for pid in {q for r in roots for q in [r, *server_procs.descendants(r)]}:
+        for pid in {q for r in roots for q in [r, *ops_procs.descendants(r)]}:
             try:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             except (OSError, UnicodeDecodeError):

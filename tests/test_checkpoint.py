@@ -15,8 +15,6 @@ from safetensors.torch import save_file
 from ark_core.ark_import import infer_swin_config, load_released, timm_swin_name
 from ark_core.checkpoint import (
     ModelFileError,
-    init_from_file,
-    load_model,
     load_tensors,
     read_metadata,
     save_model,
@@ -24,8 +22,9 @@ from ark_core.checkpoint import (
 )
 from ark_core.cli import main
 from ark_core.config import ModelConfig
-from ark_core.model import ArkModel, create_model
-from ark_core.pretrained import default_cfgs, load_pretrained
+from ark_core.factory import create_model, init_from_file, load_model, load_pretrained
+from ark_core.model import ArkModel
+from ark_core.pretrained import default_cfgs
 from ark_core.tasks import ARK_PLUS_TASKS, TaskSpec, TaskType
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ark_format"

@@ -13,8 +13,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from ark_core.aggregate import float_state
 from ark_core.checkpoint import load_tensors
+from ark_core.factory import create_model
 from ark_core.federation import load_simulation, run_fingerprint
-from ark_core.model import create_model
 from ark_core.protocol import Instruction
 from client.app import app
 from client.state import TeacherStore

@@ -8,7 +8,7 @@ import pytest
 from deploy_helpers import NIH, make_keys, session_keys, write_site
 
 from client import cli
-from server.procs import free_port
+from ops.procs import free_port
 
 
 @pytest.fixture(scope="module")

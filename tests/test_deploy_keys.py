@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from flwr.cli.supernode.register import try_load_public_key
 
-from ark_core.commands import keys as K
+from ark_core import pki as K
 
 
 def _ark(*args: str) -> subprocess.CompletedProcess:

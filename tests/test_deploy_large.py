@@ -26,7 +26,7 @@ from deploy_helpers import (
 )
 from safetensors import safe_open
 
-from server.procs import free_port
+from ops.procs import free_port
 
 pytestmark = pytest.mark.slow
 PROJECTOR_DIM = 384_000  # tiny Swin (256 features) -> 98.3M projector weights, 103.3M in all

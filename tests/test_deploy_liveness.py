@@ -26,7 +26,7 @@ from deploy_helpers import (
     write_site,
 )
 
-from server.procs import descendants, free_port
+from ops.procs import descendants, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -37,9 +37,9 @@ from deploy_helpers import (
     write_site,
 )
 
-from ark_core.commands.keys import make_site_key, retire_site_key
+from ark_core.pki import make_site_key, retire_site_key
 from client.cli import EXIT_REFUSED
-from server.procs import free_port
+from ops.procs import free_port
 
 pytestmark = pytest.mark.slow
 SITES = ["site-a", "site-b", "site-c"]

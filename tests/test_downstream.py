@@ -6,7 +6,6 @@ import torch
 from conftest import demo_task
 from sklearn.metrics import roc_auc_score
 
-from ark_core.checkpoint import load_model
 from ark_core.cli import main
 from ark_core.config import TaskConfig
 from ark_core.data import build_manifests
@@ -18,6 +17,7 @@ from ark_core.downstream import (
     zero_shot_scores,
 )
 from ark_core.evaluate import predict
+from ark_core.factory import load_model
 from ark_core.model import ArkModel
 
 

@@ -19,8 +19,8 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ops.procs import free_port
 from server.gate import FLEET_ROUTES, HEALTH, create_app
-from server.procs import free_port
 
 CONTROL = "/v1/control/list-runs"
 

@@ -12,8 +12,8 @@ from flwr.app import Array, Context, Error, Message, RecordDict
 from ark_core.aggregate import head_task
 from ark_core.audit import read_audit
 from ark_core.checkpoint import load_tensors, read_metadata
+from ark_core.factory import create_model
 from ark_core.federation import load_simulation
-from ark_core.model import create_model
 from ark_core.transfer import ENCODINGS
 from client.app import app as client_app
 from server.app import app as server_app

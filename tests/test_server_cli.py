@@ -10,8 +10,8 @@ import sys
 import pytest
 from deploy_helpers import session_keys, write_federation
 
+from ops.procs import free_port
 from server import cli
-from server.procs import free_port
 
 # What `flwr log` streamed into run.log when the ServerApp raised (Flower's log format).
 RUN_LOG = """\x1b[92mINFO \x1b[0m:      round 1/3 done in 12.0 s: sites site-a, site-b

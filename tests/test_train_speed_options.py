@@ -8,7 +8,7 @@ import copy
 import torch
 
 from ark_core.config import ModelConfig, TrainConfig
-from ark_core.model import create_model
+from ark_core.factory import create_model
 from ark_core.tasks import TaskSpec, TaskType
 from ark_core.train import accelerate, task_loss
 

@@ -11,7 +11,8 @@ import yaml
 from ark_core.centralized import train_centralized
 from ark_core.config import ArkConfig, TaskConfig, TrainConfig
 from ark_core.data.transforms import EvalTransform
-from ark_core.model import create_model, make_teacher
+from ark_core.factory import create_model
+from ark_core.model import make_teacher
 from ark_core.train import load_task_data, train_round
 
 ROOT = Path(__file__).resolve().parent.parent

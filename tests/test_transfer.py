@@ -13,8 +13,8 @@ from test_server_app import _inspect
 
 from ark_core.aggregate import StreamingAggregator, UpdateRejected, float_state, head_task
 from ark_core.audit import read_audit
+from ark_core.factory import create_model
 from ark_core.federation import FederationConfig, load_simulation, run_fingerprint
-from ark_core.model import create_model
 from ark_core.protocol import Instruction
 from ark_core.transfer import (
     TransferConfig,

@@ -20,8 +20,8 @@ from flwr.app import (
 from ark_core.aggregate import float_state, head_task
 from ark_core.audit import read_audit, tensors_sha256
 from ark_core.checkpoint import read_metadata
+from ark_core.factory import create_model
 from ark_core.federation import load_simulation
-from ark_core.model import create_model
 from ark_core.protocol import Instruction
 from client.app import app as client_app
 from client.audit import audit_mod

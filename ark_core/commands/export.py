@@ -32,7 +32,8 @@ def model_file_in(run_dir: Path, role: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import ModelFileError, export_backbone, load_model, read_metadata
+    from ..checkpoint import ModelFileError, export_backbone, read_metadata
+    from ..factory import load_model
 
     role = "student" if args.student else "teacher"
     path = model_file_in(args.model, role) if args.model.is_dir() else args.model

@@ -1,0 +1,1 @@
+"""Plumbing ark-server and ark-client share: the processes they start and stop."""
