@@ -20,12 +20,15 @@ from pathlib import Path
 import torch
 import yaml
 
+from .checkpoint import save_model
 from .config import ArkConfig, ModelConfig, TrainConfig, resolve_path
 from .data.dataset import check_files
 from .evaluate import evaluate
 from .factory import create_model
 from .io import append_jsonl, atomic_write
 from .model import make_teacher
+from .model_card import write_model_card
+from .report import write_report
 from .schedule import lr_at
 from .tblog import write_scalars
 from .train import (
@@ -90,8 +93,6 @@ def train_tasks(
     max_epochs: int | None = None,
 ) -> dict:
     """The centralized cyclic run over ready manifests (see :func:`train_centralized`)."""
-    from .checkpoint import save_model
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fp = fingerprint
@@ -188,9 +189,6 @@ def train_tasks(
 
 def write_documents(out: Path, tasks: list[TaskData], epochs: int) -> None:
     """Model cards beside the model files and the run's report; never fails the run."""
-    from .model_card import write_model_card
-    from .report import write_report
-
     counts = {"centralized": {td.spec.name: len(td.train) for td in tasks}}
     for name in ("student.safetensors", "teacher.safetensors"):
         try:

@@ -29,11 +29,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from .config import TrainConfig
 from .data.manifest import Manifest
 from .evaluate import predict
 from .metrics import binary_targets, task_metrics, threshold_metrics
 from .model import ArkModel
 from .tasks import TaskSpec, TaskType
+from .train import make_loader, task_loss
 
 log = logging.getLogger(__name__)
 
@@ -331,9 +333,6 @@ def finetune(
         Test metrics of the kept weights, plus ``history`` (loss, val mean AUC per epoch)
         and ``best_epoch``.
     """
-    from .config import TrainConfig
-    from .train import make_loader, task_loss
-
     torch.manual_seed(seed)
     device = torch.device(device)
     spec = train.task

@@ -11,6 +11,7 @@ from sklearn.metrics import roc_auc_score
 from .config import TrainConfig
 from .model import ArkModel
 from .tasks import TaskSpec, TaskType
+from .train import autocast_for, make_loader
 
 
 @torch.no_grad()
@@ -33,8 +34,6 @@ def predict(
         ``target`` and ``index`` (rows of the manifest that could be read), and
         ``embedding`` when asked.
     """
-    from .train import autocast_for, make_loader
-
     device = torch.device(device)
     cfg = TrainConfig(batch_size=batch_size, workers=workers)
     loader = make_loader(manifest, cfg, img_size=img_size, work_size=work_size, training=False)

@@ -16,7 +16,15 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from .config import ModelConfig, Strict, TaskConfig, TrainConfig, require_unique
+from .config import (
+    ModelConfig,
+    Strict,
+    TaskConfig,
+    TrainConfig,
+    load_config,
+    require_unique,
+    resolve_path,
+)
 from .deployment import ServerDeployment, SiteDeployment
 from .privacy import PrivacyConfig
 from .robust import AggregationConfig
@@ -237,8 +245,6 @@ def load_simulation(
     Returns:
         The config, the directory relative task roots resolve against, the absolute run dir.
     """
-    from .config import load_config, resolve_path
-
     root = Path(data_root).expanduser() if str(data_root) else None
     path = Path(sim_config).expanduser()
     if root is not None and not path.is_absolute():

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from .checkpoint import read_metadata
+
 # Licence terms of the public datasets the adapters read (what users of a model must respect).
 DATASET_LICENCES: dict[str, str] = {
     "chestxray14": "NIH ChestX-ray14: no restriction stated; link the data, cite Wang et al. "
@@ -50,8 +52,6 @@ def write_model_card(
     Returns:
         The card's path.
     """
-    from .checkpoint import read_metadata
-
     model_path = Path(model_path)
     meta = read_metadata(model_path)
     prov = meta.get("provenance", {}) or {}

@@ -12,10 +12,10 @@ from .tasks import TaskSpec, TaskType
 
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (servers and sites have no display)."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - matplotlib loads only when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - matplotlib loads only when a plot is drawn
 
     return plt
 
@@ -43,7 +43,7 @@ def tsne_png(
     embedding: np.ndarray, names: list[str], path: Path, title: str, *, seed: int = 0, top: int = 9
 ) -> Path:
     """2-D t-SNE of the embeddings, coloured by name (rare names pooled as 'other')."""
-    from sklearn.manifold import TSNE
+    from sklearn.manifold import TSNE  # noqa: PLC0415 - scikit-learn loads only for a t-SNE
 
     plt = pyplot()
     n = len(embedding)

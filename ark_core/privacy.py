@@ -56,7 +56,7 @@ def epsilon_spent(noise_multiplier: float, rounds: int, delta: float) -> float:
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
-    from dp_accounting import dp_event, rdp  # imported here: only runs with DP pay for it
+    from dp_accounting import dp_event, rdp  # noqa: PLC0415 - only runs with DP pay for dp_accounting
 
     acc = rdp.RdpAccountant()
     acc.compose(dp_event.GaussianDpEvent(noise_multiplier), rounds)

@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .plots import pyplot, save_figure
+
 __all__ = ["Row", "read_metrics", "write_report"]
 
 _AUC_CENTRAL = re.compile(r"^auc_mean\.(teacher|student)\.([^.]+)$")
@@ -113,8 +115,6 @@ def _series(rows: list[Row], **match) -> dict[tuple[str, str, str], tuple[list[i
 
 def plot_report(rows: list[Row], path: Path, title: str = "") -> Path:
     """One column per task: mean AUC per round (top) and training loss (bottom)."""
-    from .plots import pyplot, save_figure
-
     plt = pyplot()
 
     tasks = sorted({r.task for r in rows if r.task and (r.metric == "auc" or r.metric == "loss")})

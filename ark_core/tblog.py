@@ -21,7 +21,7 @@ _SKIP = {"round", "epoch", "node_id", "accepted"}
 def write_scalars(run_dir: str | Path, records: Iterable[dict]) -> None:
     """Append the numeric fields of metrics records to the run's TensorBoard events."""
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - TensorBoard's writer is slow to import and optional
     except ImportError:  # tensorboard is a declared dependency; stay quiet if it is missing
         log.debug("tensorboard not installed: no event files")
         return

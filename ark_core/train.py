@@ -23,8 +23,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import TaskConfig, TrainConfig
-from .data.dataset import BadFileCounter
+from .data import build_manifests, task_spec_for
+from .data.cache import ImageCache, cache_dir_for
+from .data.dataset import ArkDataset, BadFileCounter, collate
 from .data.manifest import Manifest
+from .data.partition import apply_partition
+from .data.transforms import create_transform
 from .model import ArkModel, ema_update
 from .schedule import consistency_weight, momentum_schedule
 from .tasks import TaskSpec, TaskType
@@ -58,9 +62,6 @@ def load_task_data(
     task_cfgs: Sequence[TaskConfig], base_dir: Path, splits: Sequence[str] = ("train", "val")
 ) -> list[TaskData]:
     """Build each task's manifests (patient-disjoint splits, then the site's partition)."""
-    from .data import build_manifests, task_spec_for
-    from .data.partition import apply_partition
-
     out = []
     for cfg in task_cfgs:
         every = build_manifests(cfg, base_dir)  # reads the release's label files once
@@ -161,10 +162,6 @@ def make_loader(
     batch_size: int | None = None,
 ) -> DataLoader:
     """A loader of two-view batches (training) or whole-image batches (evaluation)."""
-    from .data.cache import ImageCache, cache_dir_for
-    from .data.dataset import ArkDataset, collate
-    from .data.transforms import create_transform
-
     cache = None
     if cfg.cache_dir is not None:
         cache = ImageCache(cache_dir_for(cfg.cache_dir, manifest.task.name, work_size), work_size)
@@ -189,7 +186,7 @@ def make_loader(
 
 def _single_threaded_worker(_worker_id: int) -> None:
     # Each loader worker is one process: library thread pools would oversubscribe the cores.
-    import cv2
+    import cv2  # noqa: PLC0415 - OpenCV loads only where its thread count is set
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)

@@ -33,12 +33,16 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
 from ark_core.config import ConfigError, TrainConfig, load_config, resolve_path
+from ark_core.data.dataset import check_files
 from ark_core.deployment import SiteDeployment
 from ark_core.federation import SiteConfig
+from ark_core.train import load_task_data
 from ops import procs
 
+from .site import Site
 from .supernode import (
     EXIT_CONFIG,
     EXIT_DATA,
@@ -85,11 +89,6 @@ def check_credentials(dep: SiteDeployment, base: Path) -> tuple[Path, Path]:
 
 def check_data(yaml_path: Path) -> str:
     """Build every task's manifests and check its files; return the report (raise on errors)."""
-    from ark_core.data.dataset import check_files
-    from ark_core.train import load_task_data
-
-    from .site import Site
-
     site = Site.from_yaml(yaml_path)
     lines = [f"site {site.cfg.name}: data under {site.data_root}, state in {site.state_dir}"]
     try:
@@ -160,8 +159,6 @@ def session_wait_s(state_dir: Path, now: float | None = None) -> float:
     times out (hours for Swin-L). ark-client touches a session file while its SuperNode runs
     and removes it on a clean exit; a file left behind means the last session was killed.
     """
-    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
-
     try:
         last_alive = (state_dir / SESSION_FILE).stat().st_mtime
     except FileNotFoundError:
@@ -203,7 +200,6 @@ def main(argv: list[str] | None = None) -> int:
         print(check_data(path), flush=True)
         if args.check_only:
             return 0
-        from .site import Site
 
         state_dir = Site.from_yaml(path).state_dir
         with SiteLock(state_dir, cfg.name):

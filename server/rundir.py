@@ -34,6 +34,8 @@ from ark_core.factory import load_model
 from ark_core.federation import FederationConfig, round_lr, run_fingerprint
 from ark_core.io import append_jsonl, atomic_write_text
 from ark_core.model import ArkModel
+from ark_core.model_card import write_model_card
+from ark_core.report import write_report
 from ark_core.tblog import write_scalars
 
 log = logging.getLogger("flwr.ark.server")
@@ -209,9 +211,6 @@ class RunDir:
 
     def write_documents(self) -> None:
         """Model cards beside the master files and the run's report; never fails the run."""
-        from ark_core.model_card import write_model_card
-        from ark_core.report import write_report
-
         sites = self.site_examples()
         for name in ("master_student.safetensors", "master_teacher.safetensors"):
             if (self.path / name).exists():

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from .cache import ImageCache
 from .manifest import Manifest
@@ -31,6 +32,7 @@ from .readers import (
     read_image,
     read_image_resized,
 )
+from .transforms import TwoViewTransform
 
 __all__ = [
     "ArkDataset",
@@ -158,8 +160,6 @@ class ArkDataset(Dataset):
 
 
 def _takes_rng(transform: Callable) -> bool:
-    from .transforms import TwoViewTransform
-
     return isinstance(transform, TwoViewTransform)
 
 
@@ -333,7 +333,7 @@ def _check_pil_header(path: Path, size: int, max_pixels: int) -> str | None:
 
 
 def _check_dicom_header(path: Path, size: int, max_pixels: int) -> str | None:
-    import pydicom
+    import pydicom  # noqa: PLC0415 - only DICOM data pays for pydicom
 
     # defer_size skips over large values (the pixel data) instead of reading them.
     ds = pydicom.dcmread(path, defer_size="64 KB", force=path.suffix.lower() in DICOM_SUFFIXES)
@@ -394,6 +394,5 @@ def check_files(
 def _progress(it: Iterable, total: int, show: bool, what: str) -> Iterable:
     if not show:
         return it
-    from tqdm import tqdm
 
     return tqdm(it, total=total, desc=f"checking {what}", unit="file")

@@ -154,8 +154,8 @@ def _pil_to_grey(im: Image.Image) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------- DICOM
 def _read_dicom(path: Path, max_pixels: int) -> np.ndarray:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    import pydicom  # noqa: PLC0415 - only DICOM data pays for pydicom
+    from pydicom.errors import InvalidDicomError  # noqa: PLC0415 - only DICOM data pays for pydicom
 
     try:
         ds = pydicom.dcmread(path, force=path.suffix.lower() in DICOM_SUFFIXES)
@@ -191,7 +191,7 @@ def dicom_to_uint8(ds, path: str | os.PathLike = "<dataset>") -> np.ndarray:
     Returns:
         A 2-D ``uint8`` array, bright = dense.
     """
-    from pydicom.pixels import apply_modality_lut, apply_voi
+    from pydicom.pixels import apply_modality_lut, apply_voi  # noqa: PLC0415 - only DICOM data pays for pydicom
 
     pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     arr = ds.pixel_array
@@ -199,7 +199,7 @@ def dicom_to_uint8(ds, path: str | os.PathLike = "<dataset>") -> np.ndarray:
         arr = arr[0]
     if int(ds.get("SamplesPerPixel", 1)) > 1:
         if pi.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
+            from pydicom.pixels import convert_color_space  # noqa: PLC0415 - only DICOM data pays for pydicom
 
             arr = convert_color_space(arr, pi, "RGB")
         return np.clip(np.rint(arr[..., :3] @ _LUMA), 0, 255).astype(np.uint8)
@@ -227,7 +227,7 @@ def _window(ds) -> tuple[float, float, str] | None:
     if "WindowCenter" not in ds or "WindowWidth" not in ds:
         return None
 
-    from pydicom.multival import MultiValue
+    from pydicom.multival import MultiValue  # noqa: PLC0415 - only DICOM data pays for pydicom
 
     def first(v) -> float:
         return float(v[0]) if isinstance(v, MultiValue | list | tuple) else float(v)
