@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from deploy_helpers import session_keys
 
 DEMO = Path(__file__).resolve().parents[1] / "simulations" / "demo_data"
 
@@ -70,3 +71,10 @@ def pediatric_run(tmp_path_factory) -> Path:
     })
     train_centralized(cfg, out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory) -> Path:
+    """The deployment tests' CA, server certificate and site key pairs (read-only: a test
+    that changes keys works on a copy)."""
+    return session_keys(tmp_path_factory)

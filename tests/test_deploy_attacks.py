@@ -24,7 +24,6 @@ from deploy_helpers import (
     PED,
     copy_keys,
     processes,
-    session_keys,
     wait_for,
     write_federation,
     write_site,
@@ -53,8 +52,8 @@ def _register_by_hand(run: Path, pub: Path, env: dict) -> int:
     return int(json.loads(res.stdout[res.stdout.find("{"):])["node-id"])
 
 
-def test_outsider_intruder_impersonator_and_duplicate(tmp_path, tmp_path_factory):
-    keys = copy_keys(session_keys(tmp_path_factory), tmp_path / "keys")
+def test_outsider_intruder_impersonator_and_duplicate(tmp_path, keys):
+    keys = copy_keys(keys, tmp_path / "keys")
     make_site_key(keys, "intruder")
     port = free_port()
     fed = write_federation(tmp_path, keys, port, ["site-a", "site-b"], rounds=1,

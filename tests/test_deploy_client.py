@@ -5,15 +5,10 @@ from __future__ import annotations
 import socket
 
 import pytest
-from deploy_helpers import NIH, make_keys, session_keys, write_site
+from deploy_helpers import NIH, make_keys, write_site
 
 from client import cli
 from ops.procs import free_port
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    return session_keys(tmp_path_factory)
 
 
 def _run(capsys, *args: str) -> tuple[int, str]:

@@ -19,7 +19,6 @@ from deploy_helpers import (
     PeakRss,
     own_processes,
     processes,
-    session_keys,
     wait_for,
     write_federation,
     write_site,
@@ -31,11 +30,6 @@ from ops.procs import free_port
 pytestmark = pytest.mark.slow
 PROJECTOR_DIM = 384_000  # tiny Swin (256 features) -> 98.3M projector weights, 103.3M in all
 MIB = 2**20
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    return session_keys(tmp_path_factory)
 
 
 def _float_params(path) -> int:

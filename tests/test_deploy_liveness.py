@@ -20,7 +20,6 @@ from deploy_helpers import (
     PED,
     own_processes,
     processes,
-    session_keys,
     wait_for,
     write_federation,
     write_site,
@@ -29,11 +28,6 @@ from deploy_helpers import (
 from ops.procs import descendants, free_port
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    return session_keys(tmp_path_factory)
 
 
 def _superlink_pid(server_pid: int) -> int | None:

@@ -31,7 +31,6 @@ from deploy_helpers import (
     copy_keys,
     own_processes,
     processes,
-    session_keys,
     wait_for,
     write_federation,
     write_site,
@@ -78,11 +77,6 @@ def _registered_nodes(run: Path, env: dict) -> dict[int, str]:
     assert res.returncode == 0, res.stdout + res.stderr
     out = json.loads(res.stdout[res.stdout.find("{"):])
     return {int(n["node-id"]): str(n["status"]) for n in out["nodes"]}
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    return session_keys(tmp_path_factory)
 
 
 def test_federation_lifecycle_over_tls(tmp_path, keys):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from deploy_helpers import session_keys, write_federation
+from deploy_helpers import write_federation
 
 from ops.procs import free_port
 from server import cli
@@ -39,8 +39,7 @@ def test_the_servers_last_exception_is_named(tmp_path):
 
 
 @pytest.fixture()
-def fed(tmp_path, tmp_path_factory):
-    keys = session_keys(tmp_path_factory)
+def fed(tmp_path, keys):
     return write_federation(tmp_path, keys, free_port(), ["site-a"])
 
 
