@@ -15,17 +15,20 @@ import io
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from torch import nn
 
 __all__ = [
     "AggregateReport",
+    "Aggregator",
     "StreamingAggregator",
     "TensorSpec",
     "UpdateRejected",
     "UpdateValidator",
+    "as_tensor",
     "float_state",
     "head_task",
 ]
@@ -61,7 +64,7 @@ def _dtype_name(value: Any) -> str:
     return np.dtype(dt).name
 
 
-def _as_tensor(value: Any) -> torch.Tensor:
+def as_tensor(value: Any) -> torch.Tensor:
     """A CPU tensor view of a numpy array, torch tensor or anything with ``.numpy()``.
 
     A Flower ``Array`` holding a serialised numpy array is viewed in place (no copy): it is
@@ -113,7 +116,7 @@ def _decode(name: str, value: Any, spec: TensorSpec) -> torch.Tensor:
     A Flower ``Array`` declares its dtype and shape beside bytes that may say otherwise.
     """
     try:
-        x = _as_tensor(value)
+        x = as_tensor(value)
     except UpdateRejected:
         raise
     except Exception as e:  # noqa: BLE001 - a forged payload fails in the decoder, any way
@@ -204,6 +207,34 @@ class AggregateReport:
         return list(self.contributors.get(SHARED, []))
 
 
+@runtime_checkable
+class Aggregator(Protocol):
+    """One round's aggregation strategy, as the round loop uses it.
+
+    Every strategy (weighted mean, norm-bounded mean, median, trimmed mean, DP) validates an
+    update when it is added, folds or holds it, and reports who contributed to what.
+    """
+
+    report: AggregateReport
+    norms: Mapping[str, float]  # site -> norm of its update's difference, where measured
+
+    @property
+    def num_accepted(self) -> int: ...
+
+    def add(self, site: str, update: Mapping[str, Any], num_examples: float,
+            task_examples: Mapping[str, float]) -> None:
+        """Validate and fold in (or hold) one site's update; raise UpdateRejected if invalid."""
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The new master's float tensors (the master's dtypes)."""
+
+    def apply(self, model: nn.Module) -> None:
+        """Load :meth:`result` into ``model`` (integer buffers stay as they are)."""
+
+    def nbytes(self) -> int:
+        """Bytes of tensors the aggregator holds now (running sums, held updates)."""
+
+
 class StreamingAggregator:
     """Folds sites' updates in one at a time into fp32 running sums, then divides.
 
@@ -218,6 +249,7 @@ class StreamingAggregator:
         self._sums: dict[str, torch.Tensor] = {}
         self._weights: dict[str, float] = {}
         self.report = AggregateReport()
+        self.norms: dict[str, float] = {}  # the plain mean does not measure them
         self._result: dict[str, torch.Tensor] | None = None
 
     @property
@@ -262,7 +294,7 @@ class StreamingAggregator:
             w = float(num_examples if task is None else task_examples[task])
             if w == 0:  # a declared task without examples this round: its head is untrained
                 continue
-            x = _as_tensor(update[name]).to(torch.float32)
+            x = as_tensor(update[name]).to(torch.float32)
             acc = self._sums.get(name)
             if acc is None:
                 self._sums[name] = x * w
@@ -274,6 +306,13 @@ class StreamingAggregator:
         for g, w in groups.items():
             self.report.contributors.setdefault(g, []).append(site)
             self.report.weights[g] = self.report.weights.get(g, 0.0) + w
+
+    def apply(self, model: nn.Module) -> None:
+        model.load_state_dict(self.result(), strict=False)
+
+    def nbytes(self) -> int:
+        held = self._sums.values() if self._result is None else self._result.values()
+        return sum(t.numel() * t.element_size() for t in held)
 
     def result(self) -> dict[str, torch.Tensor]:
         """The averaged tensors (master dtypes); also fills ``report.kept``.

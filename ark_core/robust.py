@@ -19,8 +19,16 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
+from torch import nn
 
-from .aggregate import SHARED, StreamingAggregator, UpdateRejected, _as_tensor, head_task
+from .aggregate import (
+    SHARED,
+    Aggregator,
+    StreamingAggregator,
+    UpdateRejected,
+    as_tensor,
+    head_task,
+)
 from .config import Strict
 
 __all__ = [
@@ -75,7 +83,7 @@ def update_norm(update: Mapping[str, Any], master: Mapping[str, torch.Tensor]) -
     """L2 norm of ``update - master`` over the tensors ``update`` holds (fp64 sum)."""
     total = 0.0
     for name in update:
-        d = _as_tensor(update[name]).to(torch.float32) - master[name].detach().cpu().float()
+        d = as_tensor(update[name]).to(torch.float32) - master[name].detach().cpu().float()
         total += float(torch.linalg.vector_norm(d).double() ** 2)
     return math.sqrt(total)
 
@@ -103,7 +111,7 @@ class ClippedUpdate(Mapping[str, torch.Tensor]):
         self.update, self.master, self.factor = update, master, factor
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        x = _as_tensor(self.update[name])
+        x = as_tensor(self.update[name])
         if self.factor == 1.0:
             return x
         m = self.master[name].detach().cpu()
@@ -133,12 +141,17 @@ class _OverStreaming:
     def num_accepted(self) -> int:
         return self.inner.num_accepted
 
+    def apply(self, model: nn.Module) -> None:
+        model.load_state_dict(self.result(), strict=False)
+
+    def nbytes(self) -> int:
+        return self.inner.nbytes()
+
 
 class NormBoundedAggregator(_OverStreaming):
     """Streaming mean of updates whose differences are clipped to ``bound``.
 
-    Same interface as :class:`~ark_core.aggregate.StreamingAggregator` (``add``,
-    ``result``, ``report``, ``num_accepted``), plus ``norms``: site -> norm of its update
+    An :class:`~ark_core.aggregate.Aggregator`; ``norms`` holds each site's update norm
     before clipping.
 
     Args:
@@ -203,12 +216,16 @@ class CoordinateAggregator(_OverStreaming):
         """Validate and keep the update (fp32); see :meth:`StreamingAggregator.add`."""
         self.inner.add(site, update, num_examples, task_examples)  # raises, reports
         held = {
-            k: _as_tensor(update[k]).to(torch.float32, copy=True)
+            k: as_tensor(update[k]).to(torch.float32, copy=True)
             for k in update
             if head_task(k) is None or task_examples.get(head_task(k), 0) > 0
         }
         self.norms[site] = update_norm(update, self.master)
         self._held[site] = (held, float(num_examples), dict(task_examples))
+
+    def nbytes(self) -> int:
+        held = (t for h, _, _ in self._held.values() for t in h.values())
+        return self.inner.nbytes() + sum(t.numel() * t.element_size() for t in held)
 
     def _weight(self, site: str, name: str) -> float:
         _, n, tasks = self._held[site]
@@ -252,7 +269,7 @@ class CoordinateAggregator(_OverStreaming):
         return out
 
 
-def make_aggregator(master: Mapping[str, torch.Tensor], cfg: AggregationConfig | None):
+def make_aggregator(master: Mapping[str, torch.Tensor], cfg: AggregationConfig | None) -> Aggregator:
     """The aggregator ``cfg`` selects (the plain streaming mean by default)."""
     if cfg is None or cfg.method == "mean":
         return StreamingAggregator(master)

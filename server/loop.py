@@ -48,7 +48,13 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from ark_core.aggregate import StreamingAggregator, UpdateRejected, float_state, head_task
+from ark_core.aggregate import (
+    Aggregator,
+    StreamingAggregator,
+    UpdateRejected,
+    float_state,
+    head_task,
+)
 from ark_core.audit import tensors_sha256
 from ark_core.caps import Bounded, ExampleCaps
 from ark_core.factory import create_model
@@ -355,8 +361,8 @@ class ArkFederation:
         """
         state = float_state(master)
         ins = Instruction.for_round(self.cfg, round_, self.run.lr(round_))
-        agg = (DPAggregator(state, self.cfg.privacy) if self.cfg.privacy
-               else make_aggregator(state, self.cfg.aggregation))
+        agg: Aggregator = (DPAggregator(state, self.cfg.privacy) if self.cfg.privacy
+                           else make_aggregator(state, self.cfg.aggregation))
         lines: list[dict] = []
         clipped: dict[str, dict] = {}
         expected = self.cfg.transfer.encoding
@@ -399,7 +405,7 @@ class ArkFederation:
                 agg.report.rejected.setdefault(r.site, reason)
                 log.warning("round %d: update of site %s (node %d) REJECTED, master unchanged "
                             "by it: %s", round_, r.site, r.node_id, e)
-            norm = getattr(agg, "norms", {}).get(r.site)
+            norm = agg.norms.get(r.site)
             if accepted and norm is None:
                 norm = update_norm(update, state)
             encoding = declared_encoding(r.manifest)
@@ -416,7 +422,7 @@ class ArkFederation:
             log.warning("round %d: %d valid update(s) from %d site(s) asked, %d needed",
                         round_, agg.num_accepted, sent, self.cfg.min_sites)
             return None
-        master.load_state_dict(agg.result(), strict=False)
+        agg.apply(master)
         self.run.append_metrics(lines)
         rep = agg.report
         record = {"sites": rep.sites, "contributors": rep.contributors, "weights": rep.weights,
@@ -490,7 +496,7 @@ class ArkFederation:
             log.error("no site sent its teacher: no master teacher is written")
             return None, []
         teacher = make_teacher(master)
-        teacher.load_state_dict(agg.result(), strict=False)
+        agg.apply(teacher)
         return teacher, agg.report.sites
 
     # -- the run -------------------------------------------------------------------

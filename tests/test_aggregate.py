@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ark_core.aggregate import (
+    Aggregator,
     StreamingAggregator,
     UpdateRejected,
     UpdateValidator,
@@ -14,6 +15,8 @@ from ark_core.aggregate import (
     head_task,
 )
 from ark_core.model import ArkModel
+from ark_core.privacy import DPAggregator, PrivacyConfig
+from ark_core.robust import AggregationConfig, make_aggregator
 from ark_core.tasks import TaskSpec, TaskType
 
 TASKS = [
@@ -168,3 +171,44 @@ def test_float_state_of_a_real_model():
     agg.add("s", {k: v.clone() for k, v in st.items()}, 1, {"nih": 1})
     out = agg.result()
     assert all(torch.equal(out[k], st[k]) for k in st)
+
+
+STRATEGIES = {
+    "mean": lambda m: make_aggregator(m, None),
+    "norm_bounded": lambda m: make_aggregator(m, AggregationConfig(method="norm_bounded",
+                                                                   norm_bound=1.0)),
+    "median": lambda m: make_aggregator(m, AggregationConfig(method="median")),
+    "trimmed_mean": lambda m: make_aggregator(m, AggregationConfig(method="trimmed_mean")),
+    "dp": lambda m: DPAggregator(m, PrivacyConfig(clip_norm=1.0, noise_multiplier=0.5),
+                                 generator=torch.Generator().manual_seed(0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_is_one_aggregator(name):
+    """The round loop asks nothing of a strategy beyond the Aggregator protocol."""
+    master = _master()
+    agg = STRATEGIES[name](master)
+    assert isinstance(agg, Aggregator)
+    assert agg.nbytes() == 0 and agg.num_accepted == 0
+    sites = {"a": ["nih", "ped"], "b": ["nih"], "c": ["nih", "rsna"]}
+    for i, (site, tasks) in enumerate(sites.items()):
+        agg.add(site, _update(master, tasks, i), 10.0 + i, dict.fromkeys(tasks, 5.0))
+    with pytest.raises(UpdateRejected):  # the protocol's validation, whatever the strategy
+        agg.add("d", {"backbone.w": torch.zeros(1)}, 1.0, {})
+    assert agg.num_accepted == 3 and "d" in agg.report.rejected
+    assert agg.nbytes() >= sum(v.numel() * 4 for k, v in master.items() if head_task(k) != "ped")
+    assert set(agg.norms) <= set(sites)
+    result = agg.result()
+    assert result.keys() == master.keys()
+    assert all(r.dtype == master[k].dtype and r.shape == master[k].shape for k, r in result.items())
+    net = ArkModel("swin_tiny_patch4_window7_224", TASKS, img_size=64, projector_dim=3,
+                   backbone_kwargs={"window_size": 4, "embed_dim": 16, "depths": [1, 1, 1, 1],
+                                    "num_heads": [1, 1, 1, 1]})
+    heads = {k: v for k, v in result.items() if k.startswith("heads.")}
+    agg.result = lambda: heads  # apply loads what result gives, by name, leaving the rest
+    before = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("heads.")}
+    agg.apply(net)
+    got = net.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in heads.items())
+    assert all(torch.equal(got[k], v) for k, v in before.items())

@@ -8,7 +8,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from ark_core.aggregate import StreamingAggregator, UpdateRejected, _as_tensor
+from ark_core.aggregate import StreamingAggregator, UpdateRejected, as_tensor
 
 
 def _master() -> dict[str, torch.Tensor]:
@@ -19,11 +19,11 @@ def _master() -> dict[str, torch.Tensor]:
 def test_flower_arrays_are_read_in_place_with_their_values(dtype):
     x = np.arange(12, dtype=dtype).reshape(3, 4) / 7
     arr = Array.from_numpy_ndarray(x)
-    t = _as_tensor(arr)
+    t = as_tensor(arr)
     assert t.dtype == torch.from_numpy(x).dtype
     assert torch.equal(t, torch.from_numpy(x))
     fortran = Array.from_numpy_ndarray(np.asfortranarray(x))
-    assert torch.equal(_as_tensor(fortran), torch.from_numpy(x))
+    assert torch.equal(as_tensor(fortran), torch.from_numpy(x))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
