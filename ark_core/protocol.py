@@ -8,9 +8,10 @@ Server -> site (``train``, ``evaluate``, ``query`` and ``query.tasks`` messages)
     projector) and the heads of the receiving site's own tasks, no other head; absent in
     ``query`` and ``query.tasks``. The server learns a site's tasks from a ``query.tasks``
     message (answered with the ``site`` record alone) before it first sends it a master.
-    ``config`` (ConfigRecord): see :class:`Instruction` (``round``, ``num-rounds``, ``lr``,
-    ``local-epochs``, ``run-fingerprint``, ``model-config``, ``train-config``,
-    ``catalogue``, ``transfer-config``; the last four are JSON strings).
+    ``config`` (ConfigRecord): ``instruction``, the :class:`Instruction` as one JSON value
+    (``version``, ``round``, ``num_rounds``, ``lr``, ``local_epochs``, ``fingerprint``,
+    ``model``, ``train``, ``catalogue``, ``transfer``), and ``round`` again as a plain
+    number for logs and audit lines.
 
 Site -> server (replies)
     ``arrays`` (ArrayRecord): ``train``: the student's float tensors, shared parts and this
@@ -28,9 +29,12 @@ Site -> server (replies)
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from typing import Any
 
-from .config import ModelConfig, TrainConfig
+from pydantic import Field, ValidationError
+
+from .config import ModelConfig, Strict, TrainConfig, format_validation_error
 from .federation import CatalogueTask, FederationConfig, run_fingerprint
 from .tasks import TaskSpec
 from .transfer import TransferConfig
@@ -42,13 +46,19 @@ SITE = "site"
 ENCODING = "encoding"
 SCALES = "scales"
 TASKS_QUERY = "query.tasks"  # message type: "which tasks do you train?"
+INSTRUCTION = "instruction"  # the config record's key holding the Instruction as JSON
+INSTRUCTION_VERSION = 1
 
 
-@dataclass
-class Instruction:
-    """The schedule and settings a message carries to a site.
+class InstructionError(ValueError):
+    """A message's instruction is missing, of an unknown version, or invalid (field named)."""
+
+
+class Instruction(Strict):
+    """The schedule and settings a message carries to a site, as one versioned JSON value.
 
     Args:
+        version: The instruction's format; a site refuses one newer than it understands.
         round: Current round (1-based; 0 for messages outside training).
         num_rounds: Rounds of the run.
         lr: This round's learning rate.
@@ -60,50 +70,57 @@ class Instruction:
         transfer: How the site encodes its train reply.
     """
 
-    round: int
-    num_rounds: int
-    lr: float
-    local_epochs: int
+    version: int = INSTRUCTION_VERSION
+    round: int = Field(ge=0)
+    num_rounds: int = Field(ge=1)
+    lr: float = Field(ge=0)
+    local_epochs: int = Field(ge=1)
     fingerprint: str
     model: ModelConfig
     train: TrainConfig
-    catalogue: list[TaskSpec]
-    transfer: TransferConfig = field(default_factory=TransferConfig)
+    catalogue: list[CatalogueTask]
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
+
+    @property
+    def tasks(self) -> list[TaskSpec]:
+        """The catalogue as task specs."""
+        return [t.spec() for t in self.catalogue]
 
     @classmethod
     def for_round(cls, cfg: FederationConfig, round_: int, lr: float = 0.0) -> Instruction:
         return cls(
             round=round_, num_rounds=cfg.rounds, lr=lr, local_epochs=cfg.local_epochs,
             fingerprint=run_fingerprint(cfg), model=cfg.model, train=cfg.train,
-            catalogue=cfg.task_specs(), transfer=cfg.transfer,
+            catalogue=cfg.catalogue, transfer=cfg.transfer,
         )
 
-    def to_config(self) -> dict[str, int | float | str]:
-        """Flat scalar mapping for a ConfigRecord."""
-        return {
-            "round": self.round,
-            "num-rounds": self.num_rounds,
-            "lr": float(self.lr),
-            "local-epochs": self.local_epochs,
-            "run-fingerprint": self.fingerprint,
-            "model-config": self.model.model_dump_json(),
-            "train-config": self.train.model_dump_json(),
-            "catalogue": json.dumps([t.to_dict() for t in self.catalogue]),
-            "transfer-config": self.transfer.model_dump_json(),
-        }
+    def to_config(self) -> dict[str, str | int]:
+        """The ConfigRecord content: the instruction as JSON, and its round for the logs."""
+        return {INSTRUCTION: self.model_dump_json(), "round": self.round}
 
     @classmethod
-    def from_config(cls, c: dict) -> Instruction:
-        """Inverse of :meth:`to_config`; raises ``KeyError``/``ValueError`` on a bad message."""
-        return cls(
-            round=int(c["round"]),
-            num_rounds=int(c["num-rounds"]),
-            lr=float(c["lr"]),
-            local_epochs=int(c["local-epochs"]),
-            fingerprint=str(c["run-fingerprint"]),
-            model=ModelConfig.model_validate_json(c["model-config"]),
-            train=TrainConfig.model_validate_json(c["train-config"]),
-            catalogue=[CatalogueTask.model_validate(t).spec() for t in json.loads(c["catalogue"])],
-            # A server from before the option sends none: plain fp32 weights.
-            transfer=TransferConfig.model_validate_json(c.get("transfer-config") or "{}"),
-        )
+    def from_config(cls, c: Mapping[str, Any]) -> Instruction:
+        """Inverse of :meth:`to_config`.
+
+        Raises:
+            InstructionError: No instruction, a version this code does not know, or a value
+                that does not validate; the message names the field.
+        """
+        raw = c.get(INSTRUCTION)
+        if not isinstance(raw, str):
+            raise InstructionError(
+                f"the message carries no {INSTRUCTION!r} (keys: {sorted(c)}): the server runs "
+                "another version of this software; run the same version on both sides")
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise InstructionError(f"instruction: not JSON ({e})") from None
+        version = data.get("version") if isinstance(data, dict) else None
+        if not isinstance(version, int) or not 1 <= version <= INSTRUCTION_VERSION:
+            raise InstructionError(
+                f"instruction version {version!r}: this site understands versions 1 to "
+                f"{INSTRUCTION_VERSION}; update it to the server's version")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise InstructionError(format_validation_error(e, "instruction")) from None

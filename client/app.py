@@ -11,11 +11,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ark_core.protocol import ARRAYS, CONFIG, ENCODING, METRICS, SCALES, SITE, Instruction
+from ark_core.protocol import ARRAYS, ENCODING, METRICS, SCALES, SITE
 from ark_core.transfer import RAW_STYPE
 
 from .audit import audit_mod
 from .egress import egress_guard
+from .message import instruction_of, site_of
 from .site import Site
 
 # The audit log wraps the guard, so it records what left the site (or that it was blocked).
@@ -26,10 +27,6 @@ def _raw_array(a: np.ndarray) -> Array:
     """An encoded payload as bare little-endian bytes; the Array's fields say dtype and shape."""
     a = np.asarray(a, dtype=a.dtype.newbyteorder("<"), order="C")  # keeps 0-d scales 0-d
     return Array(dtype=a.dtype.name, shape=tuple(a.shape), stype=RAW_STYPE, data=a.tobytes())
-
-
-def _site(context: Context) -> Site:
-    return Site.from_flower_config(context.node_config, context.run_config)
 
 
 def _reply(msg: Message, site: Site, metrics: dict[str, float], arrays=None) -> Message:
@@ -47,8 +44,7 @@ def _reply(msg: Message, site: Site, metrics: dict[str, float], arrays=None) -> 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round: the master student in, this site's student (run's encoding) and metrics out."""
-    site = _site(context)
-    ins = Instruction.from_config(dict(msg.content[CONFIG]))
+    site, ins = site_of(msg, context), instruction_of(msg)
     student, metrics = site.train(ins, msg.content[ARRAYS])
     payload = site.encode(ins, msg.content[ARRAYS], student)
     del student
@@ -64,21 +60,19 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation AUC of the master student and the site's teacher (numbers only)."""
-    site = _site(context)
-    ins = Instruction.from_config(dict(msg.content[CONFIG]))
+    site, ins = site_of(msg, context), instruction_of(msg)
     return _reply(msg, site, site.evaluate(ins, msg.content[ARRAYS]))
 
 
 @app.query("tasks")
 def site_tasks(msg: Message, context: Context) -> Message:
     """The site's name and tasks (no data), so the server sends it only its own heads."""
-    return _reply(msg, _site(context), {})
+    return _reply(msg, site_of(msg, context), {})
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """The site's latest teacher, asked for once at the end of the run."""
-    site = _site(context)
-    ins = Instruction.from_config(dict(msg.content[CONFIG]))
+    site, ins = site_of(msg, context), instruction_of(msg)
     teacher, metrics = site.teacher(ins)
     return _reply(msg, site, metrics, teacher)

@@ -24,10 +24,10 @@ from flwr.app import Context, Message
 
 from ark_core.aggregate import head_task
 from ark_core.audit import append_audit, tensors_sha256
-from ark_core.protocol import ARRAYS, CONFIG, ENCODING, METRICS, SCALES
+from ark_core.protocol import ARRAYS, CONFIG, ENCODING, METRICS, SCALES, InstructionError
 from ark_core.transfer import declared_encoding, payload_nbytes
 
-from .site import Site
+from .message import instruction_of, site_of
 
 log = logging.getLogger("flwr.ark.client.audit")
 
@@ -46,13 +46,20 @@ def bundle_info() -> dict[str, str]:
     return {"app_dir": root.name, "code_sha256": h.hexdigest()}
 
 
+def _fingerprint(msg: Message) -> str | None:
+    try:
+        return instruction_of(msg).fingerprint
+    except InstructionError:  # logged as it came; the reply says what was wrong
+        return None
+
+
 def reply_record(msg: Message, reply: Message) -> dict:
     """The audit record of ``reply`` (the answer to ``msg``)."""
     config = dict(msg.content.config_records.get(CONFIG, {}))
     master = msg.content.array_records.get(ARRAYS)
     rec: dict = {
         "event": "reply", "kind": msg.metadata.message_type, "round": config.get("round"),
-        "run_fingerprint": config.get("run-fingerprint"), "run_id": msg.metadata.run_id,
+        "run_fingerprint": _fingerprint(msg), "run_id": msg.metadata.run_id,
         "master_sha256": tensors_sha256(master) if master is not None else None,
         "received_bytes": sum(len(a.data) for a in master.values()) if master is not None else 0,
         "received_heads": sorted({t for k in master if (t := head_task(k))}) if master else [],
@@ -74,7 +81,7 @@ def audit_mod(msg: Message, context: Context, call_next) -> Message:
     """ClientApp mod: log every reply in the site's state directory, then send it."""
     reply = call_next(msg, context)
     try:
-        state_dir = Site.from_flower_config(context.node_config, context.run_config).state_dir
+        state_dir = site_of(msg, context).state_dir
     except (OSError, ValueError) as e:  # no site config: the reply is an error already
         log.warning("audit: no state directory to log in (%s)", e)
         return reply

@@ -30,11 +30,11 @@ from flwr.app import Context, Error, Message, MessageType
 
 from ark_core.aggregate import float_state, head_task
 from ark_core.factory import create_model
-from ark_core.protocol import ARRAYS, CONFIG, ENCODING, METRICS, SCALES, SITE, Instruction
+from ark_core.protocol import ARRAYS, ENCODING, METRICS, SCALES, SITE
 from ark_core.tasks import TaskSpec
 from ark_core.transfer import check_declared
 
-from .site import Site
+from .message import instruction_of, site_of
 
 log = logging.getLogger("flwr.ark.client.egress")
 
@@ -90,9 +90,8 @@ class EgressPolicy:
         The site's name and tasks come from its own config; tensor shapes from the master in
         ``msg`` or, without one, from the model the instruction describes.
         """
-        site = Site.from_flower_config(context.node_config, context.run_config)
-        ins = Instruction.from_config(dict(msg.content.config_records[CONFIG]))
-        catalogue = {t.name: t for t in ins.catalogue}
+        site, ins = site_of(msg, context), instruction_of(msg)
+        catalogue = {t.name: t for t in ins.tasks}
         tasks = [catalogue[n] for n in site.task_names if n in catalogue]
         if ARRAYS in msg.content.array_records:
             shapes = {k: tuple(a.shape) for k, a in msg.content.array_records[ARRAYS].items()}

@@ -107,7 +107,7 @@ class Site:
         if train.threads:
             torch.set_num_threads(train.threads)
         tasks = load_task_data(self.cfg.tasks, self.data_root)
-        check_site_tasks(self.cfg.name, [t.spec for t in tasks], ins.catalogue)
+        check_site_tasks(self.cfg.name, [t.spec for t in tasks], ins.tasks)
         return tasks, train, resolve_device(train.device)
 
     def _model(self, ins: Instruction, tasks: list[TaskData], tensors: Mapping[str, Any]) -> ArkModel:
@@ -212,7 +212,7 @@ class Site:
         if not rounds:
             raise RuntimeError(f"site {self.cfg.name!r} holds no teacher of run {ins.fingerprint}")
         tasks = load_task_data(self.cfg.tasks, self.data_root, splits=("train",))
-        check_site_tasks(self.cfg.name, [t.spec for t in tasks], ins.catalogue)
+        check_site_tasks(self.cfg.name, [t.spec for t in tasks], ins.tasks)
         metrics = {f"num-examples.{t.spec.name}": float(len(t.train)) for t in tasks}
         metrics["num-examples"] = float(sum(len(t.train) for t in tasks))
         metrics["teacher-round"] = float(rounds[-1])

@@ -1,6 +1,8 @@
 """The ClientApp driven with real Flower Messages: training, the teacher store, replies."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ from ark_core.aggregate import float_state
 from ark_core.checkpoint import load_tensors
 from ark_core.factory import create_model
 from ark_core.federation import load_simulation, run_fingerprint
-from ark_core.protocol import Instruction
+from ark_core.protocol import Instruction, InstructionError
 from client.app import app
 from client.state import TeacherStore
 
@@ -150,3 +152,21 @@ def test_site_with_other_labels_is_refused(tmp_path):
     rc, fed_cfg, master, _ = _setup(tmp_path, sites=sites)
     with pytest.raises(ValueError, match=r"site 'odd': task 'ped' has labels \['Normal'"):
         app(_message("train", fed_cfg, 1, master), _context(rc))
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    (lambda d: d.update(version=2), "instruction version 2: this site understands versions 1 to 1"),
+    (lambda d: d.update(lr=-1.0), "instruction: lr: Input should be greater than or equal to 0"),
+    (lambda d: d["train"].update(batch_size="eight"), "instruction: train.batch_size:"),
+    (lambda d: d.pop("catalogue"), "instruction: catalogue: Field required"),
+])
+def test_an_instruction_the_site_cannot_read_is_answered_with_why(tmp_path, change, says):
+    """A newer server's instruction, or a broken one: the ClientApp fails with what is wrong,
+    which Flower sends back as the reply's error and the server logs."""
+    rc, fed_cfg, master, _ = _setup(tmp_path)
+    msg = _message("train", fed_cfg, 1, master)
+    data = json.loads(msg.content["config"]["instruction"])
+    change(data)
+    msg.content["config"]["instruction"] = json.dumps(data)
+    with pytest.raises(InstructionError, match=re.escape(says)):
+        app(msg, _context(rc))

@@ -130,8 +130,9 @@ def test_config_shorthand_rules_and_fingerprint():
     assert run_fingerprint(fp32) == run_fingerprint(same) != run_fingerprint(bf16)
     ins = Instruction.for_round(bf16, 1, 0.1)
     assert Instruction.from_config(ins.to_config()).transfer == bf16.transfer
-    legacy = {k: v for k, v in ins.to_config().items() if k != "transfer-config"}
-    assert Instruction.from_config(legacy).transfer == TransferConfig()
+    without = json.loads(ins.to_config()["instruction"])
+    del without["transfer"]  # not set: plain fp32 weights
+    assert Instruction.from_config({"instruction": json.dumps(without)}).transfer == TransferConfig()
 
 
 # ------------------------------------------------------------------------- the validator
