@@ -11,7 +11,7 @@ import pytest
 from deploy_helpers import write_federation
 
 from ops.procs import free_port
-from server import cli
+from server import cli, coordinator
 
 # What `flwr log` streamed into run.log when the ServerApp raised (Flower's log format).
 RUN_LOG = """\x1b[92mINFO \x1b[0m:      round 1/3 done in 12.0 s: sites site-a, site-b
@@ -29,13 +29,13 @@ httpx.HTTPStatusError: Server error '500 Internal Server Error' for url '/v1/run
 def test_the_servers_last_exception_is_named(tmp_path):
     log = tmp_path / "run.log"
     log.write_text(RUN_LOG)
-    why = cli.last_error(log)
+    why = coordinator.last_error(log)
     assert why.splitlines()[1] == "Traceback (most recent call last):"
     assert why.splitlines()[-1].startswith("httpx.HTTPStatusError: Server error '500")
     assert "Run finished" not in why
     log.write_text("\x1b[91mERROR \x1b[0m:     round 2: no site is enrolled\nINFO: bye\n")
-    assert cli.last_error(log) == "ERROR :     round 2: no site is enrolled"
-    assert cli.last_error(tmp_path / "missing.log") == "(no run log)"
+    assert coordinator.last_error(log) == "ERROR :     round 2: no site is enrolled"
+    assert coordinator.last_error(tmp_path / "missing.log") == "(no run log)"
 
 
 @pytest.fixture()
@@ -46,7 +46,7 @@ def fed(tmp_path, keys):
 def test_a_stopped_run_is_not_resumed_without_asking(fed, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    (run / cli.STOPPED).write_text(json.dumps({"run_id": "1", "at": 0}))
+    (run / coordinator.STOPPED).write_text(json.dumps({"run_id": "1", "at": 0}))
     assert cli.main([str(fed)]) == 0
     assert "pass --resume" in capsys.readouterr().err
     assert not (run / "superlink.json").exists(), "nothing was started"
