@@ -9,16 +9,11 @@ from sklearn.metrics import roc_auc_score
 from ark_core.cli import main
 from ark_core.config import TaskConfig
 from ark_core.data import build_manifests
-from ark_core.downstream import (
-    embed,
-    subgroup_metrics,
-    subgroup_values,
-    zero_shot,
-    zero_shot_scores,
-)
+from ark_core.downstream import embed, zero_shot, zero_shot_scores
 from ark_core.evaluate import predict
 from ark_core.factory import load_model
 from ark_core.model import ArkModel
+from ark_core.subgroups import subgroup_metrics, subgroup_values
 
 
 @pytest.fixture(scope="module")

@@ -43,8 +43,8 @@ def scores(model, manifest, args, head):
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..downstream import subgroup_metrics, subgroup_values
     from ..plots import subgroups_png
+    from ..subgroups import subgroup_metrics, subgroup_values
 
     model, cfg, splits = load(args)
     head = args.head or cfg.name
