@@ -14,16 +14,8 @@ import os
 import re
 import signal
 
+import deploy_helpers as dh
 import pytest
-from deploy_helpers import (
-    NIH,
-    PED,
-    own_processes,
-    processes,
-    wait_for,
-    write_federation,
-    write_site,
-)
 
 from ops.procs import descendants, free_port
 
@@ -43,22 +35,22 @@ def _superlink_pid(server_pid: int) -> int | None:
 
 def test_a_frozen_superlink_is_restarted_and_the_run_finishes(tmp_path, keys):
     port = free_port()
-    sites = {"site-a": [NIH], "site-b": [PED]}
-    fed = write_federation(tmp_path, keys, port, list(sites), rounds=2, evaluate_every=0,
+    sites = {"site-a": [dh.NIH], "site-b": [dh.PED]}
+    fed = dh.write_federation(tmp_path, keys, port, list(sites), rounds=2, evaluate_every=0,
                            deployment={"stall_s": 60})
     run = tmp_path / "run"
-    with processes(tmp_path) as procs:
+    with dh.processes(tmp_path) as procs:
         server = procs.start("server", "ark-server", str(fed))
         for name, tasks in sites.items():
-            procs.start(name, "ark-client", str(write_site(
+            procs.start(name, "ark-client", str(dh.write_site(
                 tmp_path, name, keys, port, tasks=tasks, startup_retries=120, retry_wait_s=1)))
-        wait_for(lambda: "started run" in procs.log(server), 300, "the run to start")
+        dh.wait_for(lambda: "started run" in procs.log(server), 300, "the run to start")
         frozen = _superlink_pid(server.pid)
         assert frozen is not None
         os.kill(frozen, signal.SIGSTOP)
         assert server.wait(timeout=600) == 0, procs.log(server)
         out = procs.log(server)
-    wait_for(lambda: not own_processes(str(tmp_path)), 30, "every process to end")
+    dh.wait_for(lambda: not dh.own_processes(str(tmp_path)), 30, "every process to end")
 
     assert re.search(r"the SuperLink is running but has not answered its health check for "
                      r"\d+ s", out), out
