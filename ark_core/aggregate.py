@@ -28,6 +28,7 @@ __all__ = [
     "TensorSpec",
     "UpdateRejected",
     "UpdateValidator",
+    "as_numpy",
     "as_tensor",
     "float_state",
     "head_task",
@@ -72,11 +73,17 @@ def as_tensor(value: Any) -> torch.Tensor:
     """
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
-    if not isinstance(value, np.ndarray):
-        value = _npy_view(value) if _is_npy(value) else value.numpy()
+    value = as_numpy(value)
     with warnings.catch_warnings():  # a read-only view: nothing here writes into it
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(np.ascontiguousarray(value))
+
+
+def as_numpy(value: Any) -> np.ndarray:
+    """A numpy array, or a read-only view of an array-like's payload (a Flower ``Array``)."""
+    if isinstance(value, np.ndarray):
+        return value
+    return _npy_view(value) if _is_npy(value) else value.numpy()
 
 
 def _is_npy(value: Any) -> bool:

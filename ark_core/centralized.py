@@ -37,7 +37,7 @@ from .train import (
     load_task_data,
     resolve_device,
     seed_everything,
-    train_round,
+    train_cyclic,
 )
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def train_tasks(
     for epoch in range(start_epoch, end_epoch):
         t0 = time.time()
         lr = lr_at(epoch, epochs, train_cfg.lr, train_cfg.min_lr, train_cfg.warmup_epochs)
-        result = train_round(
+        result = train_cyclic(
             student, teacher, tasks, train_cfg, img_size=model_cfg.img_size, work_size=work_size,
             lr=lr, local_epochs=1, ema_step=ema_step, ema_total_steps=total_ema, device=device,
             optimizer=optimizer, progress=progress, desc=f"epoch {epoch + 1}/{epochs} ",

@@ -250,7 +250,7 @@ def train_task_epoch(
     return {k: v / max(seen, 1) for k, v in sums.items()} | {"num-examples": seen}
 
 
-def train_round(
+def train_cyclic(
     student: ArkModel,
     teacher: ArkModel,
     tasks: Sequence[TaskData],

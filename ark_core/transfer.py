@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from .aggregate import TensorSpec, UpdateRejected, _is_npy, _npy_view
+from .aggregate import TensorSpec, UpdateRejected, as_numpy
 from .config import Strict
 
 __all__ = [
@@ -180,7 +180,7 @@ def _raw(value: Any) -> np.ndarray:
         return value.detach().cpu().numpy()
     if getattr(value, "stype", None) == RAW_STYPE:
         return raw_view(value)
-    return _npy_view(value) if _is_npy(value) else value.numpy()
+    return as_numpy(value)
 
 
 def decode_tensor(

@@ -7,11 +7,11 @@ Two comparisons, each measured side by side in one run, alternating, best of ``-
 (CPU: CPU seconds of this single-threaded process, which other processes do not inflate;
 GPU: wall time with the device synchronised):
 
-- ``round``: :func:`ark_core.train.train_round` (its own DataLoader over the real images of
+- ``round``: :func:`ark_core.train.train_cyclic` (its own DataLoader over the real images of
   simulations/demo_data, decoding and augmenting) against the plain loop iterating the same
   DataLoader (:func:`ark_core.train.make_loader`, same seed): loading is in both.
 - ``step``: the trainer's epoch (:func:`ark_core.train.train_task_epoch`, the per-batch code
-  of ``train_round``) against the plain loop, both over the SAME pre-collated batches held
+  of ``train_cyclic``) against the plain loop, both over the SAME pre-collated batches held
   in memory: loading is in neither.
 
 The plain loop has no schedule, no per-batch loss read-back, no non-finite check, no
@@ -48,7 +48,7 @@ from ark_core.train import (
     build_optimizer,
     load_task_data,
     make_loader,
-    train_round,
+    train_cyclic,
     train_task_epoch,
 )
 
@@ -114,7 +114,7 @@ def trainer_epochs(
     student: ArkModel, teacher: ArkModel, batches: dict[str, list[dict]],
     specs: dict[str, TaskSpec], cfg: TrainConfig, lr: float, device: torch.device,
 ) -> int:
-    """``train_round``'s per-task work over given batches: train_task_epoch, then its EMA."""
+    """``train_cyclic``'s per-task work over given batches: train_task_epoch, then its EMA."""
     m = float(momentum_schedule(EMA_TOTAL, cfg.ema_m0)[EMA_STEP])
     lam = consistency_weight(m, cfg.ema_m0, cfg.lam_max)
     teacher.requires_grad_(False)
@@ -160,7 +160,7 @@ def cpu_bench(quick: bool, reps: int) -> None:
     lam = consistency_weight(m, cfg.ema_m0, cfg.lam_max)
     kw = dict(img_size=mcfg.img_size, work_size=mcfg.resolved_work_size)
 
-    def loaders() -> dict[str, Iterable[dict]]:  # what train_round builds for this position
+    def loaders() -> dict[str, Iterable[dict]]:  # what train_cyclic builds for this position
         return {td.spec.name: make_loader(td.train, cfg, training=True,
                                           seed=cfg.seed * 1_000_003 + EMA_STEP + i, **kw)
                 for i, td in enumerate(tasks)}
@@ -169,7 +169,7 @@ def cpu_bench(quick: bool, reps: int) -> None:
     s_b, t_b = copy.deepcopy(student), copy.deepcopy(teacher)
 
     def trainer_round() -> int:
-        r = train_round(s_a, t_a, tasks, cfg, lr=1e-4, local_epochs=1, ema_step=EMA_STEP,
+        r = train_cyclic(s_a, t_a, tasks, cfg, lr=1e-4, local_epochs=1, ema_step=EMA_STEP,
                         ema_total_steps=EMA_TOTAL, device=device, progress=False, **kw)
         return int(r.metrics["num-examples"])
 

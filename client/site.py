@@ -29,7 +29,7 @@ from ark_core.federation import (
 )
 from ark_core.model import ArkModel, make_teacher
 from ark_core.protocol import Instruction
-from ark_core.train import TaskData, load_task_data, resolve_device, seed_everything, train_round
+from ark_core.train import TaskData, load_task_data, resolve_device, seed_everything, train_cyclic
 from ark_core.transfer import Payload, encode_update
 
 from .state import ResidualStore, TeacherStore
@@ -150,7 +150,7 @@ class Site:
         # Round 1 (or a site without an earlier teacher of this run) starts from the master.
         teacher = (found[0] if found else make_teacher(student)).to(device)
         ema_step, ema_total = ema_position(ins.round, ins.num_rounds, ins.local_epochs, len(tasks))
-        result = train_round(
+        result = train_cyclic(
             student, teacher, tasks, train,
             img_size=ins.model.img_size, work_size=ins.model.resolved_work_size, lr=ins.lr,
             local_epochs=ins.local_epochs, ema_step=ema_step, ema_total_steps=ema_total,

@@ -13,7 +13,7 @@ from ark_core.config import ArkConfig, TaskConfig, TrainConfig
 from ark_core.data.transforms import EvalTransform
 from ark_core.factory import create_model
 from ark_core.model import make_teacher
-from ark_core.train import load_task_data, train_round
+from ark_core.train import load_task_data, train_cyclic
 
 ROOT = Path(__file__).resolve().parent.parent
 PEDIATRIC = ROOT / "simulations" / "demo_data" / "pediatric"
@@ -57,7 +57,7 @@ def test_teacher_sees_whole_unaugmented_images_and_gets_no_gradient():
     seen: list[torch.Tensor] = []
     teacher.backbone.patch_embed.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
     before = {n: p.clone() for n, p in teacher.named_parameters()}
-    train_round(
+    train_cyclic(
         student, teacher, [td], TrainConfig(batch_size=4, lr=0.01, ema_m0=0.5, seed=3),
         img_size=96, work_size=96, lr=0.01, local_epochs=2, ema_step=0, ema_total_steps=2,
         progress=False,
