@@ -17,8 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from ark_core.io import atomic_write_text
 from ops import procs
 
 from .enrolment import read_registry, write_registry
-from .liveness import PULSE, Watch
+from .liveness import PULSE, Watch, answers
 
 CONNECTION = "ark"  # the SuperLink connection name in $FLWR_HOME/config.toml
 STOPPED = "stopped.json"  # in the run directory after `flwr stop`
@@ -105,12 +103,9 @@ class Coordinator:
         while time.monotonic() < deadline:
             if self.superlink and self.superlink.poll() is not None:
                 raise RuntimeError(f"flower-superlink exited; see {self.logs / 'superlink.log'}")
-            try:
-                with urllib.request.urlopen(f"https://127.0.0.1:{self.port}/health",
-                                            context=ctx, timeout=2):
-                    return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.3)
+            if answers(f"https://127.0.0.1:{self.port}/health", ctx, timeout_s=2):
+                return
+            time.sleep(0.3)
         raise RuntimeError(f"SuperLink not ready after {self.dep.startup_timeout_s:.0f} s")
 
     def attach(self) -> None:

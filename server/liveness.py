@@ -60,7 +60,7 @@ class Watch:
             if proc.poll() is not None:
                 return f"{name} exited (code {proc.returncode})"
         now = time.monotonic()
-        if not self._healthy():  # a ServerApp waiting on it is not to blame
+        if not answers(self.health_url, self.ctx):  # a ServerApp waiting on it is not to blame
             if now - self._answered > self.stall_s:
                 return (f"the SuperLink is running but has not answered its health check for "
                         f"{now - self._answered:.0f} s")
@@ -77,10 +77,11 @@ class Watch:
             return f"the ServerApp is running but has made no call to the SuperLink for {idle:.0f} s"
         return None
 
-    def _healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.health_url, context=self.ctx, timeout=10):
-                return True
-        except (urllib.error.URLError, OSError, TimeoutError):
-            return False
 
+def answers(health_url: str, ctx: ssl.SSLContext, timeout_s: float = 10.0) -> bool:
+    """Whether the SuperLink answers its health check within ``timeout_s``."""
+    try:
+        with urllib.request.urlopen(health_url, context=ctx, timeout=timeout_s):
+            return True
+    except (urllib.error.URLError, OSError, TimeoutError):
+        return False
