@@ -7,7 +7,7 @@ fresh process and reads that process's peak RSS (``resource.getrusage``):
 - ``flower``: Flower 1.42's ``FedAvg.aggregate_train`` (flwr.serverapp.strategy) over the
   sites' reply Messages, all at hand as ``Strategy.start`` passes them; the master it sent
   is held as an ArrayRecord, as ``start`` holds it.
-- ``ours``: :class:`ark_core.aggregate.StreamingAggregator`: each reply's ArrayRecord is
+- ``ours``: :class:`ark_core.fed.aggregate.StreamingAggregator`: each reply's ArrayRecord is
   validated (names, shapes, dtypes, finite values), folded into fp32 running sums and
   dropped before the next arrives, as the ServerApp's push/pull loop does; the master is
   held as torch tensors, as the ServerApp holds its model.
@@ -52,7 +52,7 @@ def layout(quick: bool) -> dict[str, tuple[int, ...]]:
     import torch
 
     from ark_core.config import ModelConfig
-    from ark_core.model import ArkModel
+    from ark_core.model.network import ArkModel
     from ark_core.tasks import TaskSpec, TaskType
 
     specs = [TaskSpec(t, tuple(f"l{i}" for i in range(14)), TaskType.MULTILABEL) for t in TASKS]
@@ -219,7 +219,7 @@ def child(mode: str, sites: int, quick: bool) -> dict:
         assert arrays is not None and len(arrays) == len(shapes)
         del master
     elif mode == "ours":
-        from ark_core.aggregate import StreamingAggregator
+        from ark_core.fed.aggregate import StreamingAggregator
 
         master = {k: torch.zeros(s) for k, s in shapes.items()}
         gc.collect()
@@ -239,9 +239,9 @@ def child(mode: str, sites: int, quick: bool) -> dict:
     elif mode == "loop":
         import tempfile
 
-        from ark_core.aggregate import float_state
         from ark_core.config import ModelConfig
-        from ark_core.federation import FederationConfig
+        from ark_core.fed.aggregate import float_state
+        from ark_core.fed.federation import FederationConfig
         from server.loop import ArkFederation
 
         labels = [f"l{i}" for i in range(14)]

@@ -2,7 +2,7 @@
 
 One step = the student's forward and backward through a task head, the teacher's forward on
 its view, the optimizer step; the teacher's EMA after each task-epoch. Both variants run the
-trainer's own per-batch code (:func:`ark_core.train.train_task_epoch`) over the same
+trainer's own per-batch code (:func:`ark_core.train.cyclic.train_task_epoch`) over the same
 synthetic batches, on the same GPU, in the same process, alternating:
 
 - ``fp32``: fp32 eager, TF32 off (matmuls and convolutions in full fp32), NCHW, AdamW
@@ -37,10 +37,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ark_core.config import ModelConfig, TrainConfig
 from ark_core.data.dataset import BadFileCounter
-from ark_core.factory import create_model
-from ark_core.model import ArkModel, ema_update, make_teacher
+from ark_core.model.factory import create_model
+from ark_core.model.network import ArkModel, ema_update, make_teacher
+from ark_core.model.runtime import accelerate
 from ark_core.tasks import TaskSpec, TaskType
-from ark_core.train import accelerate, build_optimizer, train_task_epoch
+from ark_core.train.cyclic import build_optimizer, train_task_epoch
 
 LAM, M = 0.25, 0.99  # mid-run: the consistency term (and so the teacher's forward) is on
 SPECS = {

@@ -5,7 +5,7 @@ other (each site reserves every CPU core, so Ray runs one at a time). The federa
 a real `flwr run .` (``simulations.simulate.run_simulation``: SuperLink, Ray, message
 serialisation, the site's teacher store, validation and streaming aggregation at the server);
 its round times come from the run's metrics.jsonl. The local side calls
-``ark_core.train.train_cyclic`` for the same sites, tasks, schedule and settings in this
+``ark_core.train.cyclic.train_cyclic`` for the same sites, tasks, schedule and settings in this
 process. Ratio: (steady-state federated round) / (sum of the sites' local rounds), goal
 <= 1.15 when local training takes >= 60 s. Round 1 (cold start: Ray workers, imports) is
 printed separately.
@@ -28,10 +28,11 @@ import torch
 import yaml
 from _util import ROOT, machine, ratio_line
 
-from ark_core.factory import create_model
-from ark_core.federation import load_simulation
-from ark_core.model import make_teacher
-from ark_core.train import load_task_data, train_cyclic
+from ark_core.data.loaders import load_task_data
+from ark_core.fed.federation import load_simulation
+from ark_core.model.factory import create_model
+from ark_core.model.network import make_teacher
+from ark_core.train.cyclic import train_cyclic
 
 
 def sim_config(local_epochs: int, rounds: int, max_images: int | None) -> dict:

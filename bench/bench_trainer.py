@@ -7,10 +7,10 @@ Two comparisons, each measured side by side in one run, alternating, best of ``-
 (CPU: CPU seconds of this single-threaded process, which other processes do not inflate;
 GPU: wall time with the device synchronised):
 
-- ``round``: :func:`ark_core.train.train_cyclic` (its own DataLoader over the real images of
+- ``round``: :func:`ark_core.train.cyclic.train_cyclic` (its own DataLoader over the real images of
   simulations/demo_data, decoding and augmenting) against the plain loop iterating the same
-  DataLoader (:func:`ark_core.train.make_loader`, same seed): loading is in both.
-- ``step``: the trainer's epoch (:func:`ark_core.train.train_task_epoch`, the per-batch code
+  DataLoader (:func:`ark_core.data.loaders.make_loader`, same seed): loading is in both.
+- ``step``: the trainer's epoch (:func:`ark_core.train.cyclic.train_task_epoch`, the per-batch code
   of ``train_cyclic``) against the plain loop, both over the SAME pre-collated batches held
   in memory: loading is in neither.
 
@@ -39,18 +39,12 @@ from _util import ROOT, machine, ratio_line, timed
 
 from ark_core.config import ModelConfig, SplitConfig, TaskConfig, TrainConfig
 from ark_core.data.dataset import BadFileCounter
-from ark_core.factory import create_model
-from ark_core.model import ArkModel, ema_update, make_teacher
+from ark_core.data.loaders import TaskData, load_task_data, make_loader
+from ark_core.model.factory import create_model
+from ark_core.model.network import ArkModel, ema_update, make_teacher
 from ark_core.schedule import consistency_weight, momentum_schedule
 from ark_core.tasks import TaskSpec, TaskType
-from ark_core.train import (
-    TaskData,
-    build_optimizer,
-    load_task_data,
-    make_loader,
-    train_cyclic,
-    train_task_epoch,
-)
+from ark_core.train.cyclic import build_optimizer, train_cyclic, train_task_epoch
 
 EMA_STEP, EMA_TOTAL = 1, 100  # past the first step: lam > 0, so the teacher's forward runs
 

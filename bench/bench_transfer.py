@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the in-process Grid the federated tes
 
 from flower_local_grid import LocalGrid  # noqa: E402
 
-from ark_core.federation import load_simulation  # noqa: E402
+from ark_core.fed.federation import load_simulation  # noqa: E402
 from client.app import app as client_app  # noqa: E402
 from server.loop import ArkFederation  # noqa: E402
 from simulations.demo import DEMO_YAML, evaluate_file, union_tasks  # noqa: E402

@@ -2,7 +2,7 @@
 
 The site's configuration comes from ``node_config['site-config']`` (deployment: a site YAML)
 or from the run config's ``sim-config``/``data-root``/``run-dir`` plus the node's
-``partition-id`` (simulation). Record names and keys: :mod:`ark_core.protocol`.
+``partition-id`` (simulation). Record names and keys: :mod:`ark_core.fed.protocol`.
 """
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ark_core.protocol import ARRAYS, ENCODING, METRICS, SCALES, SITE
-from ark_core.transfer import RAW_STYPE
-
-from .audit import audit_mod
-from .egress import egress_guard
-from .message import instruction_of, site_of
-from .site import Site
+from ark_core.fed.protocol import ARRAYS, ENCODING, METRICS, SCALES, SITE
+from ark_core.fed.transfer import RAW_STYPE
+from client.audit import audit_mod
+from client.egress import egress_guard
+from client.message import instruction_of, site_of
+from client.site import Site
 
 # The audit log wraps the guard, so it records what left the site (or that it was blocked).
 app = ClientApp(mods=[audit_mod, egress_guard])

@@ -2,12 +2,12 @@
 
 One record per reply, written after the egress guard decided (so it logs what actually left,
 or that the guard blocked it), appended and fsynced, never rewritten; read with
-:func:`ark_core.audit.read_audit`. Fields: ``event`` ("reply"), ``kind``, ``round``,
+:func:`ark_core.fed.audit.read_audit`. Fields: ``event`` ("reply"), ``kind``, ``round``,
 ``run_fingerprint``, ``run_id``, ``master_sha256`` (of the master received, None without
 one), ``received_bytes`` and ``received_heads`` (the tasks whose heads it held: only this
 site's own), ``sent`` (tensor name -> bytes), ``payload_sha256`` (of the tensors sent, the same hash
 the server can compute), ``bytes`` (the tensors, int8 scales and encoding manifest, as the
-server counts them: :func:`ark_core.transfer.payload_nbytes`), ``encoding`` (of the tensors
+server counts them: :func:`ark_core.fed.transfer.payload_nbytes`), ``encoding`` (of the tensors
 sent), ``metrics``, ``error`` (the reason of an error reply) and
 ``bundle`` (the app bundle's directory name, which holds Flower's FAB id, version and hash
 when installed from a FAB, and a SHA-256 over the code it ran).
@@ -22,12 +22,11 @@ from pathlib import Path
 
 from flwr.app import Context, Message
 
-from ark_core.aggregate import head_task
-from ark_core.audit import append_audit, tensors_sha256
-from ark_core.protocol import ARRAYS, CONFIG, ENCODING, METRICS, SCALES, InstructionError
-from ark_core.transfer import declared_encoding, payload_nbytes
-
-from .message import instruction_of, site_of
+from ark_core.fed.aggregate import head_task
+from ark_core.fed.audit import append_audit, tensors_sha256
+from ark_core.fed.protocol import ARRAYS, CONFIG, ENCODING, METRICS, SCALES, InstructionError
+from ark_core.fed.transfer import declared_encoding, payload_nbytes
+from client.message import instruction_of, site_of
 
 log = logging.getLogger("flwr.ark.client.audit")
 

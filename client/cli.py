@@ -37,13 +37,11 @@ from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
 from ark_core.config import ConfigError, TrainConfig, load_config, resolve_path
 from ark_core.data.dataset import check_files
-from ark_core.deployment import SiteDeployment
-from ark_core.federation import SiteConfig
-from ark_core.train import load_task_data
-from ops import procs
-
-from .site import Site
-from .supernode import (
+from ark_core.data.loaders import load_task_data
+from ark_core.fed.deployment import SiteDeployment
+from ark_core.fed.federation import SiteConfig
+from client.site import Site
+from client.supernode import (
     EXIT_CONFIG,
     EXIT_DATA,
     EXIT_DUPLICATE,
@@ -56,6 +54,7 @@ from .supernode import (
     SiteLock,
     explain,
 )
+from ops import procs
 
 __all__ = ["EXIT_CONFIG", "EXIT_DATA", "EXIT_DUPLICATE", "EXIT_MISMATCH", "EXIT_REFUSED",
            "EXIT_UNREACHABLE", "SiteError", "main"]

@@ -7,7 +7,7 @@ Every reply is checked before it is sent. Allowed:
   a run with a compact ``transfer``, in exactly that encoding's wire dtype (float16, the
   uint16 pattern of bfloat16, int8), declared in an ``encoding`` record that holds
   ``{"arrays": <the run's encoding>}`` and nothing else, and, for int8, with one float32
-  scalar per tensor in ``scales`` (see :mod:`ark_core.transfer`);
+  scalar per tensor in ``scales`` (see :mod:`ark_core.fed.transfer`);
 - ``metrics``: finite numbers (never lists) under the names of :func:`allowed_metrics`
   (example counts, losses, schedule values, AUCs per task and label of this site's tasks);
 - ``site``: exactly ``name`` (this site's name) and ``tasks`` (its task names).
@@ -28,13 +28,12 @@ from collections.abc import Mapping
 import torch
 from flwr.app import Context, Error, Message, MessageType
 
-from ark_core.aggregate import float_state, head_task
-from ark_core.factory import create_model
-from ark_core.protocol import ARRAYS, ENCODING, METRICS, SCALES, SITE
+from ark_core.fed.aggregate import float_state, head_task
+from ark_core.fed.protocol import ARRAYS, ENCODING, METRICS, SCALES, SITE
+from ark_core.fed.transfer import check_declared
+from ark_core.model.factory import create_model
 from ark_core.tasks import TaskSpec
-from ark_core.transfer import check_declared
-
-from .message import instruction_of, site_of
+from client.message import instruction_of, site_of
 
 log = logging.getLogger("flwr.ark.client.egress")
 

@@ -10,9 +10,8 @@ import weakref
 
 from flwr.app import Context, Message
 
-from ark_core.protocol import CONFIG, Instruction
-
-from .site import Site
+from ark_core.fed.protocol import CONFIG, Instruction
+from client.site import Site
 
 _sites: weakref.WeakKeyDictionary[Message, Site] = weakref.WeakKeyDictionary()
 _instructions: weakref.WeakKeyDictionary[Message, Instruction] = weakref.WeakKeyDictionary()

@@ -16,23 +16,24 @@ from typing import Any
 
 import torch
 
-from ark_core.aggregate import float_state
 from ark_core.config import TrainConfig, load_config, resolve_path
-from ark_core.evaluate import evaluate
-from ark_core.factory import create_model
-from ark_core.federation import (
+from ark_core.data.loaders import TaskData, load_task_data
+from ark_core.eval.evaluate import evaluate
+from ark_core.fed.aggregate import float_state
+from ark_core.fed.federation import (
     SiteConfig,
     check_site_tasks,
     ema_position,
     load_simulation,
     site_train_config,
 )
-from ark_core.model import ArkModel, make_teacher
-from ark_core.protocol import Instruction
-from ark_core.train import TaskData, load_task_data, resolve_device, seed_everything, train_cyclic
-from ark_core.transfer import Payload, encode_update
-
-from .state import ResidualStore, TeacherStore
+from ark_core.fed.protocol import Instruction
+from ark_core.fed.transfer import Payload, encode_update
+from ark_core.model.factory import create_model
+from ark_core.model.network import ArkModel, make_teacher
+from ark_core.model.runtime import resolve_device
+from ark_core.train.cyclic import seed_everything, train_cyclic
+from client.state import ResidualStore, TeacherStore
 
 log = logging.getLogger(__name__)
 

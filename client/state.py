@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ark_core.checkpoint import load_tensors, save_tensors
+from ark_core.model.checkpoint import load_tensors, save_tensors
 
 
 class TeacherStore:
@@ -71,7 +71,7 @@ class TeacherStore:
 
 
 class ResidualStore(TeacherStore):
-    """The error-feedback residuals one site keeps for one run (see ``ark_core.transfer``).
+    """The error-feedback residuals one site keeps for one run (see ``ark_core.fed.transfer``).
 
     ``residual_round_NNN.safetensors`` holds what round NNN's quantised difference lost;
     round r adds the residual of the latest round before r, so a replayed round starts from

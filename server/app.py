@@ -17,10 +17,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ark_core.config import load_config, resolve_path
-from ark_core.federation import FederationConfig, load_simulation
+from ark_core.fed.federation import FederationConfig, load_simulation
 from ark_core.io import ExclusiveLock, LockHeld
-
-from .loop import ArkFederation
+from server.loop import ArkFederation
 
 app = ServerApp()
 LOCK_FILE = "serverapp.lock"  # in the run directory, locked while a ServerApp runs it

@@ -1,7 +1,7 @@
 """The server's audit log (``<run_dir>/audit.jsonl``) and privacy report (``privacy.json``).
 
 Records (one JSON object a line, append-only, fsynced; read with
-:func:`ark_core.audit.read_audit`):
+:func:`ark_core.fed.audit.read_audit`):
 
 - ``{"event": "master", "round", "kind", "sha256", "tasks", "sites"}``: the master sent out
   for a round to ``sites``, the sites that train exactly ``tasks``: its shared tensors and
@@ -11,7 +11,7 @@ Records (one JSON object a line, append-only, fsynced; read with
 - ``{"event": "update", "round", "kind", "site", "node_id", "arrived", "bytes", "encoding",
   "norm", "accepted", "reason", "master_sha256", "clipped"}``: one reply; ``site`` the site
   its node is enrolled as (a deployment), whatever the reply says; ``bytes`` its tensor payload
-  (:func:`ark_core.transfer.payload_nbytes`: arrays, int8 scales and encoding manifest),
+  (:func:`ark_core.fed.transfer.payload_nbytes`: arrays, int8 scales and encoding manifest),
   ``encoding`` what its manifest declares (``fp32`` without one), ``norm`` the L2 norm of its
   difference from that master (None when rejected before it could be measured);
   ``master_sha256`` the hash of the master part that site was sent; ``clipped`` the example
@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ark_core.audit import append_audit, tensors_sha256
+from ark_core.fed.audit import append_audit, tensors_sha256
 from ark_core.io import atomic_write_text
 
 

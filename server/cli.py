@@ -24,11 +24,10 @@ import time
 from pathlib import Path
 
 from ark_core.config import ConfigError, load_config, resolve_path
-from ark_core.federation import FederationConfig
-from ark_core.pki import verify_server_cert
+from ark_core.fed.federation import FederationConfig
+from ark_core.fed.pki import verify_server_cert
 from ops import procs
-
-from .coordinator import STOPPED, Coordinator, Tls, last_round, print_summary
+from server.coordinator import STOPPED, Coordinator, Tls, last_round, print_summary
 
 RESTARTS = 3  # restarts of a stuck SuperLink in a row, without a round finished between
 

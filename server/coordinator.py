@@ -21,13 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ark_core.config import ConfigError, resolve_path
-from ark_core.deployment import ServerDeployment
-from ark_core.federation import FederationConfig
+from ark_core.fed.deployment import ServerDeployment
+from ark_core.fed.federation import FederationConfig
 from ark_core.io import atomic_write_text
 from ops import procs
-
-from .enrolment import read_registry, write_registry
-from .liveness import PULSE, Watch, answers
+from server.enrolment import read_registry, write_registry
+from server.liveness import PULSE, Watch, answers
 
 CONNECTION = "ark"  # the SuperLink connection name in $FLWR_HOME/config.toml
 STOPPED = "stopped.json"  # in the run directory after `flwr stop`

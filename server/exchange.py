@@ -20,9 +20,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from ark_core.aggregate import head_task
-from ark_core.federation import FederationConfig
-from ark_core.protocol import (
+from ark_core.fed.aggregate import head_task
+from ark_core.fed.federation import FederationConfig
+from ark_core.fed.protocol import (
     ARRAYS,
     CONFIG,
     ENCODING,
@@ -32,11 +32,10 @@ from ark_core.protocol import (
     TASKS_QUERY,
     Instruction,
 )
-from ark_core.transfer import as_update, payload_nbytes
-
-from .audit import ServerAudit
-from .enrolment import FILE as ENROLMENT_FILE
-from .enrolment import enrolled_nodes
+from ark_core.fed.transfer import as_update, payload_nbytes
+from server.audit import ServerAudit
+from server.enrolment import FILE as ENROLMENT_FILE
+from server.enrolment import enrolled_nodes
 
 log = logging.getLogger("flwr.ark.server")
 
@@ -50,7 +49,7 @@ class Reply:
     tasks: list[str]
     metrics: dict[str, float]
     arrays: ArrayRecord | None
-    manifest: dict | None = None  # of an encoded reply (ark_core.transfer)
+    manifest: dict | None = None  # of an encoded reply (ark_core.fed.transfer)
     scales: ArrayRecord | None = None
     nbytes: int = 0
 

@@ -3,10 +3,10 @@
 Each round the server sends the master student to every connected site in a ``train``
 message: its shared tensors and the heads of that site's own tasks (the site says which in
 its answer to a ``query.tasks`` message, sent once per node before its first master), and
-the round's :class:`ark_core.protocol.Instruction` (the round, the learning rate of warm-up
+the round's :class:`ark_core.fed.protocol.Instruction` (the round, the learning rate of warm-up
 rounds then cosine, local epochs, the run's fingerprint that keys the site's teacher store,
 the architecture, training settings, task catalogue, and how the site encodes its reply:
-:mod:`ark_core.transfer`). The master goes out in fp32; replies are decoded tensor by
+:mod:`ark_core.fed.transfer`). The master goes out in fp32; replies are decoded tensor by
 tensor and summed in fp32. :mod:`server.exchange` does the Flower side (push, pull,
 time-outs, who is connected and enrolled); this module decides the rounds.
 
@@ -14,11 +14,11 @@ In a deployment (a ``deployment:`` section) only the sites enrolled in the run d
 (:mod:`server.enrolment`) get messages, and a reply's site is the one its node id is
 enrolled as: a connected node that is not enrolled is logged and gets no work, and a reply
 that names another site is rejected as an impersonation attempt. The example counts that
-weigh each update are clipped to the site's cap (:mod:`ark_core.caps`).
+weigh each update are clipped to the site's cap (:mod:`ark_core.fed.caps`).
 
 Replies are validated and folded into running sums as they arrive
-(:class:`ark_core.aggregate.StreamingAggregator`; ``aggregation`` selects a robust rule of
-:mod:`ark_core.robust`, ``privacy`` the clipped, noised mean of :mod:`ark_core.privacy`),
+(:class:`ark_core.fed.aggregate.StreamingAggregator`; ``aggregation`` selects a robust rule of
+:mod:`ark_core.fed.robust`, ``privacy`` the clipped, noised mean of :mod:`ark_core.fed.privacy`),
 then dropped. Every master sent and every reply is logged in ``audit.jsonl``, and each train
 reply's size (``bytes``: tensors, scales and manifest) and ``encoding`` also in its
 ``metrics.jsonl`` line. A round needs ``min_sites``
@@ -41,31 +41,30 @@ import torch
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
-from ark_core.aggregate import (
+from ark_core.fed.aggregate import (
     Aggregator,
     StreamingAggregator,
     UpdateRejected,
     float_state,
 )
-from ark_core.audit import tensors_sha256
-from ark_core.caps import Bounded, ExampleCaps
-from ark_core.factory import create_model
-from ark_core.federation import FederationConfig
-from ark_core.model import ArkModel, make_teacher
-from ark_core.privacy import DPAggregator, privacy_report
-from ark_core.protocol import (
+from ark_core.fed.audit import tensors_sha256
+from ark_core.fed.caps import Bounded, ExampleCaps
+from ark_core.fed.federation import FederationConfig
+from ark_core.fed.privacy import DPAggregator, privacy_report
+from ark_core.fed.protocol import (
     ARRAYS,
     Instruction,
 )
-from ark_core.robust import make_aggregator, update_norm
-from ark_core.train import seed_everything
-from ark_core.transfer import declared_encoding
-
-from .audit import ServerAudit, write_privacy
-from .exchange import Exchange, Reply
-from .liveness import PULSE, Pulse
-from .retry import RetryingGrid
-from .rundir import RunDir
+from ark_core.fed.robust import make_aggregator, update_norm
+from ark_core.fed.transfer import declared_encoding
+from ark_core.model.factory import create_model
+from ark_core.model.network import ArkModel, make_teacher
+from ark_core.train.cyclic import seed_everything
+from server.audit import ServerAudit, write_privacy
+from server.exchange import Exchange, Reply
+from server.liveness import PULSE, Pulse
+from server.retry import RetryingGrid
+from server.rundir import RunDir
 
 log = logging.getLogger("flwr.ark.server")
 

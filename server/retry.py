@@ -23,7 +23,7 @@ import httpx
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from .liveness import Pulse
+from server.liveness import Pulse
 
 log = logging.getLogger("flwr.ark.server")
 T = TypeVar("T")

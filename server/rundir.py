@@ -29,14 +29,14 @@ from typing import Any
 
 import yaml
 
-from ark_core.checkpoint import save_model
-from ark_core.factory import load_model
-from ark_core.federation import FederationConfig, round_lr, run_fingerprint
+from ark_core.eval.model_card import write_model_card
+from ark_core.eval.report import write_report
+from ark_core.eval.tblog import write_scalars
+from ark_core.fed.federation import FederationConfig, round_lr, run_fingerprint
 from ark_core.io import append_jsonl, atomic_write_text
-from ark_core.model import ArkModel
-from ark_core.model_card import write_model_card
-from ark_core.report import write_report
-from ark_core.tblog import write_scalars
+from ark_core.model.checkpoint import save_model
+from ark_core.model.factory import load_model
+from ark_core.model.network import ArkModel
 
 log = logging.getLogger("flwr.ark.server")
 

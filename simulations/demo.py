@@ -22,18 +22,17 @@ from pathlib import Path
 import torch
 import yaml
 
-from ark_core.audit import read_audit
-from ark_core.centralized import train_tasks
 from ark_core.config import resolve_path
+from ark_core.data.loaders import TaskData, load_task_data
 from ark_core.data.manifest import Manifest
-from ark_core.evaluate import evaluate
-from ark_core.factory import load_model
-from ark_core.federation import SimulationConfig, load_simulation, run_fingerprint
-from ark_core.privacy import PrivacyConfig
-from ark_core.report import write_report
-from ark_core.train import TaskData, load_task_data
-
-from .simulate import run_simulation
+from ark_core.eval.evaluate import evaluate
+from ark_core.eval.report import write_report
+from ark_core.fed.audit import read_audit
+from ark_core.fed.federation import SimulationConfig, load_simulation, run_fingerprint
+from ark_core.fed.privacy import PrivacyConfig
+from ark_core.model.factory import load_model
+from ark_core.train.centralized import train_tasks
+from simulations.simulate import run_simulation
 
 DEMO_YAML = Path(__file__).resolve().parent / "demo.yaml"
 

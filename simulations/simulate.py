@@ -15,9 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ark_core.federation import load_simulation
-
-from .local import private_superlink
+from ark_core.fed.federation import load_simulation
+from simulations.local import private_superlink
 
 APP_DIR = Path(__file__).resolve().parent.parent
 

@@ -31,8 +31,8 @@ def tiny_run(tmp_path_factory) -> Path:
     """Directory of a finished 4-epoch centralized run (metrics.jsonl, teacher.safetensors)."""
     import torch
 
-    from ark_core.centralized import train_centralized
     from ark_core.config import ArkConfig
+    from ark_core.train.centralized import train_centralized
 
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("tiny_run")
@@ -57,8 +57,8 @@ def pediatric_run(tmp_path_factory) -> Path:
     """
     import torch
 
-    from ark_core.centralized import train_centralized
     from ark_core.config import ArkConfig
+    from ark_core.train.centralized import train_centralized
 
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("pediatric_run")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from ark_core.pki import make_ca, make_server_cert, make_site_key, server_names
+from ark_core.fed.pki import make_ca, make_server_cert, make_site_key, server_names
 from ops import procs as ops_procs
 from ops.procs import free_port
 

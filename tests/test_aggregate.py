@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ark_core.aggregate import (
+from ark_core.fed.aggregate import (
     Aggregator,
     StreamingAggregator,
     UpdateRejected,
@@ -14,9 +14,9 @@ from ark_core.aggregate import (
     float_state,
     head_task,
 )
-from ark_core.model import ArkModel
-from ark_core.privacy import DPAggregator, PrivacyConfig
-from ark_core.robust import AggregationConfig, make_aggregator
+from ark_core.fed.privacy import DPAggregator, PrivacyConfig
+from ark_core.fed.robust import AggregationConfig, make_aggregator
+from ark_core.model.network import ArkModel
 from ark_core.tasks import TaskSpec, TaskType
 
 TASKS = [

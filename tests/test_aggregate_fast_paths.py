@@ -8,7 +8,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from ark_core.aggregate import StreamingAggregator, UpdateRejected, as_tensor
+from ark_core.fed.aggregate import StreamingAggregator, UpdateRejected, as_tensor
 
 
 def _master() -> dict[str, torch.Tensor]:

@@ -12,19 +12,19 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from ark_core.ark_import import infer_swin_config, load_released, timm_swin_name
-from ark_core.checkpoint import (
+from ark_core.commands.cli import main
+from ark_core.config import ModelConfig
+from ark_core.model.ark_import import infer_swin_config, load_released, timm_swin_name
+from ark_core.model.checkpoint import (
     ModelFileError,
     load_tensors,
     read_metadata,
     save_model,
     save_tensors,
 )
-from ark_core.cli import main
-from ark_core.config import ModelConfig
-from ark_core.factory import create_model, init_from_file, load_model, load_pretrained
-from ark_core.model import ArkModel
-from ark_core.pretrained import default_cfgs
+from ark_core.model.factory import create_model, init_from_file, load_model, load_pretrained
+from ark_core.model.network import ArkModel
+from ark_core.model.pretrained import default_cfgs
 from ark_core.tasks import ARK_PLUS_TASKS, TaskSpec, TaskType
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ark_format"

@@ -13,11 +13,11 @@ from fed_helpers import write_sim
 from flower_local_grid import set_server_identity
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from ark_core.aggregate import float_state
-from ark_core.checkpoint import load_tensors
-from ark_core.factory import create_model
-from ark_core.federation import load_simulation, run_fingerprint
-from ark_core.protocol import Instruction, InstructionError
+from ark_core.fed.aggregate import float_state
+from ark_core.fed.federation import load_simulation, run_fingerprint
+from ark_core.fed.protocol import Instruction, InstructionError
+from ark_core.model.checkpoint import load_tensors
+from ark_core.model.factory import create_model
 from client.app import app
 from client.state import TeacherStore
 
@@ -101,7 +101,7 @@ def test_site_restart_in_a_new_process_continues_teacher(tmp_path):
 import sys, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_client_app import _call, _message
-from ark_core.federation import load_simulation
+from ark_core.fed.federation import load_simulation
 rc = {rc!r}
 sim, _, _ = load_simulation(rc["sim-config"], rc["data-root"], rc["run-dir"])
 student = torch.load({str(msg_path)!r})

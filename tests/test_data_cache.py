@@ -14,7 +14,7 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from ark_core.cli import main as ark
+from ark_core.commands.cli import main as ark
 from ark_core.config import TrainConfig
 from ark_core.data.cache import ImageCache, build_cache, cache_dir_for
 from ark_core.data.dataset import ArkDataset

@@ -30,7 +30,7 @@ from deploy_helpers import (
 )
 from test_deploy_run import _json, _jsonl, _post, _registered_nodes
 
-from ark_core.pki import make_site_key
+from ark_core.fed.pki import make_site_key
 from client.cli import EXIT_DUPLICATE
 from ops.procs import free_port
 

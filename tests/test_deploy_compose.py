@@ -11,9 +11,9 @@ import pytest
 import yaml
 from deploy_helpers import ROOT
 
-from ark_core.cli import build_parser as ark_parser
+from ark_core.commands.cli import build_parser as ark_parser
 from ark_core.config import load_config
-from ark_core.federation import FederationConfig, SiteConfig
+from ark_core.fed.federation import FederationConfig, SiteConfig
 from client.cli import build_parser as client_parser
 from server.cli import build_parser as server_parser
 

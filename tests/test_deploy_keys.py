@@ -13,11 +13,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from flwr.cli.supernode.register import try_load_public_key
 
-from ark_core import pki as K
+from ark_core.fed import pki as K
 
 
 def _ark(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ark_core.cli", "keys", *args],
+    return subprocess.run([sys.executable, "-m", "ark_core.commands.cli", "keys", *args],
                           capture_output=True, text=True, timeout=300)
 
 

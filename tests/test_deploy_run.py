@@ -36,7 +36,7 @@ from deploy_helpers import (
     write_site,
 )
 
-from ark_core.pki import make_site_key, retire_site_key
+from ark_core.fed.pki import make_site_key, retire_site_key
 from client.cli import EXIT_REFUSED
 from ops.procs import free_port
 

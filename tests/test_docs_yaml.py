@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from ark_core.config import load_config
-from ark_core.federation import FederationConfig, SiteConfig
+from ark_core.fed.federation import FederationConfig, SiteConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "deploy" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -6,14 +6,14 @@ import torch
 from conftest import demo_task
 from sklearn.metrics import roc_auc_score
 
-from ark_core.cli import main
+from ark_core.commands.cli import main
 from ark_core.config import TaskConfig
 from ark_core.data import build_manifests
-from ark_core.downstream import embed, zero_shot, zero_shot_scores
-from ark_core.evaluate import predict
-from ark_core.factory import load_model
-from ark_core.model import ArkModel
-from ark_core.subgroups import subgroup_metrics, subgroup_values
+from ark_core.eval.downstream import embed, zero_shot, zero_shot_scores
+from ark_core.eval.evaluate import predict
+from ark_core.eval.subgroups import subgroup_metrics, subgroup_values
+from ark_core.model.factory import load_model
+from ark_core.model.network import ArkModel
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_linear_probe_trained_beats_random_init(pediatric_run):
     """Probe fitted on the training split, scored on held-out test patients."""
     from conftest import DEMO, PEDIATRIC_SPLIT
 
-    from ark_core.downstream import linear_probe
+    from ark_core.eval.downstream import linear_probe
 
     trained = load_model(pediatric_run / "teacher.safetensors")
     cfg = TaskConfig(name="pediatric", dataset="pediatric_pneumonia", root=DEMO / "pediatric",

@@ -22,11 +22,11 @@ from flwr.app import Array
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ark_core.aggregate import StreamingAggregator, UpdateRejected
 from ark_core.config import ArkConfig, ConfigError, load_config, parse_config
 from ark_core.data import DatasetError, build_manifest
 from ark_core.data.readers import ImageReadError, read_image, read_image_resized
-from ark_core.federation import FederationConfig, SimulationConfig, SiteConfig
+from ark_core.fed.aggregate import StreamingAggregator, UpdateRejected
+from ark_core.fed.federation import FederationConfig, SimulationConfig, SiteConfig
 
 FX = Path(__file__).parent / "fixtures"
 FAST = settings(max_examples=40, deadline=2000, derandomize=True,

@@ -18,7 +18,7 @@ import torch
 from fed_helpers import write_sim
 from flower_local_grid import LocalGrid
 
-from ark_core.checkpoint import load_tensors
+from ark_core.model.checkpoint import load_tensors
 from client.app import app as client_app
 from server.app import federation_from_run_config
 from server.loop import ArkFederation

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from ark_core.config import ArkConfig, ConfigError, ModelConfig, load_config
-from ark_core.factory import create_model
-from ark_core.model import ArkModel, ema_update, make_teacher
+from ark_core.model.factory import create_model
+from ark_core.model.loss import task_loss
+from ark_core.model.network import ArkModel, ema_update, make_teacher
 from ark_core.schedule import consistency_weight, cosine_scheduler, lr_at, momentum_schedule
 from ark_core.tasks import ARK_PLUS_TASKS, TaskSpec, TaskType
-from ark_core.train import task_loss
 
 TINY = ModelConfig(preset="tiny")
 

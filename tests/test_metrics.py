@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score, roc_curve
 
-from ark_core.metrics import bootstrap_weights, task_metrics, weighted_auc, youden_threshold
+from ark_core.eval.metrics import bootstrap_weights, task_metrics, weighted_auc, youden_threshold
 from ark_core.tasks import TaskSpec, TaskType
 
 ML = TaskSpec("ml", ("a", "b", "c"), TaskType.MULTILABEL)

@@ -4,10 +4,10 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from ark_core.cli import main
-from ark_core.metrics import task_metrics
-from ark_core.model_card import write_model_card
-from ark_core.report import read_metrics
+from ark_core.commands.cli import main
+from ark_core.eval.metrics import task_metrics
+from ark_core.eval.model_card import write_model_card
+from ark_core.eval.report import read_metrics
 
 
 def _check_png(path, width, height):
@@ -66,7 +66,7 @@ def test_model_card(tiny_run):
 def test_tensorboard_events_hold_every_numeric_metric(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from ark_core.tblog import write_scalars
+    from ark_core.eval.tblog import write_scalars
 
     write_scalars(tmp_path, [{"epoch": 1, "loss.nih": 0.5, "note": "text"}])
     write_scalars(tmp_path, [{"round": 2, "kind": "train", "site": "site-a", "loss.nih": 0.25,

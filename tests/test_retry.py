@@ -24,7 +24,7 @@ from flwr.proto.runtime_pb2 import SendTaskHeartbeatResponse
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
 from flwr.supercore.runtime.runtime_http_client import RuntimeHttpClient
 
-from ark_core.checkpoint import load_tensors
+from ark_core.model.checkpoint import load_tensors
 from client.app import app as client_app
 from server.app import federation_from_run_config
 from server.loop import ArkFederation

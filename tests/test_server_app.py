@@ -9,12 +9,12 @@ from fed_helpers import write_sim
 from flower_local_grid import LocalGrid
 from flwr.app import Array, Context, Error, Message, RecordDict
 
-from ark_core.aggregate import head_task
-from ark_core.audit import read_audit
-from ark_core.checkpoint import load_tensors, read_metadata
-from ark_core.factory import create_model
-from ark_core.federation import load_simulation
-from ark_core.transfer import ENCODINGS
+from ark_core.fed.aggregate import head_task
+from ark_core.fed.audit import read_audit
+from ark_core.fed.federation import load_simulation
+from ark_core.fed.transfer import ENCODINGS
+from ark_core.model.checkpoint import load_tensors, read_metadata
+from ark_core.model.factory import create_model
 from client.app import app as client_app
 from server.app import app as server_app
 from server.app import federation_from_run_config

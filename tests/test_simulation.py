@@ -10,7 +10,7 @@ from ark_core.config import PartitionConfig, TaskConfig
 from ark_core.data import build_manifest
 from ark_core.data.manifest import Manifest
 from ark_core.data.partition import apply_partition, partition_patients
-from ark_core.federation import load_simulation
+from ark_core.fed.federation import load_simulation
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "simulations" / "demo_data"

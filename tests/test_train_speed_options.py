@@ -8,9 +8,10 @@ import copy
 import torch
 
 from ark_core.config import ModelConfig, TrainConfig
-from ark_core.factory import create_model
+from ark_core.model.factory import create_model
+from ark_core.model.loss import task_loss
+from ark_core.model.runtime import accelerate
 from ark_core.tasks import TaskSpec, TaskType
-from ark_core.train import accelerate, task_loss
 
 SPEC = TaskSpec("nih", ("Pneumonia", "Edema"), TaskType.MULTILABEL)
 

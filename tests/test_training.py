@@ -8,12 +8,13 @@ import pytest
 import torch
 import yaml
 
-from ark_core.centralized import train_centralized
 from ark_core.config import ArkConfig, TaskConfig, TrainConfig
+from ark_core.data.loaders import load_task_data
 from ark_core.data.transforms import EvalTransform
-from ark_core.factory import create_model
-from ark_core.model import make_teacher
-from ark_core.train import load_task_data, train_cyclic
+from ark_core.model.factory import create_model
+from ark_core.model.network import make_teacher
+from ark_core.train.centralized import train_centralized
+from ark_core.train.cyclic import train_cyclic
 
 ROOT = Path(__file__).resolve().parent.parent
 PEDIATRIC = ROOT / "simulations" / "demo_data" / "pediatric"

@@ -11,12 +11,11 @@ from flower_local_grid import LocalGrid, set_server_identity
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from test_server_app import _inspect
 
-from ark_core.aggregate import StreamingAggregator, UpdateRejected, float_state, head_task
-from ark_core.audit import read_audit
-from ark_core.factory import create_model
-from ark_core.federation import FederationConfig, load_simulation, run_fingerprint
-from ark_core.protocol import Instruction
-from ark_core.transfer import (
+from ark_core.fed.aggregate import StreamingAggregator, UpdateRejected, float_state, head_task
+from ark_core.fed.audit import read_audit
+from ark_core.fed.federation import FederationConfig, load_simulation, run_fingerprint
+from ark_core.fed.protocol import Instruction
+from ark_core.fed.transfer import (
     TransferConfig,
     as_update,
     decode_tensor,
@@ -24,6 +23,7 @@ from ark_core.transfer import (
     encode_update,
     payload_nbytes,
 )
+from ark_core.model.factory import create_model
 from client.app import _raw_array
 from client.app import app as client_app
 from client.egress import EGRESS_BLOCKED, egress_guard

@@ -15,8 +15,8 @@ from fed_helpers import hostile_app, write_sim
 from flower_local_grid import LocalGrid
 from flwr.app import ArrayRecord
 
-from ark_core.audit import read_audit
-from ark_core.checkpoint import load_tensors
+from ark_core.fed.audit import read_audit
+from ark_core.model.checkpoint import load_tensors
 from client.app import app as client_app
 from server.app import federation_from_run_config
 from server.loop import ArkFederation

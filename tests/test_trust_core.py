@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from ark_core.aggregate import StreamingAggregator, UpdateRejected
-from ark_core.audit import append_audit, read_audit, tensors_sha256
 from ark_core.config import ConfigError, parse_config
-from ark_core.federation import FederationConfig, run_fingerprint
-from ark_core.privacy import DPAggregator, PrivacyConfig, epsilon_spent, privacy_report
-from ark_core.robust import (
+from ark_core.fed.aggregate import StreamingAggregator, UpdateRejected
+from ark_core.fed.audit import append_audit, read_audit, tensors_sha256
+from ark_core.fed.federation import FederationConfig, run_fingerprint
+from ark_core.fed.privacy import DPAggregator, PrivacyConfig, epsilon_spent, privacy_report
+from ark_core.fed.robust import (
     AggregationConfig,
     CoordinateAggregator,
     NormBoundedAggregator,

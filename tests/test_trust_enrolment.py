@@ -16,10 +16,10 @@ from flower_local_grid import LocalGrid
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.clientapp import ClientApp
 
-from ark_core.aggregate import StreamingAggregator
-from ark_core.audit import read_audit
-from ark_core.checkpoint import load_tensors
-from ark_core.deployment import ServerDeployment, SiteKey
+from ark_core.fed.aggregate import StreamingAggregator
+from ark_core.fed.audit import read_audit
+from ark_core.fed.deployment import ServerDeployment, SiteKey
+from ark_core.model.checkpoint import load_tensors
 from server.app import federation_from_run_config
 from server.enrolment import write_registry
 from server.loop import ArkFederation

@@ -17,12 +17,12 @@ from flwr.app import (
     RecordDict,
 )
 
-from ark_core.aggregate import float_state, head_task
-from ark_core.audit import read_audit, tensors_sha256
-from ark_core.checkpoint import read_metadata
-from ark_core.factory import create_model
-from ark_core.federation import load_simulation
-from ark_core.protocol import Instruction
+from ark_core.fed.aggregate import float_state, head_task
+from ark_core.fed.audit import read_audit, tensors_sha256
+from ark_core.fed.federation import load_simulation
+from ark_core.fed.protocol import Instruction
+from ark_core.model.checkpoint import read_metadata
+from ark_core.model.factory import create_model
 from client.app import app as client_app
 from client.audit import audit_mod
 from client.egress import EGRESS_BLOCKED, egress_guard

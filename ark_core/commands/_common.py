@@ -40,7 +40,7 @@ def load_task(path: Path, name: str | None = None) -> tuple[TaskConfig, Path]:
 def load(args: argparse.Namespace):
     """(model, task config, manifests per split) for a command's arguments."""
     from ..data import build_manifests
-    from ..factory import load_model
+    from ..model.factory import load_model
 
     cfg, base = load_task(args.data, args.task)
     model = load_model(args.model, device=args.device) if getattr(args, "model", None) else None

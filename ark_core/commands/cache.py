@@ -26,8 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..config import ArkConfig, ConfigError, load_config, resolve_path
     from ..data.cache import build_cache
-    from ..federation import SiteConfig
-    from ..train import load_task_data
+    from ..data.loaders import load_task_data
+    from ..fed.federation import SiteConfig
 
     try:
         cfg: ArkConfig | SiteConfig = load_config(args.config, ArkConfig)

@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..downstream import embed
+    from ..eval.downstream import embed
 
     model, cfg, splits = load(args)
     manifest = splits[args.split]

@@ -32,8 +32,8 @@ def model_file_in(run_dir: Path, role: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import ModelFileError, export_backbone, read_metadata
-    from ..factory import load_model
+    from ..model.checkpoint import ModelFileError, export_backbone, read_metadata
+    from ..model.factory import load_model
 
     role = "student" if args.student else "teacher"
     path = model_file_in(args.model, role) if args.model.is_dir() else args.model
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     call = export_backbone(model, args.out)
     print(f"wrote the {role}'s {model.backbone_name} backbone from {path} to {args.out}")
     if path.suffix == ".safetensors":  # the card travels with the exported file
-        from ..model_card import write_model_card
+        from ..eval.model_card import write_model_card
 
         card = write_model_card(path, out=Path(args.out).with_suffix(".md"))
         print(f"model card: {card}")

@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..downstream import embed, few_shot
+    from ..eval.downstream import embed, few_shot
 
     model, cfg, splits = load(args)
     e = {s: embed(model, splits[s], batch_size=args.batch_size, device=args.device)

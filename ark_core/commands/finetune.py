@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..downstream import finetune
+    from ..eval.downstream import finetune
 
     model, cfg, s = load(args)
     m = finetune(model, s["train"], s["val"], s["test"], epochs=args.epochs, lr=args.lr,

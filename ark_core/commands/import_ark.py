@@ -23,8 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..ark_import import import_released
-    from ..checkpoint import save_model
+    from ..model.ark_import import import_released
+    from ..model.checkpoint import save_model
 
     if args.out.suffix != ".safetensors":
         raise ValueError(f"{args.out}: the model file must end in .safetensors")

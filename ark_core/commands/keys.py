@@ -1,4 +1,4 @@
-"""``ark keys``: make and manage the federation's keys (:mod:`ark_core.pki` does the work)."""
+"""``ark keys``: make and manage the federation's keys (:mod:`ark_core.fed.pki` does the work)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import datetime as dt
 from pathlib import Path
 
 from ..config import ConfigError, load_yaml, parse_config
-from ..deployment import ServerDeployment
-from ..pki import (
+from ..fed.deployment import ServerDeployment
+from ..fed.pki import (
     RENEW_WITHIN_DAYS,
     SERVER_DAYS,
     make_ca,

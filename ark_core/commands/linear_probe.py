@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..downstream import embed, linear_probe, linear_probe_cv
+    from ..eval.downstream import embed, linear_probe, linear_probe_cv
 
     model, cfg, splits = load(args)
     kw = {"batch_size": args.batch_size, "device": args.device}

@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..report import write_report
+    from ..eval.report import write_report
 
     png, md = write_report(args.run_dir, compare=args.compare, out_dir=args.out)
     print(md.read_text(encoding="utf-8"))

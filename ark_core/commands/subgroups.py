@@ -25,8 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def scores(model, manifest, args, head):
     """(probs, manifest rows) of the chosen head or mapping."""
     from ..config import load_yaml
-    from ..downstream import parse_zero_shot_mapping, zero_shot_scores
-    from ..evaluate import predict
+    from ..eval.downstream import parse_zero_shot_mapping, zero_shot_scores
+    from ..eval.evaluate import predict
 
     if args.mapping:
         mapping, _ = load_yaml(args.mapping)
@@ -43,8 +43,8 @@ def scores(model, manifest, args, head):
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..plots import subgroups_png
-    from ..subgroups import subgroup_metrics, subgroup_values
+    from ..eval.plots import subgroups_png
+    from ..eval.subgroups import subgroup_metrics, subgroup_values
 
     model, cfg, splits = load(args)
     head = args.head or cfg.name

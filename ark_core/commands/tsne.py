@@ -13,8 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..downstream import embed
-    from ..plots import label_names, tsne_png
+    from ..eval.downstream import embed
+    from ..eval.plots import label_names, tsne_png
 
     model, cfg, splits = load(args)
     e = embed(model, splits[args.split], batch_size=args.batch_size, device=args.device)

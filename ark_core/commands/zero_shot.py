@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import load_yaml
-    from ..downstream import zero_shot
+    from ..eval.downstream import zero_shot
 
     model, cfg, splits = load(args)
     mapping, _ = load_yaml(args.mapping)

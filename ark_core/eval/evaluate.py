@@ -8,10 +8,11 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from .config import TrainConfig
-from .model import ArkModel
-from .tasks import TaskSpec, TaskType
-from .train import autocast_for, make_loader
+from ..config import TrainConfig
+from ..data.loaders import make_loader
+from ..model.network import ArkModel
+from ..model.runtime import autocast_for
+from ..tasks import TaskSpec, TaskType
 
 
 @torch.no_grad()
@@ -111,7 +112,7 @@ def evaluate(
 
     Args:
         model: Any ArkModel holding a head for each task.
-        tasks: ``TaskData`` items (``ark_core.train``).
+        tasks: ``TaskData`` items (``ark_core.train.cyclic``).
         img_size: Network input size.
         work_size: Working size images are first resized to.
         split: Which manifest of each task to use.

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .data.manifest import Manifest
+from ..data.manifest import Manifest
+from ..tasks import TaskSpec
 from .metrics import binary_targets, task_metrics, threshold_metrics
-from .tasks import TaskSpec
 
 
 def age_band(age: object) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from .config import Strict
+from ..config import Strict
 from .robust import NormBoundedAggregator, tensor_group
 
 __all__ = ["DPAggregator", "PrivacyConfig", "epsilon_spent", "privacy_report"]

@@ -6,7 +6,7 @@ backbone follows timm 0.5.4's Swin layout (patch merging stored under the stage 
 ``attn_mask``/``relative_position_index`` buffers, an unused 1000-way ``head``), followed by
 ``projector.*`` (a Linear, or ``projector.0``/``projector.2`` for Ark's MLP) and
 ``omni_heads.{i}.*`` in task order. :func:`checkpoint_filter_fn` converts such a state dict
-to an :class:`~ark_core.model.ArkModel`'s keys, and the Swin shape is read off the tensors, so
+to an :class:`~ark_core.model.network.ArkModel`'s keys, and the Swin shape is read off the tensors, so
 a released file loads without extra arguments.
 """
 
@@ -25,10 +25,10 @@ from pydantic import Field, TypeAdapter, ValidationError
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer import checkpoint_filter_fn as swin_filter_fn
 
+from ..config import ConfigError, Strict, format_validation_error, load_yaml
+from ..tasks import ARK_PLUS_TASKS, TaskSpec, TaskType
 from .checkpoint import load_state_checked
-from .config import ConfigError, Strict, format_validation_error, load_yaml
-from .model import ArkModel
-from .tasks import ARK_PLUS_TASKS, TaskSpec, TaskType
+from .network import ArkModel
 
 __all__ = [
     "TaskNames",

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .tasks import ARK_PLUS_TASKS
+from ..tasks import ARK_PLUS_TASKS
 
 __all__ = ["default_cfgs", "weights_dir", "weights_file"]
 

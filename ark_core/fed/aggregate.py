@@ -160,7 +160,7 @@ class UpdateValidator:
 
         Args:
             update: Tensor name -> numpy array, torch tensor or Flower ``Array``; or an
-                encoded reply (:class:`ark_core.transfer.EncodedUpdate`), whose payloads
+                encoded reply (:class:`ark_core.fed.transfer.EncodedUpdate`), whose payloads
                 are checked against its declared encodings instead of the master's dtypes.
             tasks: The tasks the site declares it trained.
             values: Also check that every value is finite (decodes each tensor once).
@@ -173,7 +173,7 @@ class UpdateValidator:
         if missing:
             raise UpdateRejected(f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
         check_encoding = getattr(update, "check_encoding", None)
-        if check_encoding is not None:  # ark_core.transfer.EncodedUpdate: wire dtypes declared
+        if check_encoding is not None:  # ark_core.fed.transfer.EncodedUpdate: wire dtypes declared
             check_encoding(expected)
         else:
             for name, spec in expected.items():

@@ -3,7 +3,7 @@
 A site's update is its tensors' difference from the master, taken over the tensors it sends
 (shared parts and its own heads). ``norm_bounded`` scales each difference down to norm at
 most ``norm_bound`` before the usual example-weighted mean, one update at a time, so memory
-stays at one running sum per tensor (like :class:`ark_core.aggregate.StreamingAggregator`).
+stays at one running sum per tensor (like :class:`ark_core.fed.aggregate.StreamingAggregator`).
 ``median`` and ``trimmed_mean`` are coordinate-wise and unweighted; they keep every accepted
 update in memory (fp32, sites x model size) until the round ends. They apply to a tensor only
 when at least :data:`MIN_ROBUST_SITES` sites sent it; a tensor with fewer contributors (a
@@ -21,6 +21,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from ..config import Strict
 from .aggregate import (
     SHARED,
     Aggregator,
@@ -29,7 +30,6 @@ from .aggregate import (
     as_tensor,
     head_task,
 )
-from .config import Strict
 
 __all__ = [
     "MIN_ROBUST_SITES",
@@ -151,7 +151,7 @@ class _OverStreaming:
 class NormBoundedAggregator(_OverStreaming):
     """Streaming mean of updates whose differences are clipped to ``bound``.
 
-    An :class:`~ark_core.aggregate.Aggregator`; ``norms`` holds each site's update norm
+    An :class:`~ark_core.fed.aggregate.Aggregator`; ``norms`` holds each site's update norm
     before clipping.
 
     Args:

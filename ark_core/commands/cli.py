@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from .config import ConfigError
+from ..config import ConfigError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from .checkpoint import read_metadata
+from ..model.checkpoint import read_metadata
 
 # Licence terms of the public datasets the adapters read (what users of a model must respect).
 DATASET_LICENCES: dict[str, str] = {
@@ -46,7 +46,7 @@ def write_model_card(
         datasets: Task -> dataset adapter name, to list the licences that apply
             (default: read from provenance where it is recorded, else the task names).
         rounds: Federated rounds (or epochs); default from provenance.
-        evaluation: Task -> ``ark_core.metrics.task_metrics`` result (per-class AUC, CIs).
+        evaluation: Task -> ``ark_core.eval.metrics.task_metrics`` result (per-class AUC, CIs).
         out: Destination (default: the model path with ``.md``).
 
     Returns:

@@ -20,25 +20,20 @@ from pathlib import Path
 import torch
 import yaml
 
-from .checkpoint import save_model
-from .config import ArkConfig, ModelConfig, TrainConfig, resolve_path
-from .data.dataset import check_files
-from .evaluate import evaluate
-from .factory import create_model
-from .io import append_jsonl, atomic_write
-from .model import make_teacher
-from .model_card import write_model_card
-from .report import write_report
-from .schedule import lr_at
-from .tblog import write_scalars
-from .train import (
-    TaskData,
-    build_optimizer,
-    load_task_data,
-    resolve_device,
-    seed_everything,
-    train_cyclic,
-)
+from ..config import ArkConfig, ModelConfig, TrainConfig, resolve_path
+from ..data.dataset import check_files
+from ..data.loaders import TaskData, load_task_data
+from ..eval.evaluate import evaluate
+from ..eval.model_card import write_model_card
+from ..eval.report import write_report
+from ..eval.tblog import write_scalars
+from ..io import append_jsonl, atomic_write
+from ..model.checkpoint import save_model
+from ..model.factory import create_model
+from ..model.network import make_teacher
+from ..model.runtime import resolve_device
+from ..schedule import lr_at
+from .cyclic import build_optimizer, seed_everything, train_cyclic
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@
   from VinDr-CXR's "Pneumonia");
 - fine-tuning: a new head on the pooled backbone features, all weights trained, early
   stopping on validation mean AUC;
-- subgroups (:mod:`ark_core.subgroups`): metrics per value of a metadata column.
+- subgroups (:mod:`ark_core.eval.subgroups`): metrics per value of a metadata column.
 
-Metrics always come from :func:`ark_core.metrics.task_metrics` (patient bootstrap CIs,
+Metrics always come from :func:`ark_core.eval.metrics.task_metrics` (patient bootstrap CIs,
 validation-chosen thresholds).
 """
 
@@ -29,13 +29,14 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from .config import TrainConfig
-from .data.manifest import Manifest
+from ..config import TrainConfig
+from ..data.loaders import make_loader
+from ..data.manifest import Manifest
+from ..model.loss import task_loss
+from ..model.network import ArkModel
+from ..tasks import TaskSpec, TaskType
 from .evaluate import predict
 from .metrics import binary_targets, task_metrics
-from .model import ArkModel
-from .tasks import TaskSpec, TaskType
-from .train import make_loader, task_loss
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from .config import (
+from ..config import (
     ModelConfig,
     Strict,
     TaskConfig,
@@ -25,11 +25,11 @@ from .config import (
     require_unique,
     resolve_path,
 )
+from ..schedule import lr_at
+from ..tasks import TaskSpec, TaskType, check_same_labels
 from .deployment import ServerDeployment, SiteDeployment
 from .privacy import PrivacyConfig
 from .robust import AggregationConfig
-from .schedule import lr_at
-from .tasks import TaskSpec, TaskType, check_same_labels
 from .transfer import TransferConfig
 
 __all__ = [
@@ -89,16 +89,16 @@ class FederationConfig(Strict):
     )
     aggregation: AggregationConfig = Field(
         default_factory=AggregationConfig,
-        description="mean, median, trimmed_mean or norm_bounded (see ark_core.robust).",
+        description="mean, median, trimmed_mean or norm_bounded (see ark_core.fed.robust).",
     )
     privacy: PrivacyConfig | None = Field(
-        None, description="Differential privacy of the master (see ark_core.privacy); with it "
+        None, description="Differential privacy of the master (see ark_core.fed.privacy); with it "
         "on, the sites' teachers are not collected."
     )
     transfer: TransferConfig = Field(
         default_factory=TransferConfig,
         description="How sites send their students: dtype fp32/fp16/bf16/int8, delta (the "
-        "difference from the master), error_feedback (see ark_core.transfer).",
+        "difference from the master), error_feedback (see ark_core.fed.transfer).",
     )
 
     @model_validator(mode="after")

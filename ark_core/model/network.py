@@ -17,7 +17,7 @@ import timm
 import torch
 from torch import nn
 
-from .tasks import TaskSpec
+from ..tasks import TaskSpec
 
 __all__ = ["ArkModel", "ema_update", "make_teacher"]
 

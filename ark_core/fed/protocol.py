@@ -23,7 +23,7 @@ Site -> server (replies)
     ``site`` (ConfigRecord): ``name`` (str) and ``tasks`` (list of task names).
     ``encoding`` (ConfigRecord, train replies of a run whose transfer is not fp32 weights):
     ``{"arrays": <encoding>}``; ``scales`` (ArrayRecord, int8 only): tensor name -> float32
-    scale. See :mod:`ark_core.transfer`.
+    scale. See :mod:`ark_core.fed.transfer`.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
-from .config import ModelConfig, Strict, TrainConfig, format_validation_error
+from ..config import ModelConfig, Strict, TrainConfig, format_validation_error
+from ..tasks import TaskSpec
 from .federation import CatalogueTask, FederationConfig, run_fingerprint
-from .tasks import TaskSpec
 from .transfer import TransferConfig
 
 ARRAYS = "arrays"

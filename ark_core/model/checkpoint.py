@@ -14,7 +14,7 @@ The safetensors header (str -> str) carries JSON strings::
 Only floating-point tensors are stored: integer buffers (Swin's ``relative_position_index``)
 and masks are rebuilt by timm from the architecture. Files are written atomically (temp
 file in the same directory, fsync, rename), so a crash never leaves half a model behind.
-:func:`load_model` also reads a released Ark ``.pth.tar`` (see :mod:`ark_core.ark_import`).
+:func:`load_model` also reads a released Ark ``.pth.tar`` (see :mod:`ark_core.model.ark_import`).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .io import atomic_write
-from .model import ArkModel
-from .tasks import TaskSpec
-from .version import __version__
+from ..io import atomic_write
+from ..tasks import TaskSpec
+from ..version import __version__
+from .network import ArkModel
 
 __all__ = [
     "FORMAT",

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from .tasks import TaskSpec, TaskType
+from ..tasks import TaskSpec, TaskType
 
 __all__ = [
     "binary_targets",

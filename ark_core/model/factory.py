@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import ModelConfig
+from ..tasks import TaskSpec
 from .ark_import import load_released
 from .checkpoint import (
     ModelFileError,
@@ -23,10 +25,8 @@ from .checkpoint import (
     load_tensors,
     read_metadata,
 )
-from .config import ModelConfig
-from .model import ArkModel
+from .network import ArkModel
 from .pretrained import default_cfgs, weights_file
-from .tasks import TaskSpec
 
 __all__ = ["create_model", "init_from_file", "load_model", "load_pretrained"]
 
@@ -63,7 +63,7 @@ def load_model(
 
     Args:
         path: A ``.safetensors`` model file, a released checkpoint, or a key of
-            :data:`ark_core.pretrained.default_cfgs` (fails offline unless the file is present).
+            :data:`ark_core.model.pretrained.default_cfgs` (fails offline unless the file is present).
         device: Where to put the model.
         task_names: Released checkpoints only: names, labels and types of the heads, as a
             YAML path, a list of ``{name, labels, task_type}`` or TaskSpecs.
@@ -153,7 +153,7 @@ def load_pretrained(
     """Load published weights by registry name from a local file (never downloads).
 
     Args:
-        name: A key of :data:`ark_core.pretrained.default_cfgs`.
+        name: A key of :data:`ark_core.model.pretrained.default_cfgs`.
         file: The downloaded checkpoint; default ``weights_dir() / cfg['file_name']``.
         device: Where to put the model.
         role: ``"teacher"`` (default) or ``"student"``.

@@ -9,11 +9,9 @@ task-epoch the teacher follows the student by EMA with momentum ``m`` from a cos
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,31 +20,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .config import TaskConfig, TrainConfig
-from .data import build_manifests, task_spec_for
-from .data.cache import ImageCache, cache_dir_for
-from .data.dataset import ArkDataset, BadFileCounter, collate
-from .data.manifest import Manifest
-from .data.partition import apply_partition
-from .data.transforms import create_transform
-from .model import ArkModel, ema_update
-from .schedule import consistency_weight, momentum_schedule
-from .tasks import TaskSpec, TaskType
+from ..config import TrainConfig
+from ..data.dataset import BadFileCounter
+from ..data.loaders import TaskData, make_loader
+from ..model.loss import task_loss
+from ..model.network import ArkModel, ema_update
+from ..model.runtime import accelerate, autocast_for
+from ..schedule import consistency_weight, momentum_schedule
+from ..tasks import TaskSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TaskData:
-    """One task's specification and its manifests per split."""
-
-    spec: TaskSpec
-    train: Manifest
-    val: Manifest | None = None
-    test: Manifest | None = None
-
-    def split(self, name: str) -> Manifest | None:
-        return getattr(self, name)
 
 
 @dataclass
@@ -56,77 +39,6 @@ class RoundResult:
     metrics: dict[str, float]
     ema_step: int
     examples: dict[str, int] = field(default_factory=dict)
-
-
-def load_task_data(
-    task_cfgs: Sequence[TaskConfig], base_dir: Path, splits: Sequence[str] = ("train", "val")
-) -> list[TaskData]:
-    """Build each task's manifests (patient-disjoint splits, then the site's partition)."""
-    out = []
-    for cfg in task_cfgs:
-        every = build_manifests(cfg, base_dir)  # reads the release's label files once
-        per_split = {s: every[s] for s in splits}
-        if cfg.partition is not None:
-            per_split = {s: apply_partition(m, cfg.partition) for s, m in per_split.items()}
-        out.append(TaskData(spec=task_spec_for(cfg), **per_split))
-    return out
-
-
-# ----------------------------------------------------------------------------- devices
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast where the hardware has it ('auto': CUDA with bf16 only)."""
-    if amp == "off":
-        return contextlib.nullcontext()
-    if device.type == "cuda" and (amp == "bf16" or torch.cuda.is_bf16_supported()):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if amp == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def accelerate(model: ArkModel, cfg: TrainConfig, device: torch.device, training: bool) -> None:
-    """Apply the speed options of ``cfg`` in place (idempotent; names and tensors unchanged).
-
-    Gradient checkpointing (student only) works on any device; channels_last and compilation
-    only on CUDA. Compilation is per block (``*Block`` modules, e.g. Swin's 24): identical
-    blocks share one compiled graph, so it starts in a fraction of whole-model compile time,
-    and parameter names stay as they are (EMA, state dicts and aggregation see no wrapper).
-    """
-    if training and cfg.grad_checkpointing and hasattr(model.backbone, "set_grad_checkpointing"):
-        model.backbone.set_grad_checkpointing(True)
-    if device.type != "cuda":
-        return
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        # One block code object serves every stage shape, shift and grad mode (Swin-L: 16
-        # graphs); past the default limit of 8 the rest would silently run eagerly.
-        dynamo = torch._dynamo.config
-        dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
-        for m in model.modules():
-            if type(m).__name__.endswith("Block") and m._compiled_call_impl is None:
-                m.compile()
-
-
-# ----------------------------------------------------------------------------- losses
-def task_loss(logits: torch.Tensor, target: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
-    """BCE-with-logits for multi-label/binary (NaN targets masked), CE for multi-class."""
-    logits = logits.float()
-    if spec.task_type is TaskType.MULTICLASS:
-        if (target >= 0).sum() == 0:
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits, target.long(), ignore_index=-1)
-    mask = ~torch.isnan(target)
-    bce = F.binary_cross_entropy_with_logits(
-        logits, torch.nan_to_num(target, nan=0.0), reduction="none"
-    )
-    return (bce * mask).sum() / mask.sum().clamp(min=1)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -148,48 +60,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.opti
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr
-
-
-# ----------------------------------------------------------------------------- loaders
-def make_loader(
-    manifest: Manifest,
-    cfg: TrainConfig,
-    *,
-    img_size: int,
-    work_size: int,
-    training: bool,
-    seed: int = 0,
-    batch_size: int | None = None,
-) -> DataLoader:
-    """A loader of two-view batches (training) or whole-image batches (evaluation)."""
-    cache = None
-    if cfg.cache_dir is not None:
-        cache = ImageCache(cache_dir_for(cfg.cache_dir, manifest.task.name, work_size), work_size)
-    ds = ArkDataset(
-        manifest, create_transform(img_size, work_size, training), work_size=work_size,
-        seed=seed if training else None, cache=cache,
-    )
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        ds,
-        batch_size=batch_size or cfg.batch_size,
-        shuffle=training,
-        num_workers=cfg.workers,
-        collate_fn=collate,
-        generator=gen,
-        persistent_workers=False,
-        pin_memory=torch.cuda.is_available(),
-        drop_last=False,
-        worker_init_fn=_single_threaded_worker if cfg.workers else None,
-    )
-
-
-def _single_threaded_worker(_worker_id: int) -> None:
-    # Each loader worker is one process: library thread pools would oversubscribe the cores.
-    import cv2  # noqa: PLC0415 - OpenCV loads only where its thread count is set
-
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------- training

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import append_jsonl
+from ..io import append_jsonl
 from .transfer import RAW_STYPE, raw_view
 
 __all__ = ["append_audit", "read_audit", "tensors_sha256"]
@@ -29,7 +29,7 @@ def _numpy(v: Any) -> np.ndarray:
         return v
     if hasattr(v, "detach"):  # torch
         return v.detach().cpu().contiguous().numpy()
-    if getattr(v, "stype", None) == RAW_STYPE:  # an encoded payload (ark_core.transfer)
+    if getattr(v, "stype", None) == RAW_STYPE:  # an encoded payload (ark_core.fed.transfer)
         return raw_view(v)
     return v.numpy()  # Flower Array
 

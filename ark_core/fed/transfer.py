@@ -51,8 +51,8 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from ..config import Strict
 from .aggregate import TensorSpec, UpdateRejected, as_numpy
-from .config import Strict
 
 __all__ = [
     "ENCODINGS",
@@ -359,7 +359,7 @@ class EncodedUpdate(Mapping[str, torch.Tensor]):
     """A site's encoded reply seen as its fp32 weights, decoded tensor by tensor on access.
 
     Nothing is decoded up front, so an aggregator folding it in holds one decoded tensor at a
-    time. :class:`~ark_core.aggregate.UpdateValidator` calls :meth:`check_encoding` instead of
+    time. :class:`~ark_core.fed.aggregate.UpdateValidator` calls :meth:`check_encoding` instead of
     comparing the payloads' dtypes with the master's.
 
     Args:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from .config import Strict, require_unique
+from ..config import Strict, require_unique
 
 __all__ = ["ServerDeployment", "SiteDeployment", "SiteKey"]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..tasks import TaskSpec, TaskType
 from .metrics import binary_targets
-from .tasks import TaskSpec, TaskType
 
 
 def pyplot():
