@@ -7,7 +7,8 @@ fresh process and reads that process's peak RSS (``resource.getrusage``):
 - ``flower``: Flower 1.42's ``FedAvg.aggregate_train`` (flwr.serverapp.strategy) over the
   sites' reply Messages, all at hand as ``Strategy.start`` passes them; the master it sent
   is held as an ArrayRecord, as ``start`` holds it.
-- ``ours``: :class:`ark_core.fed.aggregate.StreamingAggregator`: each reply's ArrayRecord is
+- ``ours``: :class:`ark_core.fed.aggregate.StreamingAggregator`: each reply's ArrayRecord, viewed
+  as tensors (:class:`ops.arrays.Tensors`), is
   validated (names, shapes, dtypes, finite values), folded into fp32 running sums and
   dropped before the next arrives, as the ServerApp's push/pull loop does; the master is
   held as torch tensors, as the ServerApp holds its model.
@@ -220,6 +221,7 @@ def child(mode: str, sites: int, quick: bool) -> dict:
         del master
     elif mode == "ours":
         from ark_core.fed.aggregate import StreamingAggregator
+        from ops.arrays import Tensors
 
         master = {k: torch.zeros(s) for k, s in shapes.items()}
         gc.collect()
@@ -229,7 +231,8 @@ def child(mode: str, sites: int, quick: bool) -> dict:
         for i in range(sites):
             record = reply_record(shapes, seed=i)  # arrives
             t = time.process_time()
-            agg.add(f"site-{i}", record, examples[i], {task: examples[i] for task in TASKS})
+            agg.add(f"site-{i}", Tensors(record), examples[i],
+                    {task: examples[i] for task in TASKS})
             seconds += time.process_time() - t
             del record  # dropped before the next reply arrives
         t = time.process_time()

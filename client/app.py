@@ -7,25 +7,18 @@ or from the run config's ``sim-config``/``data-root``/``run-dir`` plus the node'
 
 from __future__ import annotations
 
-import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ark_core.fed.protocol import ARRAYS, ENCODING, METRICS, SCALES, SITE
-from ark_core.fed.transfer import RAW_STYPE
 from client.audit import audit_mod
 from client.egress import egress_guard
 from client.message import instruction_of, site_of
 from client.site import Site
+from ops.arrays import Tensors, raw_array
 
 # The audit log wraps the guard, so it records what left the site (or that it was blocked).
 app = ClientApp(mods=[audit_mod, egress_guard])
-
-
-def _raw_array(a: np.ndarray) -> Array:
-    """An encoded payload as bare little-endian bytes; the Array's fields say dtype and shape."""
-    a = np.asarray(a, dtype=a.dtype.newbyteorder("<"), order="C")  # keeps 0-d scales 0-d
-    return Array(dtype=a.dtype.name, shape=tuple(a.shape), stype=RAW_STYPE, data=a.tobytes())
 
 
 def _reply(msg: Message, site: Site, metrics: dict[str, float], arrays=None) -> Message:
@@ -44,15 +37,16 @@ def _reply(msg: Message, site: Site, metrics: dict[str, float], arrays=None) -> 
 def train(msg: Message, context: Context) -> Message:
     """One round: the master student in, this site's student (run's encoding) and metrics out."""
     site, ins = site_of(msg, context), instruction_of(msg)
-    student, metrics = site.train(ins, msg.content[ARRAYS])
-    payload = site.encode(ins, msg.content[ARRAYS], student)
+    master = Tensors(msg.content[ARRAYS])
+    student, metrics = site.train(ins, master)
+    payload = site.encode(ins, master, student)
     del student
     if not payload.manifest:  # plain fp32 weights: numpy Arrays, as Flower makes them
         return _reply(msg, site, metrics, {k: Array(v) for k, v in payload.arrays.items()})
-    reply = _reply(msg, site, metrics, {k: _raw_array(v) for k, v in payload.arrays.items()})
+    reply = _reply(msg, site, metrics, {k: raw_array(v) for k, v in payload.arrays.items()})
     reply.content[ENCODING] = ConfigRecord(payload.manifest)  # so the server and guard know
     if payload.scales:
-        reply.content[SCALES] = ArrayRecord({k: _raw_array(v) for k, v in payload.scales.items()})
+        reply.content[SCALES] = ArrayRecord({k: raw_array(v) for k, v in payload.scales.items()})
     return reply
 
 
@@ -60,7 +54,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation AUC of the master student and the site's teacher (numbers only)."""
     site, ins = site_of(msg, context), instruction_of(msg)
-    return _reply(msg, site, site.evaluate(ins, msg.content[ARRAYS]))
+    return _reply(msg, site, site.evaluate(ins, Tensors(msg.content[ARRAYS])))
 
 
 @app.query("tasks")

@@ -7,7 +7,7 @@ or that the guard blocked it), appended and fsynced, never rewritten; read with
 one), ``received_bytes`` and ``received_heads`` (the tasks whose heads it held: only this
 site's own), ``sent`` (tensor name -> bytes), ``payload_sha256`` (of the tensors sent, the same hash
 the server can compute), ``bytes`` (the tensors, int8 scales and encoding manifest, as the
-server counts them: :func:`ark_core.fed.transfer.payload_nbytes`), ``encoding`` (of the tensors
+server counts them: :func:`ops.arrays.payload_nbytes`), ``encoding`` (of the tensors
 sent), ``metrics``, ``error`` (the reason of an error reply) and
 ``bundle`` (the app bundle's directory name, which holds Flower's FAB id, version and hash
 when installed from a FAB, and a SHA-256 over the code it ran).
@@ -25,8 +25,9 @@ from flwr.app import Context, Message
 from ark_core.fed.aggregate import head_task
 from ark_core.fed.audit import append_audit, tensors_sha256
 from ark_core.fed.protocol import ARRAYS, CONFIG, ENCODING, METRICS, SCALES, InstructionError
-from ark_core.fed.transfer import declared_encoding, payload_nbytes
+from ark_core.fed.transfer import declared_encoding
 from client.message import instruction_of, site_of
+from ops.arrays import Tensors, payload_nbytes
 
 log = logging.getLogger("flwr.ark.client.audit")
 
@@ -59,7 +60,7 @@ def reply_record(msg: Message, reply: Message) -> dict:
     rec: dict = {
         "event": "reply", "kind": msg.metadata.message_type, "round": config.get("round"),
         "run_fingerprint": _fingerprint(msg), "run_id": msg.metadata.run_id,
-        "master_sha256": tensors_sha256(master) if master is not None else None,
+        "master_sha256": tensors_sha256(Tensors(master)) if master is not None else None,
         "received_bytes": sum(len(a.data) for a in master.values()) if master is not None else 0,
         "received_heads": sorted({t for k in master if (t := head_task(k))}) if master else [],
         "bundle": bundle_info(),
@@ -72,7 +73,7 @@ def reply_record(msg: Message, reply: Message) -> dict:
     nbytes = payload_nbytes(sent, reply.content.array_records.get(SCALES), manifest)
     metrics = reply.content.metric_records.get(METRICS)
     return {**rec, "sent": sizes, "bytes": nbytes, "encoding": declared_encoding(manifest),
-            "payload_sha256": tensors_sha256(sent) if sent is not None else None,
+            "payload_sha256": tensors_sha256(Tensors(sent)) if sent is not None else None,
             "metrics": dict(metrics) if metrics is not None else {}}
 
 

@@ -111,14 +111,15 @@ class Site:
         check_site_tasks(self.cfg.name, [t.spec for t in tasks], ins.tasks)
         return tasks, train, resolve_device(train.device)
 
-    def _model(self, ins: Instruction, tasks: list[TaskData], tensors: Mapping[str, Any]) -> ArkModel:
+    def _model(self, ins: Instruction, tasks: list[TaskData],
+               tensors: Mapping[str, torch.Tensor]) -> ArkModel:
         """The site's model (its own heads only) holding ``tensors``."""
         model = create_model(ins.model.model_copy(update={"init": "random"}), [t.spec for t in tasks])
         wanted = float_state(model)
         missing = sorted(set(wanted) - set(tensors))
         if missing:
             raise ValueError(f"site {self.cfg.name!r}: the model sent lacks {missing[:5]}")
-        state = {k: torch.as_tensor(_numpy(tensors[k])) for k in wanted}
+        state = {k: torch.as_tensor(tensors[k]) for k in wanted}
         model.load_state_dict(state, strict=False)
         return model
 
@@ -137,7 +138,7 @@ class Site:
 
     # -- the three operations ------------------------------------------------------
     def train(
-        self, ins: Instruction, master: Mapping[str, Any]
+        self, ins: Instruction, master: Mapping[str, torch.Tensor]
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """One federated round: master student + the site's teacher -> cyclic training.
 
@@ -164,7 +165,8 @@ class Site:
         return float_state(student.cpu()), metrics
 
     def encode(
-        self, ins: Instruction, master: Mapping[str, Any], student: Mapping[str, torch.Tensor]
+        self, ins: Instruction, master: Mapping[str, torch.Tensor],
+        student: Mapping[str, torch.Tensor]
     ) -> Payload:
         """The train reply's payload in the run's transfer encoding (``ins.transfer``).
 
@@ -181,7 +183,7 @@ class Site:
             store.save(ins.round, payload.residual)
         return payload
 
-    def evaluate(self, ins: Instruction, master: Mapping[str, Any]) -> dict[str, float]:
+    def evaluate(self, ins: Instruction, master: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Validation AUC per task (mean and per label) of the master student and the teacher."""
         tasks, train, device = self._setup(ins)
         models = {"student": self._model(ins, tasks, master)}
@@ -218,8 +220,3 @@ class Site:
         metrics["num-examples"] = float(sum(len(t.train) for t in tasks))
         metrics["teacher-round"] = float(rounds[-1])
         return store.load(rounds[-1]), metrics
-
-
-def _numpy(v: Any) -> Any:
-    """Flower ``Array`` -> numpy; numpy arrays and tensors pass through."""
-    return v.numpy() if hasattr(v, "numpy") and not isinstance(v, torch.Tensor) else v

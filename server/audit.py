@@ -11,7 +11,7 @@ Records (one JSON object a line, append-only, fsynced; read with
 - ``{"event": "update", "round", "kind", "site", "node_id", "arrived", "bytes", "encoding",
   "norm", "accepted", "reason", "master_sha256", "clipped"}``: one reply; ``site`` the site
   its node is enrolled as (a deployment), whatever the reply says; ``bytes`` its tensor payload
-  (:func:`ark_core.fed.transfer.payload_nbytes`: arrays, int8 scales and encoding manifest),
+  (:func:`ops.arrays.payload_nbytes`: arrays, int8 scales and encoding manifest),
   ``encoding`` what its manifest declares (``fp32`` without one), ``norm`` the L2 norm of its
   difference from that master (None when rejected before it could be measured);
   ``master_sha256`` the hash of the master part that site was sent; ``clipped`` the example
@@ -29,13 +29,6 @@ from typing import Any
 
 from ark_core.fed.audit import append_audit, tensors_sha256
 from ark_core.io import atomic_write_text
-
-
-def arrays_nbytes(arrays: Mapping[str, Any] | None) -> int:
-    """Bytes of the tensor payload as received (Flower ``Array.data``)."""
-    if arrays is None:
-        return 0
-    return int(sum(len(a.data) if hasattr(a, "data") else a.nbytes for a in arrays.values()))
 
 
 class ServerAudit:
@@ -57,13 +50,12 @@ class ServerAudit:
         return sha
 
     def update(self, round_: int, kind: str, *, site: str | None, node_id: int, arrived: float,
-               arrays: Mapping[str, Any] | None, norm: float | None, accepted: bool,
-               reason: str = "", master_sha256: str = "", nbytes: int | None = None,
-               encoding: str = "fp32", clipped: dict | None = None) -> None:
-        """Log one reply and what became of it (``nbytes`` default: the bytes of ``arrays``)."""
+               nbytes: int, norm: float | None, accepted: bool, reason: str = "",
+               master_sha256: str = "", encoding: str = "fp32", clipped: dict | None = None) -> None:
+        """Log one reply and what became of it (``nbytes``: its tensor payload as received)."""
         append_audit(self.path, {
             "event": "update", "round": round_, "kind": kind, "site": site, "node_id": node_id,
-            "arrived": arrived, "bytes": arrays_nbytes(arrays) if nbytes is None else nbytes,
+            "arrived": arrived, "bytes": nbytes,
             "encoding": encoding, "norm": norm,
             "accepted": accepted, "reason": reason, "master_sha256": master_sha256,
             "clipped": clipped,

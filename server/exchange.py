@@ -32,7 +32,8 @@ from ark_core.fed.protocol import (
     TASKS_QUERY,
     Instruction,
 )
-from ark_core.fed.transfer import as_update, payload_nbytes
+from ark_core.fed.transfer import as_update
+from ops.arrays import Tensors, payload_nbytes
 from server.audit import ServerAudit
 from server.enrolment import FILE as ENROLMENT_FILE
 from server.enrolment import enrolled_nodes
@@ -48,10 +49,10 @@ class Reply:
     site: str
     tasks: list[str]
     metrics: dict[str, float]
-    arrays: ArrayRecord | None
+    arrays: Tensors | None  # the reply's tensors, decoded when read
     manifest: dict | None = None  # of an encoded reply (ark_core.fed.transfer)
-    scales: ArrayRecord | None = None
-    nbytes: int = 0
+    scales: Tensors | None = None
+    nbytes: int = 0  # of the tensor payload as received (ops.arrays.payload_nbytes)
 
     def update(self, master: Mapping[str, torch.Tensor], expected: str) -> Mapping[str, Any]:
         """The tensors to fold in: the arrays, or a decoding view of an encoded reply."""
@@ -92,7 +93,8 @@ def read_reply(msg: Message, node: int, enrolled: Mapping[int, str] | None = Non
         tasks=[str(t) for t in site.get("tasks", [])],
         metrics={k: float(v) for k, v in c.metric_records[METRICS].items()
                  if isinstance(v, int | float)},
-        arrays=arrays, manifest=manifest, scales=scales,
+        arrays=None if arrays is None else Tensors(arrays), manifest=manifest,
+        scales=None if scales is None else Tensors(scales),
         nbytes=payload_nbytes(arrays, scales, manifest),
     )
 
@@ -250,7 +252,7 @@ class Exchange:
                     records[ARRAYS] = ArrayRecord(
                         {k: a for k, a in arrays.items() if head_task(k) in (None, *tasks)})
                     shas[tasks] = self.audit.master(
-                        round_, kind.split(".")[0], records[ARRAYS], tasks=list(tasks),
+                        round_, kind.split(".")[0], Tensors(records[ARRAYS]), tasks=list(tasks),
                         sites=sorted(self.node_sites[m][0] for m in nodes
                                      if tuple(sorted(self.node_sites[m][1])) == tasks))
                 by_tasks[tasks] = RecordDict(records)
@@ -274,7 +276,7 @@ class Exchange:
                     log.warning("round %d: a site did not say its tasks: %s", round_, e)
                     if isinstance(e, Impersonation):
                         self.audit.update(round_, TASKS_QUERY, site=self.site_of(node),
-                                          node_id=node, arrived=time.time(), arrays=None,
+                                          node_id=node, arrived=time.time(), nbytes=0,
                                           norm=None, accepted=False, reason=str(e))
                     return
                 self.node_sites[r.node_id] = (r.site, r.tasks)

@@ -100,6 +100,9 @@ class ArkFederation:
         self.exchange = Exchange(cfg, self.run.path, self.audit, poll_interval=poll_interval,
                                  node_wait_s=self.node_wait_s)
         # A deployment: the example counts that weigh updates are capped per site.
+        # One aggregator for the run: what it carries across rounds is checkpointed per round.
+        self.aggregator: Aggregator = (DPAggregator(None, cfg.privacy) if cfg.privacy
+                                       else make_aggregator(None, cfg.aggregation))
         dep = cfg.deployment
         self.caps = ExampleCaps({s.name: s.max_examples for s in dep.sites},
                                 self.run.state.get("example_caps")) if dep else None
@@ -120,8 +123,8 @@ class ArkFederation:
         """
         state = float_state(master)
         ins = Instruction.for_round(self.cfg, round_, self.run.lr(round_))
-        agg: Aggregator = (DPAggregator(state, self.cfg.privacy) if self.cfg.privacy
-                           else make_aggregator(state, self.cfg.aggregation))
+        agg = self.aggregator
+        agg.begin_round(state)
         fold = _TrainFold(self, round_, state, agg)
         sent = self.exchange.send(grid, MessageType.TRAIN, ins, round_, fold, state=state)
         lines, clipped = fold.lines, fold.clipped
@@ -187,11 +190,11 @@ class ArkFederation:
                 self.audit.update(self.cfg.rounds, "query",
                                   site=r.site if r else self.exchange.site_of(node),
                                   node_id=node, arrived=arrived,
-                                  arrays=r.arrays if r else None, norm=None, accepted=False,
+                                  nbytes=r.nbytes if r else 0, norm=None, accepted=False,
                                   reason=str(e), master_sha256=sha)
                 return
             self.audit.update(self.cfg.rounds, "query", site=r.site, node_id=r.node_id,
-                              arrived=arrived, arrays=r.arrays,
+                              arrived=arrived, nbytes=r.nbytes,
                               norm=update_norm(r.arrays, state), accepted=True,
                               master_sha256=sha, clipped=w.clipped or None)
             lines.append({"round": self.cfg.rounds, "kind": "query", "site": r.site,
@@ -210,6 +213,7 @@ class ArkFederation:
     def _initial_master(self) -> ArkModel:
         if self.run.last_round >= 0:
             log.info("resuming %s after round %d", self.run.path, self.run.last_round)
+            self.aggregator.load_state_dict(self.run.load_server_state())
             return self.run.load_master()
         seed_everything(self.cfg.train.seed)
         master = create_model(self.cfg.model, self.cfg.task_specs())
@@ -251,7 +255,7 @@ class ArkFederation:
             record["superlink_retries"] = grid.retries - retries
             if self.caps is not None:
                 self.run.state["example_caps"] = self.caps.pinned
-            self.run.commit_round(r, master, record)
+            self.run.commit_round(r, master, record, self.aggregator.state_dict())
             self.run.append_metrics([{"round": r, "kind": "round", "seconds": record["seconds"],
                                       "sites": len(record["sites"])}])
             log.info("round %d/%d done in %.1f s: sites %s", r, self.cfg.rounds, record["seconds"],
@@ -308,7 +312,7 @@ class _TrainFold:
         except ValueError as e:
             log.warning("round %d: reply rejected: %s", self.round, e)
             self.fed.audit.update(self.round, "train", site=self.fed.exchange.site_of(node),
-                                  node_id=node, arrived=arrived, arrays=None, norm=None,
+                                  node_id=node, arrived=arrived, nbytes=0, norm=None,
                                   accepted=False, reason=str(e))
             return
         update = r.update(self.state, self.expected)
@@ -350,7 +354,7 @@ class _TrainFold:
             norm = update_norm(update, self.state)
         encoding = declared_encoding(r.manifest)
         self.fed.audit.update(self.round, "train", site=r.site, node_id=r.node_id,
-                              arrived=arrived, arrays=r.arrays, norm=norm, accepted=accepted,
+                              arrived=arrived, norm=norm, accepted=accepted,
                               reason=reason, master_sha256=self.fed.exchange.sent.get(
                                   r.node_id, ([], ""))[1],
                               nbytes=r.nbytes, encoding=encoding, clipped=self.clipped.get(r.site))

@@ -11,6 +11,8 @@ Layout::
     rounds/round_000.safetensors the initial master student (model file)
     rounds/round_NNN.safetensors the master student after round NNN (the last
                                  ``keep_rounds`` are kept, and round 0)
+    rounds/server_NNN.safetensors what the aggregator carries into round NNN + 1 (its
+                                 ``state_dict``; only for a strategy that keeps state)
     master_student.safetensors   at the end: the master student  } provenance: rounds,
     master_teacher.safetensors   at the end: the sites' teachers } sites, tasks, fingerprint
                                  averaged
@@ -24,9 +26,11 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from ark_core.eval.model_card import write_model_card
@@ -34,13 +38,14 @@ from ark_core.eval.report import write_report
 from ark_core.eval.tblog import write_scalars
 from ark_core.fed.federation import FederationConfig, round_lr, run_fingerprint
 from ark_core.io import append_jsonl, atomic_write_text
-from ark_core.model.checkpoint import save_model
+from ark_core.model.checkpoint import load_tensors, save_model, save_tensors
 from ark_core.model.factory import load_model
 from ark_core.model.network import ArkModel
 
 log = logging.getLogger("flwr.ark.server")
 
 _ROUND = "round_{:03d}.safetensors"
+_SERVER = "server_{:03d}.safetensors"
 
 
 class RunDirError(RuntimeError):
@@ -155,8 +160,14 @@ class RunDir:
             raise RunDirError(f"{self.path}: no round has been completed yet")
         return load_model(self.round_path(self.last_round), role="student")
 
-    def commit_round(self, round_: int, master: ArkModel, record: dict | None = None) -> None:
-        """Save the master after ``round_``, then mark the round complete, then prune."""
+    def load_server_state(self) -> dict[str, torch.Tensor]:
+        """The aggregator's state after the last completed round (empty if it keeps none)."""
+        path = self.rounds_dir / _SERVER.format(self.last_round)
+        return load_tensors(path) if path.exists() else {}
+
+    def commit_round(self, round_: int, master: ArkModel, record: dict | None = None,
+                     server_state: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Save the master and the aggregator's state, then mark ``round_`` complete, then prune."""
         if round_ != self.last_round + 1:
             raise RunDirError(f"round {round_} follows round {self.last_round}: out of order")
         self.rounds_dir.mkdir(exist_ok=True)
@@ -164,6 +175,9 @@ class RunDir:
             master, self.round_path(round_), role="student",
             provenance={"round": round_, "fingerprint": self.fingerprint, **(record or {})},
         )
+        if server_state:
+            save_tensors(server_state, self.rounds_dir / _SERVER.format(round_),
+                         {"round": str(round_), "fingerprint": self.fingerprint})
         self.state["last_round"] = round_
         if round_ > 0:
             self.state["rounds"][str(round_)] = record or {}
@@ -174,6 +188,7 @@ class RunDir:
         done = [r for r in range(1, self.last_round + 1) if self.round_path(r).exists()]
         for r in done[: -self.cfg.keep_rounds]:
             self.round_path(r).unlink(missing_ok=True)
+            (self.rounds_dir / _SERVER.format(r)).unlink(missing_ok=True)
 
     def append_metrics(self, records: list[dict]) -> None:
         """Append lines to metrics.jsonl (flushed and synced)."""

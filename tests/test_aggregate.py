@@ -212,3 +212,64 @@ def test_every_strategy_is_one_aggregator(name):
     got = net.state_dict()
     assert all(torch.equal(got[k], v) for k, v in heads.items())
     assert all(torch.equal(got[k], v) for k, v in before.items())
+
+
+def _round(agg, master, seed: int) -> dict[str, torch.Tensor]:
+    sites = {"a": ["nih", "ped"], "b": ["nih"], "c": ["nih", "rsna"]}
+    for i, (site, tasks) in enumerate(sites.items()):
+        agg.add(site, _update(master, tasks, seed + i), 10.0 + i, dict.fromkeys(tasks, 5.0))
+    return agg.result()
+
+
+@pytest.mark.parametrize("name", sorted(set(STRATEGIES) - {"dp"}))
+def test_one_aggregator_serves_every_round_as_a_fresh_one_would(name):
+    """begin_round forgets the last round: round 2 of a reused aggregator equals a new one's."""
+    master = _master()
+    agg = STRATEGIES[name](master)
+    first = _round(agg, master, seed=0)
+    second_master = {k: v.clone() for k, v in first.items()}
+    agg.begin_round(second_master)
+    assert agg.num_accepted == 0 and agg.report.rejected == {} and agg.nbytes() == 0
+    reused = _round(agg, second_master, seed=10)
+    fresh = _round(STRATEGIES[name](second_master), second_master, seed=10)
+    assert all(torch.equal(reused[k], fresh[k]) for k in master)
+    assert agg.report.sites == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_a_head_only_round_averages_heads_and_keeps_the_shared_parts(name):
+    master = _master()
+    agg = STRATEGIES[name](None)
+    agg.begin_round(master, heads_only=True)
+    with pytest.raises(UpdateRejected, match="unexpected tensors"):  # shared parts not wanted
+        agg.add("a", _update(master, ["nih"], 0), 10.0, {"nih": 5.0})
+    heads = {"a": ["nih", "ped"], "b": ["nih"], "c": ["nih", "rsna"]}
+    for i, (site, tasks) in enumerate(heads.items()):
+        upd = {k: v for k, v in _update(master, tasks, i).items() if head_task(k) is not None}
+        agg.add(site, upd, 10.0, dict.fromkeys(tasks, 5.0))
+    out = agg.result()
+    for k in ("backbone.w", "projector.bias"):
+        assert torch.equal(out[k], master[k])
+    assert not torch.equal(out["heads.nih.weight"], master["heads.nih.weight"])
+    assert "shared" not in agg.report.contributors
+    assert agg.report.contributors["nih"] == ["a", "b", "c"] and agg.report.sites == ["a", "b", "c"]
+
+
+def test_a_head_only_mean_is_the_mean_of_the_heads():
+    master = _master()
+    agg = StreamingAggregator(master, heads_only=True)
+    ups = [{k: v for k, v in _update(master, ["ped"], s).items() if head_task(k)} for s in (1, 2)]
+    agg.add("a", ups[0], 1.0, {"ped": 1.0})
+    agg.add("b", ups[1], 1.0, {"ped": 3.0})
+    out = agg.result()
+    for k in ups[0]:
+        torch.testing.assert_close(out[k], (ups[0][k] + 3 * ups[1][k]) / 4)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_stateless_strategies_checkpoint_nothing_and_refuse_a_foreign_state(name):
+    agg = STRATEGIES[name](_master())
+    assert agg.state_dict() == {}
+    agg.load_state_dict({})
+    with pytest.raises(ValueError, match=r"keeps no state across rounds, got \['momentum.w'\]"):
+        agg.load_state_dict({"momentum.w": torch.zeros(2)})

@@ -12,6 +12,7 @@ import shutil
 import struct
 import tempfile
 import zlib
+from collections import ChainMap
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from ark_core.data import DatasetError, build_manifest
 from ark_core.data.readers import ImageReadError, read_image, read_image_resized
 from ark_core.fed.aggregate import StreamingAggregator, UpdateRejected
 from ark_core.fed.federation import FederationConfig, SimulationConfig, SiteConfig
+from ops.arrays import Tensors, to_tensor
 
 FX = Path(__file__).parent / "fixtures"
 FAST = settings(max_examples=40, deadline=2000, derandomize=True,
@@ -317,7 +319,7 @@ def _as(kind, a):
         return a
     if kind == "torch":
         return torch.from_numpy(a) if a.dtype != np.complex64 else a
-    return Array(a)
+    return to_tensor(Array(a))
 
 
 def _acceptable(upd: dict, tasks: list[str]) -> bool:
@@ -390,7 +392,8 @@ def _decodes_to_declared(data: bytes, dtype: str, shape: tuple) -> bool:
 def test_update_validator_on_forged_flower_arrays(data, dtype, shape):
     """Declared dtype/shape right, payload forged: bytes that are no (or another) .npy."""
     forged = Array(dtype=dtype, shape=tuple(shape), stype="numpy.ndarray", data=data)
-    upd = {"backbone.w": forged, "heads.a.weight": np.zeros((2, 4), np.float32)}
+    # The server views a reply's Arrays as tensors (ops.arrays), decoding each when read.
+    upd = ChainMap(Tensors({"backbone.w": forged}), {"heads.a.weight": np.zeros((2, 4), np.float32)})
     accepted, master = _fold(("forger", upd, ["a"]))
     assert accepted == _decodes_to_declared(data, dtype, shape)
     if not accepted:

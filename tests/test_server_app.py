@@ -131,7 +131,7 @@ def test_full_run_layout_provenance_and_reply_contents(tmp_path):
     for name in SITE_TASKS:
         for r in read_audit(run / "sites" / name / "audit.jsonl"):
             if r["kind"] in ("train", "evaluate"):
-                assert r["master_sha256"] == sent[r["round"], r["kind"], name]
+                assert r["master_sha256"] == sent[r["round"], r["kind"], name], (name, r["round"], r["kind"])
     # The master student is the last round's checkpoint.
     last = load_tensors(run / "rounds" / "round_002.safetensors")
     final = load_tensors(run / "master_student.safetensors")
@@ -260,6 +260,25 @@ def test_changed_config_is_refused_and_pruning(tmp_path):
     with pytest.raises(RunDirError, match="changed: local_epochs, rounds"):
         RunDir(run_dir, changed)
     assert RunDir(run_dir, cfg).last_round == 4
+
+
+def test_the_aggregator_state_is_checkpointed_with_its_round(tmp_path):
+    rc = write_sim(tmp_path, rounds=6, keep_rounds=2)
+    sim, _, run_dir = load_simulation(rc["sim-config"], rc["data-root"], rc["run-dir"])
+    cfg = sim.federation()
+    rd = RunDir(run_dir, cfg)
+    model = create_model(cfg.model, cfg.task_specs())
+    rd.commit_round(0, model)
+    assert rd.load_server_state() == {}
+    for r in range(1, 5):
+        rd.commit_round(r, model, {"sites": []}, {"momentum.w": torch.full((3,), float(r))})
+    assert sorted(p.name for p in (run_dir / "rounds").iterdir()) == [
+        "round_000.safetensors", "round_003.safetensors", "round_004.safetensors",
+        "server_003.safetensors", "server_004.safetensors"]
+    assert torch.equal(RunDir(run_dir, cfg).load_server_state()["momentum.w"], torch.full((3,), 4.0))
+    # A resumed run hands that state to its aggregator; the plain mean keeps none and says so.
+    with pytest.raises(ValueError, match=r"keeps no state across rounds, got \['momentum.w'\]"):
+        ArkFederation(cfg, run_dir, poll_interval=0.01)._initial_master()
 
 
 def test_failing_site_gives_a_clean_stop(tmp_path):

@@ -21,14 +21,13 @@ from ark_core.fed.transfer import (
     decode_tensor,
     encode_tensor,
     encode_update,
-    payload_nbytes,
 )
 from ark_core.model.factory import create_model
-from client.app import _raw_array
 from client.app import app as client_app
 from client.egress import EGRESS_BLOCKED, egress_guard
 from client.site import Site
 from client.state import ResidualStore
+from ops.arrays import Tensors, payload_nbytes, raw_array, to_tensor
 from server.app import federation_from_run_config
 from server.loop import ArkFederation
 
@@ -46,7 +45,7 @@ def test_bf16_is_the_exact_bit_pattern_and_round_trips_exactly():
     assert scale is None and arr.dtype == np.uint16
     ref = x.to(torch.bfloat16)
     assert np.array_equal(arr, ref.view(torch.int16).numpy().view(np.uint16))
-    for payload in (arr, Array(arr), _raw_array(arr)):  # numpy; Flower Arrays read in place
+    for payload in (arr, to_tensor(Array(arr)), to_tensor(raw_array(arr))):  # Arrays viewed in place
         out = decode_tensor(payload, "bf16")
         assert out.dtype == torch.float32
         assert torch.equal(out.view(torch.int32), ref.float().view(torch.int32))  # -0.0 kept
@@ -56,7 +55,7 @@ def test_fp16_round_trip():
     x = _tensor(1, 3.0)
     arr, _ = encode_tensor(x, "fp16")
     assert arr.dtype == np.float16
-    assert torch.equal(decode_tensor(Array(arr), "fp16"), x.half().float())
+    assert torch.equal(decode_tensor(to_tensor(Array(arr)), "fp16"), x.half().float())
 
 
 @pytest.mark.parametrize("magnitude", [1e-6, 1.0, 1e3])
@@ -66,7 +65,8 @@ def test_int8_error_is_at_most_half_a_step(magnitude):
     assert q.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == ()
     assert np.abs(q).max() == 127 and q.min() >= -127
     assert float(scale) == pytest.approx(float(x.abs().max()) / 127, rel=1e-6)
-    out = decode_tensor(Array(q), "int8-delta", Array(scale), torch.zeros_like(x))
+    out = decode_tensor(to_tensor(Array(q)), "int8-delta", to_tensor(Array(scale)),
+                        torch.zeros_like(x))
     err = (out - x).abs().max().item()
     assert err <= float(scale) / 2 * (1 + 1e-5)
     assert err > 0  # it is lossy: the bound is not met by sending the values
@@ -144,8 +144,8 @@ def _payload(cfg: TransferConfig, seed: int = 7):
     master = _master()
     student = {k: v + _tensor(seed, 0.01, tuple(v.shape)) for k, v in master.items()}
     p = encode_update(student, master, cfg)
-    arrays = ArrayRecord({k: _raw_array(v) for k, v in p.arrays.items()})  # as sites send them
-    scales = ArrayRecord({k: _raw_array(v) for k, v in p.scales.items()}) if p.scales else None
+    arrays = ArrayRecord({k: raw_array(v) for k, v in p.arrays.items()})  # as sites send them
+    scales = ArrayRecord({k: raw_array(v) for k, v in p.scales.items()}) if p.scales else None
     return master, student, arrays, dict(p.manifest), scales
 
 
@@ -161,7 +161,7 @@ def test_declared_encodings_are_accepted_and_summed_in_fp32(enc):
     cfg = TransferConfig(**enc)
     master, student, arrays, encoding, scales = _payload(cfg)
     agg = StreamingAggregator(master)
-    update = as_update(arrays, encoding, scales, master, cfg.encoding)
+    update = as_update(Tensors(arrays), encoding, Tensors(scales), master, cfg.encoding)
     agg.add("s1", update, 4, {"a": 4})
     agg.add("s2", {k: v.clone() for k, v in master.items()}, 4, {"a": 4})
     out = agg.result()
@@ -208,7 +208,8 @@ def _bad(case: str):
         scales[k] = Array(np.array("nan", np.float32))
     elif case == "scale-negative":
         scales[k] = Array(np.array(-0.1, np.float32))
-    return master, as_update(arrays, encoding, scales, master, expected)
+    return master, as_update(Tensors(arrays), encoding, Tensors(scales) if scales else None,
+                             master, expected)
 
 
 @pytest.mark.parametrize("case,reason", [
@@ -216,7 +217,7 @@ def _bad(case: str):
     ("other-encoding", "declares encoding 'fp16', this run's transfer is bf16"),
     ("no-manifest", "does not declare the encoding"),
     ("payload-not-declared-dtype", "backbone.w: payload is float32, encoding bf16 sends uint16"),
-    ("forged-npy", "backbone.w: payload is float32"),
+    ("forged-npy", r"backbone.w: payload holds float32 \[37, 11\], not the declared uint16"),
     ("forged-raw", r"backbone.w: 816 bytes do not hold uint16 \[37, 11\]"),
     ("manifest-in-fp32-run", "plain fp32 weights"), ("missing-scale", "do not match the int8"),
     ("extra-scale", "do not match the int8"), ("scale-not-scalar", "expected a float32 scalar"),
@@ -258,7 +259,7 @@ def guard_setup(tmp_path):
 
 def _reply(msg, arrays, encoding=None, scales=None, raw=False):
     def array(v):
-        return _raw_array(np.asarray(v)) if raw else Array(np.asarray(v))
+        return raw_array(np.asarray(v)) if raw else Array(np.asarray(v))
 
     content = RecordDict({
         "arrays": ArrayRecord({k: array(v) for k, v in arrays.items()}),
@@ -409,8 +410,8 @@ def test_site_error_feedback_residual_survives_a_replayed_round(tmp_path):
 
 
 def test_payload_nbytes_counts_arrays_scales_and_manifest():
-    arrays = {"w": _raw_array(np.zeros((4, 4), np.int8))}  # raw: no .npy header
-    scales = {"w": _raw_array(np.array(1.0, np.float32))}
+    arrays = {"w": raw_array(np.zeros((4, 4), np.int8))}  # raw: no .npy header
+    scales = {"w": raw_array(np.array(1.0, np.float32))}
     n = payload_nbytes(arrays, scales, {"arrays": "int8-delta"})
     assert n == 16 + 4 + len("arrays") + len("int8-delta")
     npy = Array(np.zeros((4, 4), np.float32))

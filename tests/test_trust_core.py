@@ -172,9 +172,12 @@ def test_config_fields_and_fingerprint():
 def test_audit_log_round_trip_and_torn_line(tmp_path):
     from flwr.app import Array
 
+    from ops.arrays import Tensors, raw_array
+
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     h = tensors_sha256({"w": x})
-    assert h == tensors_sha256({"w": torch.from_numpy(x)}) == tensors_sha256({"w": Array(x)})
+    assert h == tensors_sha256({"w": torch.from_numpy(x)}) == tensors_sha256(Tensors({"w": Array(x)}))
+    assert h == tensors_sha256(Tensors({"w": raw_array(x)}))  # as a site's encoded payload
     assert h != tensors_sha256({"w": x + 1}) and h != tensors_sha256({"v": x})
     path = tmp_path / "audit.jsonl"
     append_audit(path, {"event": "a", "n": 1})

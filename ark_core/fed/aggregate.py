@@ -11,7 +11,6 @@ sites; tensors nobody sent keep the master's values.
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,8 +27,8 @@ __all__ = [
     "TensorSpec",
     "UpdateRejected",
     "UpdateValidator",
-    "as_numpy",
     "as_tensor",
+    "check_no_state",
     "float_state",
     "head_task",
 ]
@@ -58,53 +57,20 @@ def head_task(name: str) -> str | None:
 
 
 def _dtype_name(value: Any) -> str:
-    """Numpy-style dtype name of a numpy array, torch tensor or Flower ``Array``."""
+    """Numpy-style dtype name of a numpy array or torch tensor."""
     dt = value.dtype
     if isinstance(dt, torch.dtype):
         return str(dt).removeprefix("torch.")
     return np.dtype(dt).name
 
 
-def as_tensor(value: Any) -> torch.Tensor:
-    """A CPU tensor view of a numpy array, torch tensor or anything with ``.numpy()``.
-
-    A Flower ``Array`` holding a serialised numpy array is viewed in place (no copy): it is
-    only read, and decoding a 745 MiB model twice per reply would cost more than averaging it.
-    """
+def as_tensor(value: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A CPU tensor of a torch tensor or numpy array (a view where it can be)."""
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
-    value = as_numpy(value)
     with warnings.catch_warnings():  # a read-only view: nothing here writes into it
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.ascontiguousarray(value))
-
-
-def as_numpy(value: Any) -> np.ndarray:
-    """A numpy array, or a read-only view of an array-like's payload (a Flower ``Array``)."""
-    if isinstance(value, np.ndarray):
-        return value
-    return _npy_view(value) if _is_npy(value) else value.numpy()
-
-
-def _is_npy(value: Any) -> bool:
-    return getattr(value, "stype", None) == "numpy.ndarray" and isinstance(
-        getattr(value, "data", None), bytes
-    )
-
-
-def _npy_view(value: Any) -> np.ndarray:
-    """A read-only array over the bytes of an ``.npy`` payload (what Flower's Array holds)."""
-    buf = io.BytesIO(value.data)
-    major, _ = np.lib.format.read_magic(buf)
-    read_header = (
-        np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-    )
-    shape, fortran, dtype = read_header(buf)
-    if dtype.hasobject:
-        raise UpdateRejected("array of Python objects")
-    count = int(np.prod(shape))
-    arr = np.frombuffer(value.data, dtype=dtype, count=count, offset=buf.tell())
-    return arr.reshape(shape, order="F" if fortran else "C")
+        return torch.from_numpy(value if value.flags.c_contiguous else value.copy(order="C"))
 
 
 def float_state(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -117,33 +83,19 @@ def float_state(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) ->
     return {k: v for k, v in state.items() if torch.is_floating_point(v)}
 
 
-def _decode(name: str, value: Any, spec: TensorSpec) -> torch.Tensor:
-    """The tensor a payload decodes to; UpdateRejected if it does not decode to ``spec``.
-
-    A Flower ``Array`` declares its dtype and shape beside bytes that may say otherwise.
-    """
-    try:
-        x = as_tensor(value)
-    except UpdateRejected:
-        raise
-    except Exception as e:  # noqa: BLE001 - a forged payload fails in the decoder, any way
-        raise UpdateRejected(f"{name}: payload does not decode ({type(e).__name__})") from None
-    if tuple(x.shape) != spec.shape or _dtype_name(x) != spec.dtype:
-        raise UpdateRejected(f"{name}: payload holds {_dtype_name(x)} {list(x.shape)}, not the "
-                             f"declared {spec.dtype} {list(spec.shape)}")
-    return x
-
-
 class UpdateValidator:
     """Checks a site's update against the master and the site's declared tasks.
 
     Args:
         master: The master's float tensors (every catalogue task's head).
+        heads_only: A head-only round: updates hold the heads of their tasks and nothing of
+            the shared backbone and projector.
     """
 
-    def __init__(self, master: Mapping[str, Any]) -> None:
+    def __init__(self, master: Mapping[str, Any], *, heads_only: bool = False) -> None:
         self.specs = {k: TensorSpec(tuple(v.shape), _dtype_name(v)) for k, v in master.items()}
         self.tasks = {t for k in self.specs if (t := head_task(k)) is not None}
+        self.heads_only = heads_only
 
     def expected(self, tasks: Iterable[str]) -> dict[str, TensorSpec]:
         """Tensors an update of a site training ``tasks`` must hold, exactly."""
@@ -153,17 +105,19 @@ class UpdateValidator:
             raise UpdateRejected(
                 f"declares tasks {unknown} that are not in the catalogue {sorted(self.tasks)}"
             )
-        return {k: s for k, s in self.specs.items() if head_task(k) in (None, *tasks)}
+        groups = tasks if self.heads_only else {None, *tasks}
+        return {k: s for k, s in self.specs.items() if head_task(k) in groups}
 
     def check(self, update: Mapping[str, Any], tasks: Iterable[str], *, values: bool = True) -> None:
         """Raise :class:`UpdateRejected` with the reason if ``update`` is not acceptable.
 
         Args:
-            update: Tensor name -> numpy array, torch tensor or Flower ``Array``; or an
-                encoded reply (:class:`ark_core.fed.transfer.EncodedUpdate`), whose payloads
-                are checked against its declared encodings instead of the master's dtypes.
+            update: Tensor name -> torch tensor or numpy array, read one at a time (a view
+                that decodes on access is fine); or an encoded reply
+                (:class:`ark_core.fed.transfer.EncodedUpdate`), whose payloads are checked
+                against its declared encodings instead of the master's dtypes.
             tasks: The tasks the site declares it trained.
-            values: Also check that every value is finite (decodes each tensor once).
+            values: Also check that every value is finite.
         """
         expected = self.expected(tasks)
         extra = sorted(set(update) - set(expected))
@@ -175,21 +129,18 @@ class UpdateValidator:
         check_encoding = getattr(update, "check_encoding", None)
         if check_encoding is not None:  # ark_core.fed.transfer.EncodedUpdate: wire dtypes declared
             check_encoding(expected)
-        else:
-            for name, spec in expected.items():
-                v = update[name]
-                shape, dtype = tuple(v.shape), _dtype_name(v)
-                if shape != spec.shape:
-                    raise UpdateRejected(f"{name}: shape {list(shape)}, expected {list(spec.shape)}")
-                if dtype != spec.dtype:
-                    raise UpdateRejected(f"{name}: dtype {dtype}, expected {spec.dtype}")
-        if values:
-            for name in expected:
-                # A sum is NaN/Inf iff a value is, or the values are too large to sum (~1e38,
-                # no model's weights): one read pass at add speed, no mask as large as the tensor.
-                x = _decode(name, update[name], expected[name])
-                if not torch.isfinite(x.sum(dtype=torch.promote_types(x.dtype, torch.float32))):
-                    raise UpdateRejected(f"{name}: holds NaN or Inf values (or sums past 1e38)")
+        for name, spec in expected.items():
+            x = update[name]
+            shape, dtype = tuple(x.shape), _dtype_name(x)
+            if shape != spec.shape:
+                raise UpdateRejected(f"{name}: shape {list(shape)}, expected {list(spec.shape)}")
+            if dtype != spec.dtype:
+                raise UpdateRejected(f"{name}: dtype {dtype}, expected {spec.dtype}")
+            # A sum is NaN/Inf iff a value is, or the values are too large to sum (~1e38, no
+            # model's weights): one read pass at add speed, no mask as large as the tensor.
+            x = as_tensor(x)
+            if values and not torch.isfinite(x.sum(dtype=torch.promote_types(x.dtype, torch.float32))):
+                raise UpdateRejected(f"{name}: holds NaN or Inf values (or sums past 1e38)")
 
 
 @dataclass
@@ -201,25 +152,30 @@ class AggregateReport:
         weights: Same keys -> total weight (examples) behind the average.
         rejected: Site -> reason its update was rejected.
         kept: Tensors nobody sent, which keep the master's values.
+        accepted: Sites whose update was folded in, in arrival order.
     """
 
     contributors: dict[str, list[str]] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     kept: list[str] = field(default_factory=list)
+    accepted: list[str] = field(default_factory=list)
 
     @property
     def sites(self) -> list[str]:
         """Sites whose update was accepted, in arrival order."""
-        return list(self.contributors.get(SHARED, []))
+        return list(self.accepted)
 
 
 @runtime_checkable
 class Aggregator(Protocol):
-    """One round's aggregation strategy, as the round loop uses it.
+    """An aggregation strategy, as the round loop uses it, one object for the whole run.
 
-    Every strategy (weighted mean, norm-bounded mean, median, trimmed mean, DP) validates an
-    update when it is added, folds or holds it, and reports who contributed to what.
+    Every strategy (weighted mean, norm-bounded mean, median, trimmed mean, DP) starts each
+    round with :meth:`begin_round`, validates an update when it is added, folds it in (or
+    holds it) reading one tensor at a time, and reports who contributed to what. What it
+    carries from round to round (a server optimiser's moments, say) is in :meth:`state_dict`,
+    which the run directory checkpoints with the master so that a resumed run continues it.
     """
 
     report: AggregateReport
@@ -228,9 +184,20 @@ class Aggregator(Protocol):
     @property
     def num_accepted(self) -> int: ...
 
+    def begin_round(self, master: Mapping[str, torch.Tensor], *, heads_only: bool = False) -> None:
+        """Start a round against ``master``'s float tensors; forget the last round's replies.
+
+        ``heads_only``: updates hold their tasks' heads only; the shared parts keep
+        ``master``'s values.
+        """
+
     def add(self, site: str, update: Mapping[str, Any], num_examples: float,
             task_examples: Mapping[str, float]) -> None:
-        """Validate and fold in (or hold) one site's update; raise UpdateRejected if invalid."""
+        """Validate and fold in (or hold) one site's update, reading one tensor at a time.
+
+        Raises:
+            UpdateRejected: With the reason; the round's result is as if it never came.
+        """
 
     def result(self) -> dict[str, torch.Tensor]:
         """The new master's float tensors (the master's dtypes)."""
@@ -239,29 +206,52 @@ class Aggregator(Protocol):
         """Load :meth:`result` into ``model`` (integer buffers stay as they are)."""
 
     def nbytes(self) -> int:
-        """Bytes of tensors the aggregator holds now (running sums, held updates)."""
+        """Bytes of tensors the aggregator holds now (running sums, held updates, state)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What carries over to the next round (empty for a stateless strategy)."""
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Continue from :meth:`state_dict` of an earlier run (raises on foreign keys)."""
+
+
+def check_no_state(strategy: str, state: Mapping[str, Any]) -> None:
+    """``load_state_dict`` of a stateless strategy: only an empty state belongs to it."""
+    if state:
+        raise ValueError(f"{strategy} keeps no state across rounds, got {sorted(state)[:5]}")
 
 
 class StreamingAggregator:
     """Folds sites' updates in one at a time into fp32 running sums, then divides.
 
+    Stateless across rounds. Tensors no accepted update holds keep the master's values, and
+    the result keeps the master's dtypes.
+
     Args:
-        master: The master's float tensors; the result keeps their dtypes, and tensors no
-            accepted update holds keep their values.
+        master: Begin the first round against these float tensors (else call
+            :meth:`begin_round`).
+        heads_only: That first round is a head-only round.
     """
 
-    def __init__(self, master: Mapping[str, torch.Tensor]) -> None:
-        self.master = master
-        self.validator = UpdateValidator(master)
-        self._sums: dict[str, torch.Tensor] = {}
-        self._weights: dict[str, float] = {}
-        self.report = AggregateReport()
+    def __init__(self, master: Mapping[str, torch.Tensor] | None = None, *,
+                 heads_only: bool = False) -> None:
         self.norms: dict[str, float] = {}  # the plain mean does not measure them
+        self.report = AggregateReport()
+        self._sums: dict[str, torch.Tensor] = {}
         self._result: dict[str, torch.Tensor] | None = None
+        if master is not None:
+            self.begin_round(master, heads_only=heads_only)
+
+    def begin_round(self, master: Mapping[str, torch.Tensor], *, heads_only: bool = False) -> None:
+        self.master = master
+        self.validator = UpdateValidator(master, heads_only=heads_only)
+        self._sums, self._weights = {}, {}
+        self.report = AggregateReport()
+        self._result = None
 
     @property
     def num_accepted(self) -> int:
-        return len(self.report.sites)
+        return len(self.report.accepted)
 
     def add(
         self,
@@ -274,7 +264,7 @@ class StreamingAggregator:
 
         Args:
             site: The site's name (for the report).
-            update: Tensor name -> array (see :meth:`UpdateValidator.check`); read, not kept.
+            update: Tensor name -> tensor (see :meth:`UpdateValidator.check`); read, not kept.
             num_examples: Weight of the shared tensors (the site's examples this round).
             task_examples: Task -> weight of that task's head; the keys are the site's
                 declared tasks.
@@ -283,9 +273,9 @@ class StreamingAggregator:
             UpdateRejected: With the reason; the running sums are unchanged.
         """
         if self._result is not None:
-            raise RuntimeError("this round is already averaged: start a new aggregator")
+            raise RuntimeError("this round is already averaged: call begin_round first")
         try:
-            if site in self.report.sites:
+            if site in self.report.accepted:
                 raise UpdateRejected("sent a second update in the same round")
             if not np.isfinite(num_examples) or num_examples <= 0:
                 raise UpdateRejected(f"num-examples is {num_examples}, expected > 0")
@@ -301,14 +291,22 @@ class StreamingAggregator:
             w = float(num_examples if task is None else task_examples[task])
             if w == 0:  # a declared task without examples this round: its head is untrained
                 continue
-            x = as_tensor(update[name]).to(torch.float32)
-            acc = self._sums.get(name)
-            if acc is None:
-                self._sums[name] = x * w
-            else:
-                acc.add_(x, alpha=w)
-            self._weights[name] = self._weights.get(name, 0.0) + w
-        groups = {SHARED: float(num_examples)}
+            self._fold(name, as_tensor(update[name]), w)
+        self._credit(site, num_examples, task_examples)
+
+    def _fold(self, name: str, x: torch.Tensor, weight: float) -> None:
+        """Add one tensor of one update, weighted, to its fp32 running sum."""
+        x = x.to(torch.float32)
+        acc = self._sums.get(name)
+        if acc is None:
+            self._sums[name] = x * weight
+        else:
+            acc.add_(x, alpha=weight)
+        self._weights[name] = self._weights.get(name, 0.0) + weight
+
+    def _credit(self, site: str, num_examples: float, task_examples: Mapping[str, float]) -> None:
+        self.report.accepted.append(site)
+        groups = {} if self.validator.heads_only else {SHARED: float(num_examples)}
         groups.update({t: float(w) for t, w in task_examples.items() if w > 0})
         for g, w in groups.items():
             self.report.contributors.setdefault(g, []).append(site)
@@ -321,11 +319,17 @@ class StreamingAggregator:
         held = self._sums.values() if self._result is None else self._result.values()
         return sum(t.numel() * t.element_size() for t in held)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        check_no_state(type(self).__name__, state)
+
     def result(self) -> dict[str, torch.Tensor]:
         """The averaged tensors (master dtypes); also fills ``report.kept``.
 
         The sums are divided in place and handed over (no second model-sized allocation);
-        the aggregator is then closed: later calls return the same result.
+        the round is then closed: later calls return the same result.
         """
         if self._result is not None:
             return self._result

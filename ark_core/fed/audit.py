@@ -17,29 +17,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..io import append_jsonl
-from .transfer import RAW_STYPE, raw_view
 
 __all__ = ["append_audit", "read_audit", "tensors_sha256"]
 
 
-def _numpy(v: Any) -> np.ndarray:
+def _numpy(v: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu().contiguous().numpy()
     if isinstance(v, np.ndarray):
         return v
-    if hasattr(v, "detach"):  # torch
-        return v.detach().cpu().contiguous().numpy()
-    if getattr(v, "stype", None) == RAW_STYPE:  # an encoded payload (ark_core.fed.transfer)
-        return raw_view(v)
-    return v.numpy()  # Flower Array
+    raise TypeError(f"cannot hash a {type(v).__name__}: pass torch tensors or numpy arrays")
 
 
 def tensors_sha256(tensors: Mapping[str, Any]) -> str:
     """SHA-256 over names, dtypes, shapes and bytes, in sorted name order.
 
     Args:
-        tensors: Name -> numpy array, torch tensor or Flower ``Array`` (the same values in
-            any of these give the same hash).
+        tensors: Name -> torch tensor or numpy array (the same values in either give the
+            same hash).
     """
     h = hashlib.sha256()
     for name in sorted(tensors):

@@ -86,13 +86,16 @@ class DPAggregator(NormBoundedAggregator):
             nobody can predict and subtract the noise).
     """
 
-    def __init__(self, master: Mapping[str, torch.Tensor], cfg: PrivacyConfig, *,
+    def __init__(self, master: Mapping[str, torch.Tensor] | None, cfg: PrivacyConfig, *,
                  generator: torch.Generator | None = None) -> None:
-        super().__init__(master, cfg.clip_norm, equal_weights=True)
         self.cfg = cfg
         if generator is None:
             generator = torch.Generator().manual_seed(secrets.randbits(63))
-        self.generator = generator
+        self.generator = generator  # not in state_dict: a saved seed would let one subtract the noise
+        super().__init__(master, cfg.clip_norm, equal_weights=True)
+
+    def begin_round(self, master: Mapping[str, torch.Tensor], *, heads_only: bool = False) -> None:
+        super().begin_round(master, heads_only=heads_only)
         self.noise_std: dict[str, float] = {}
 
     def result(self) -> dict[str, torch.Tensor]:

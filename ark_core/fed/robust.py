@@ -28,6 +28,7 @@ from .aggregate import (
     StreamingAggregator,
     UpdateRejected,
     as_tensor,
+    check_no_state,
     head_task,
 )
 
@@ -125,9 +126,24 @@ class ClippedUpdate(Mapping[str, torch.Tensor]):
 
 
 class _OverStreaming:
-    """Aggregators that validate and report through an inner :class:`StreamingAggregator`."""
+    """Aggregators that validate and report through an inner :class:`StreamingAggregator`.
+
+    Stateless across rounds, like it.
+    """
 
     inner: StreamingAggregator
+    norms: dict[str, float]
+
+    def begin_round(self, master: Mapping[str, torch.Tensor], *, heads_only: bool = False) -> None:
+        self.master = master
+        self.inner.begin_round(master, heads_only=heads_only)
+        self.norms = {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        check_no_state(type(self).__name__, state)
 
     @property
     def report(self):
@@ -161,13 +177,13 @@ class NormBoundedAggregator(_OverStreaming):
             examples.
     """
 
-    def __init__(self, master: Mapping[str, torch.Tensor], bound: float | None, *,
+    def __init__(self, master: Mapping[str, torch.Tensor] | None, bound: float | None, *,
                  equal_weights: bool = False) -> None:
-        self.master = master
         self.bound = bound
         self.equal_weights = equal_weights
-        self.inner = StreamingAggregator(master)
-        self.norms: dict[str, float] = {}
+        self.inner = StreamingAggregator()
+        if master is not None:
+            self.begin_round(master)
 
     def add(self, site: str, update: Mapping[str, Any], num_examples: float,
             task_examples: Mapping[str, float]) -> None:
@@ -199,17 +215,21 @@ class CoordinateAggregator(_OverStreaming):
         norm_bound: Bound of the norm-bounded fallback (tensors with < 3 contributors).
     """
 
-    def __init__(self, master: Mapping[str, torch.Tensor], method: str, *,
+    def __init__(self, master: Mapping[str, torch.Tensor] | None, method: str, *,
                  trim_fraction: float = 0.2, norm_bound: float | None = None) -> None:
         if method not in ("median", "trimmed_mean"):
             raise ValueError(f"unknown coordinate-wise method {method!r}")
-        self.master = master
         self.method = method
         self.trim_fraction = trim_fraction
         self.norm_bound = norm_bound
-        self.inner = StreamingAggregator(master)  # validation and the contributor report
-        self.norms: dict[str, float] = {}
+        self.inner = StreamingAggregator()  # validation and the contributor report
         self._held: dict[str, tuple[dict[str, torch.Tensor], float, dict[str, float]]] = {}
+        if master is not None:
+            self.begin_round(master)
+
+    def begin_round(self, master: Mapping[str, torch.Tensor], *, heads_only: bool = False) -> None:
+        super().begin_round(master, heads_only=heads_only)
+        self._held = {}
 
     def add(self, site: str, update: Mapping[str, Any], num_examples: float,
             task_examples: Mapping[str, float]) -> None:
@@ -269,8 +289,12 @@ class CoordinateAggregator(_OverStreaming):
         return out
 
 
-def make_aggregator(master: Mapping[str, torch.Tensor], cfg: AggregationConfig | None) -> Aggregator:
-    """The aggregator ``cfg`` selects (the plain streaming mean by default)."""
+def make_aggregator(master: Mapping[str, torch.Tensor] | None,
+                    cfg: AggregationConfig | None) -> Aggregator:
+    """The aggregator ``cfg`` selects (the plain streaming mean by default).
+
+    With ``master``, its first round has begun; else call ``begin_round`` first.
+    """
     if cfg is None or cfg.method == "mean":
         return StreamingAggregator(master)
     if cfg.method == "norm_bounded":

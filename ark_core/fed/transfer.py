@@ -20,9 +20,9 @@ encoded reply declares itself in a manifest, the ``ConfigRecord`` ``encoding`` =
 ``{"arrays": <encoding>}`` (the encoding of every tensor in the ``arrays`` record; one entry,
 not one per tensor, so that the declaration costs a few bytes whatever the model), and an
 ``ArrayRecord`` ``scales`` holds one float32 scalar per int8 tensor, under the tensor's name.
-Encoded tensors and scales travel as raw little-endian bytes in C order (a Flower ``Array``
-of stype ``"raw"``, :data:`RAW_STYPE`), described by the ``Array``'s own dtype and shape
-fields, so they do without the 128-byte ``.npy`` header of every numpy ``Array`` (0.2% of
+Encoded tensors and scales travel as raw little-endian bytes in C order (a Flower
+``Array`` of stype ``"raw"``, :data:`ops.arrays.RAW_STYPE`), described by the ``Array``'s own
+dtype and shape fields, so they do without the 128-byte ``.npy`` header of every numpy ``Array`` (0.2% of
 the demo's tiny model, 0.01% of Swin-L). A plain fp32 reply carries neither, and stays numpy
 ``Array``s. The server accepts exactly the run's encoding, declared,
 with the wire dtype and shape it implies for every tensor, and scales for exactly the int8
@@ -38,7 +38,8 @@ With ``error_feedback`` the site keeps what quantisation lost (the residual) in 
 directory and adds it to the next round's difference, so the errors do not accumulate over
 rounds.
 
-Framework-free: no Flower import; Flower ``Array`` payloads are read in place.
+Framework-free: everything here takes torch tensors (or numpy arrays); server and client
+view the Flower ``Array`` payloads as tensors first (:class:`ops.arrays.Tensors`).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ import torch
 from pydantic import Field, model_validator
 
 from ..config import Strict
-from .aggregate import TensorSpec, UpdateRejected, as_numpy
+from .aggregate import TensorSpec, UpdateRejected
 
 __all__ = [
     "ENCODINGS",
@@ -62,13 +63,10 @@ __all__ = [
     "as_update",
     "check_declared",
     "MANIFEST_KEY",
-    "RAW_STYPE",
     "declared_encoding",
     "decode_tensor",
     "encode_tensor",
     "encode_update",
-    "payload_nbytes",
-    "raw_view",
 ]
 
 Dtype = Literal["fp32", "fp16", "bf16", "int8"]
@@ -84,8 +82,6 @@ ENCODINGS: dict[str, str] = {
     "int8-delta": "int8",
 }
 INT8_MAX = 127
-RAW_STYPE = "raw"
-"""Flower ``Array`` stype of an encoded payload: the bare bytes, little-endian, C order."""
 MANIFEST_KEY = "arrays"
 """The one key of an ``encoding`` manifest: the encoding of the ``arrays`` record."""
 
@@ -156,31 +152,9 @@ def encode_tensor(x: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray |
     raise ValueError(f"unknown transfer dtype {dtype!r}")
 
 
-def raw_view(value: Any) -> np.ndarray:
-    """A read-only numpy view of a Flower ``Array`` of stype :data:`RAW_STYPE`.
-
-    Raises:
-        UpdateRejected: The bytes are not as many as the declared dtype and shape need.
-    """
-    try:
-        dtype = np.dtype(value.dtype).newbyteorder("<")
-    except TypeError:
-        raise UpdateRejected(f"unknown dtype {value.dtype!r}") from None
-    shape = tuple(int(n) for n in value.shape)
-    if dtype.hasobject or len(value.data) != int(np.prod(shape)) * dtype.itemsize:
-        raise UpdateRejected(f"{len(value.data)} bytes do not hold {dtype.name} {list(shape)}")
-    return np.frombuffer(value.data, dtype=dtype).reshape(shape)
-
-
-def _raw(value: Any) -> np.ndarray:
-    """A numpy view of a payload: numpy, torch, or a Flower ``Array`` (read in place)."""
-    if isinstance(value, np.ndarray):
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
-    if getattr(value, "stype", None) == RAW_STYPE:
-        return raw_view(value)
-    return as_numpy(value)
+def _raw(value: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A numpy view of a payload (torch tensor or numpy array)."""
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
 
 def decode_tensor(
@@ -189,7 +163,7 @@ def decode_tensor(
     """The fp32 tensor a payload stands for (a weight; a difference is added to ``master``).
 
     Args:
-        payload: numpy array, torch tensor or Flower ``Array`` of the encoding's wire dtype.
+        payload: Torch tensor or numpy array of the encoding's wire dtype.
         encoding: One of :data:`ENCODINGS`.
         scale: The float32 scale of an int8 payload.
         master: The master tensor a ``*-delta`` payload is the difference from.
@@ -216,7 +190,7 @@ def _values(raw: np.ndarray, dtype: str, scale: Any = None) -> torch.Tensor:
     if dtype == "int8":
         s = float(np.asarray(_raw(scale), dtype=np.float32).reshape(()))
         return torch.from_numpy(raw.astype(np.float32)).mul_(s)
-    return torch.from_numpy(raw.astype(np.float32))  # a copy: Flower's bytes are read-only
+    return torch.from_numpy(raw.astype(np.float32))  # a copy: the payload may be read-only
 
 
 # ------------------------------------------------------------------------------ site side
@@ -248,7 +222,7 @@ def encode_update(
 
     Args:
         student: The tensors to send (shared parts and the site's heads).
-        master: The master received this round (numpy, torch or Flower ``Array``); read only
+        master: The master received this round (tensors); read only
             for ``delta``.
         cfg: The run's transfer option.
         residual: Last round's residual (error feedback); tensors it lacks count as zero.
@@ -270,27 +244,6 @@ def encode_update(
         if out.residual is not None:
             out.residual[name] = x - _values(arr, cfg.dtype, scale)
     return out
-
-
-def payload_nbytes(
-    arrays: Mapping[str, Any] | None,
-    scales: Mapping[str, Any] | None = None,
-    manifest: Mapping[str, Any] | None = None,
-) -> int:
-    """Bytes of a reply's tensor payload: arrays and scales as serialised, plus the manifest.
-
-    Flower ``Array`` payloads count as their bytes (a numpy ``Array``'s ``.npy`` header
-    included), numpy arrays and tensors as their data; the manifest as the UTF-8 of its keys
-    and values. Flower's own framing (name, dtype, shape of each array) is left out: the same
-    for every encoding.
-    """
-    def size(a: Any) -> int:
-        return len(a.data) if isinstance(getattr(a, "data", None), bytes) else int(a.nbytes)
-
-    total = sum(size(a) for a in (arrays or {}).values())
-    total += sum(size(a) for a in (scales or {}).values())
-    total += sum(len(k.encode()) + len(str(v).encode()) for k, v in (manifest or {}).items())
-    return int(total)
 
 
 def declared_encoding(manifest: Mapping[str, Any] | None) -> str:
@@ -363,7 +316,7 @@ class EncodedUpdate(Mapping[str, torch.Tensor]):
     comparing the payloads' dtypes with the master's.
 
     Args:
-        arrays: Tensor name -> payload (numpy, torch or Flower ``Array``).
+        arrays: Tensor name -> payload (torch tensor or numpy array).
         manifest: The reply's ``encoding`` record; None if it sent none.
         scales: Tensor name -> float32 scale (int8 tensors); None if it sent none.
         master: The master tensors the site received (for ``*-delta``).
@@ -396,7 +349,7 @@ class EncodedUpdate(Mapping[str, torch.Tensor]):
         try:
             x = decode_tensor(self.arrays[name], self.expected, self.scales.get(name),
                               self.master.get(name))
-        except UpdateRejected as e:  # bytes that say otherwise than the Array declares
+        except UpdateRejected as e:  # a payload of another dtype than declared
             raise UpdateRejected(f"{name}: {e}") from None
         ref = self.master.get(name)
         return x if ref is None else x.to(ref.dtype)
