@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -23,6 +23,17 @@ class ConfigError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Shorthand(Strict):
+    """A section that may be written as one bare value of its main field (``transfer: bf16``)."""
+
+    shorthand: ClassVar[str]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_bare_value(cls, data: Any) -> Any:
+        return {cls.shorthand: data} if isinstance(data, str) else data
 
 
 def require_unique(items: list, what: str) -> list:

@@ -242,12 +242,16 @@ def test_too_few_sites_retries_then_stops_with_master_intact(tmp_path):
     assert not (run_dir / "metrics.jsonl").exists()
 
 
-def test_changed_config_is_refused_and_pruning(tmp_path):
+def _run_dir(tmp_path):
+    """A fresh run directory of a 6-round simulation keeping 2 rounds, and its model."""
     rc = write_sim(tmp_path, rounds=6, keep_rounds=2)
     sim, _, run_dir = load_simulation(rc["sim-config"], rc["data-root"], rc["run-dir"])
     cfg = sim.federation()
-    rd = RunDir(run_dir, cfg)
-    model = create_model(cfg.model, cfg.task_specs())
+    return cfg, run_dir, RunDir(run_dir, cfg), create_model(cfg.model, cfg.task_specs())
+
+
+def test_changed_config_is_refused_and_pruning(tmp_path):
+    cfg, run_dir, rd, model = _run_dir(tmp_path)
     for r in range(0, 5):
         rd.commit_round(r, model, {"sites": []})
     assert sorted(p.name for p in (run_dir / "rounds").iterdir()) == [
@@ -263,11 +267,7 @@ def test_changed_config_is_refused_and_pruning(tmp_path):
 
 
 def test_the_aggregator_state_is_checkpointed_with_its_round(tmp_path):
-    rc = write_sim(tmp_path, rounds=6, keep_rounds=2)
-    sim, _, run_dir = load_simulation(rc["sim-config"], rc["data-root"], rc["run-dir"])
-    cfg = sim.federation()
-    rd = RunDir(run_dir, cfg)
-    model = create_model(cfg.model, cfg.task_specs())
+    cfg, run_dir, rd, model = _run_dir(tmp_path)
     rd.commit_round(0, model)
     assert rd.load_server_state() == {}
     for r in range(1, 5):

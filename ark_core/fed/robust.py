@@ -21,7 +21,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..config import Strict
+from ..config import Shorthand
 from .aggregate import (
     SHARED,
     Aggregator,
@@ -49,12 +49,13 @@ MIN_ROBUST_SITES = 3
 Method = Literal["mean", "median", "trimmed_mean", "norm_bounded"]
 
 
-class AggregationConfig(Strict):
+class AggregationConfig(Shorthand):
     """How the server combines the sites' updates (``aggregation:`` in a federation YAML).
 
     A bare method name (``aggregation: median``) is accepted as shorthand.
     """
 
+    shorthand = "method"
     method: Method = Field(
         "mean", description="mean (example-weighted), median, trimmed_mean or norm_bounded."
     )
@@ -67,11 +68,6 @@ class AggregationConfig(Strict):
         0.2, ge=0, lt=0.5, description="trimmed_mean: share of sites dropped at each end per "
         "coordinate (at least one site each end)."
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, data: Any) -> Any:
-        return {"method": data} if isinstance(data, str) else data
 
     @model_validator(mode="after")
     def _bound_given(self) -> AggregationConfig:

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from ..config import Strict
+from ..config import Shorthand
 from .aggregate import TensorSpec, UpdateRejected
 
 __all__ = [
@@ -86,12 +86,13 @@ MANIFEST_KEY = "arrays"
 """The one key of an ``encoding`` manifest: the encoding of the ``arrays`` record."""
 
 
-class TransferConfig(Strict):
+class TransferConfig(Shorthand):
     """How sites send their students (``transfer:`` in a federation YAML).
 
     A bare dtype (``transfer: bf16``) is accepted as shorthand.
     """
 
+    shorthand = "dtype"
     dtype: Dtype = Field(
         "fp32", description="fp32 (exact), fp16 or bf16 (half the bytes), int8 (a quarter; "
         "needs delta). The server accumulates in fp32 whatever the sites send."
@@ -105,11 +106,6 @@ class TransferConfig(Strict):
         "per run) and adds it to the next round's difference; needs delta and a dtype other "
         "than fp32."
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, data: Any) -> Any:
-        return {"dtype": data} if isinstance(data, str) else data
 
     @model_validator(mode="after")
     def _consistent(self) -> TransferConfig:
