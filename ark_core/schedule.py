@@ -11,6 +11,15 @@ import math
 import numpy as np
 
 
+def _cosine(start: float, end: float, cos_phase: float | np.ndarray) -> float | np.ndarray:
+    """Half-cosine from ``start`` (phase 0) to ``end`` (phase pi), given the phase's cosine.
+
+    Callers take the cosine themselves (``np.cos`` on arrays, ``math.cos`` on scalars) so each
+    schedule keeps its exact floating-point values.
+    """
+    return end + 0.5 * (start - end) * (1 + cos_phase)
+
+
 def cosine_scheduler(
     base: float, final: float, steps: int, warmup_steps: int = 0, warmup_start: float = 0.0
 ) -> np.ndarray:
@@ -32,7 +41,7 @@ def cosine_scheduler(
     warm = np.linspace(warmup_start, base, warmup_steps, endpoint=False) if warmup_steps else []
     rest = steps - warmup_steps
     i = np.arange(rest)
-    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * i / max(rest, 1)))
+    cos = _cosine(base, final, np.cos(np.pi * i / max(rest, 1)))
     out = np.concatenate([np.asarray(warm, dtype=np.float64), cos])
     assert len(out) == steps
     return out
@@ -60,4 +69,4 @@ def lr_at(epoch: int, total_epochs: int, base_lr: float, min_lr: float, warmup_e
         return base_lr * (epoch + 1) / (warmup_epochs + 1)
     rest = total_epochs - warmup_epochs
     t = (epoch - warmup_epochs) / max(rest, 1)
-    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * t))
+    return _cosine(base_lr, min_lr, math.cos(math.pi * t))

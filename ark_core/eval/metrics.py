@@ -170,59 +170,84 @@ def task_metrics(
     n = len(t)
     if patient_ids is not None and len(patient_ids) != n:
         raise ValueError(f"{len(patient_ids)} patient ids for {n} predictions")
-
-    classes: dict[str, dict] = {}
-    defined: list[int] = []
-    for c, label in enumerate(spec.labels):
-        ok = ~np.isnan(t[:, c])
-        y = t[ok, c] > 0.5
-        s = probs[ok, c]
-        one_value = y.size == 0 or y.all() or not y.any()
-        entry: dict = {
-            "auc": None if one_value else float(roc_auc_score(y, s)),
-            "auc_ci": None,
-            "ap": None if not y.any() else float(average_precision_score(y, s)),
-            "threshold": None,
-            "n": int(y.size),
-            "positives": int(y.sum()),
-        }
-        if tv is not None and val_probs is not None:
-            vok = ~np.isnan(tv[:, c])
-            entry["threshold"] = youden_threshold(tv[vok, c] > 0.5, np.asarray(val_probs)[vok, c])
-        thr = entry["threshold"]
-        entry |= (
-            threshold_metrics(y, s, thr) if thr is not None and y.size
-            else dict.fromkeys(("f1", "sensitivity", "specificity", "false_negative_rate"))
-        )
-        classes[label] = entry
-        if not one_value:
-            defined.append(c)
-
-    boot = np.full((n_boot, spec.num_outputs), np.nan)
+    vp = np.asarray(val_probs) if tv is not None and val_probs is not None else None
+    classes = {
+        label: _class_metrics(t[:, c], probs[:, c], None if vp is None else (tv[:, c], vp[:, c]))
+        for c, label in enumerate(spec.labels)
+    }
+    defined = [c for c, label in enumerate(spec.labels) if classes[label]["auc"] is not None]
+    boot = _bootstrap_aucs(t, probs, defined, patient_ids, n_boot, seed, chunk)
     if n_boot and defined:
-        start = 0
-        for w in bootstrap_weights(patient_ids, n, n_boot, seed, chunk):
-            for c in defined:
-                ok = ~np.isnan(t[:, c])
-                boot[start : start + len(w), c] = weighted_auc(t[ok, c] > 0.5, probs[ok, c], w[:, ok])
-            start += len(w)
         for c in defined:
             classes[spec.labels[c]]["auc_ci"] = _ci(boot[:, c], alpha)
-
     aucs = [classes[spec.labels[c]]["auc"] for c in defined]
     aps = [v["ap"] for v in classes.values() if v["ap"] is not None]
-    mean_ci = None
-    if n_boot and defined:
-        # mean over the classes each replicate defines (a rare class may lack positives)
-        rep = boot[:, defined]
-        count = (~np.isnan(rep)).sum(1)
-        means = np.where(count > 0, np.nansum(rep, 1) / np.maximum(count, 1), np.nan)
-        mean_ci = _ci(means, alpha)
     return {
         "classes": classes,
         "auc_mean": float(np.mean(aucs)) if aucs else None,
-        "auc_mean_ci": mean_ci,
+        "auc_mean_ci": _mean_auc_ci(boot, defined, alpha) if n_boot and defined else None,
         "ap_mean": float(np.mean(aps)) if aps else None,
         "n": n,
         "patients": len(set(map(str, patient_ids))) if patient_ids is not None else n,
     }
+
+
+def _class_metrics(
+    target: np.ndarray, score: np.ndarray, val: tuple[np.ndarray, np.ndarray] | None
+) -> dict:
+    """One class's entry of :func:`task_metrics` (``auc_ci`` left None).
+
+    Args:
+        target: The class's binary targets (NaN = ignored).
+        score: The class's predictions.
+        val: Validation targets and predictions of the class, for its Youden threshold.
+    """
+    ok = ~np.isnan(target)
+    y = target[ok] > 0.5
+    s = score[ok]
+    one_value = y.size == 0 or y.all() or not y.any()
+    entry: dict = {
+        "auc": None if one_value else float(roc_auc_score(y, s)),
+        "auc_ci": None,
+        "ap": None if not y.any() else float(average_precision_score(y, s)),
+        "threshold": None,
+        "n": int(y.size),
+        "positives": int(y.sum()),
+    }
+    if val is not None:
+        vok = ~np.isnan(val[0])
+        entry["threshold"] = youden_threshold(val[0][vok] > 0.5, val[1][vok])
+    thr = entry["threshold"]
+    return entry | (
+        threshold_metrics(y, s, thr) if thr is not None and y.size
+        else dict.fromkeys(("f1", "sensitivity", "specificity", "false_negative_rate"))
+    )
+
+
+def _bootstrap_aucs(
+    t: np.ndarray,
+    probs: np.ndarray,
+    defined: list[int],
+    patient_ids: Sequence | None,
+    n_boot: int,
+    seed: int,
+    chunk: int,
+) -> np.ndarray:
+    """(n_boot, C) AUC of each ``defined`` class in each replicate; NaN elsewhere."""
+    boot = np.full((n_boot, t.shape[1]), np.nan)
+    if n_boot and defined:
+        start = 0
+        for w in bootstrap_weights(patient_ids, len(t), n_boot, seed, chunk):
+            for c in defined:
+                ok = ~np.isnan(t[:, c])
+                boot[start : start + len(w), c] = weighted_auc(t[ok, c] > 0.5, probs[ok, c], w[:, ok])
+            start += len(w)
+    return boot
+
+
+def _mean_auc_ci(boot: np.ndarray, defined: list[int], alpha: float) -> list[float] | None:
+    """CI of the mean AUC, over the classes each replicate defines (a rare class may lack positives)."""
+    rep = boot[:, defined]
+    count = (~np.isnan(rep)).sum(1)
+    means = np.where(count > 0, np.nansum(rep, 1) / np.maximum(count, 1), np.nan)
+    return _ci(means, alpha)

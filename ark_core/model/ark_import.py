@@ -160,6 +160,27 @@ def infer_swin_config(
     if "absolute_pos_embed" in state_dict:
         raise ValueError(f"{source}: 'absolute_pos_embed' (Swin ape=True) is not supported by timm")
     embed_dim, in_chans, patch, _ = state_dict["patch_embed.proj.weight"].shape
+    depths = _stage_depths(state_dict, source)
+    heads, windows = _heads_and_windows(state_dict, len(depths), source)
+    window = max(windows)  # stages smaller than the window clip it to their size
+    size = img_size if img_size is not None else _input_size(state_dict, patch, windows)
+    if size is None:
+        raise ValueError(f"{source}: cannot read the input size off the tensors; pass img_size")
+    cfg: dict[str, Any] = dict(
+        patch_size=int(patch), in_chans=int(in_chans), embed_dim=int(embed_dim),
+        depths=tuple(depths[i] for i in range(len(depths))), num_heads=tuple(heads),
+        window_size=int(window), img_size=int(size),
+    )
+    fc1 = state_dict.get("layers.0.blocks.0.mlp.fc1.weight")
+    if fc1 is not None and fc1.shape[0] != 4 * embed_dim:
+        cfg["mlp_ratio"] = fc1.shape[0] / embed_dim
+    if "layers.0.blocks.0.attn.qkv.bias" not in state_dict:
+        cfg["qkv_bias"] = False
+    return cfg
+
+
+def _stage_depths(state_dict: Mapping[str, torch.Tensor], source: str) -> dict[int, int]:
+    """Stage index -> number of blocks, from the ``layers.<i>.blocks.<j>.*`` keys."""
     depths: dict[int, int] = {}
     for k in state_dict:
         m = _STAGE_KEY.match(k)
@@ -168,42 +189,37 @@ def infer_swin_config(
             depths[stage] = max(depths.get(stage, 0), block + 1)
     if not depths or sorted(depths) != list(range(len(depths))):
         raise ValueError(f"{source}: cannot find the Swin stages (layers.<i>.blocks.<j>.*)")
-    stages = range(len(depths))
+    return depths
+
+
+def _heads_and_windows(
+    state_dict: Mapping[str, torch.Tensor], n_stages: int, source: str
+) -> tuple[list[int], list[int]]:
+    """Attention heads and window size of each stage, from its relative position bias table."""
     heads, windows = [], []
-    for i in stages:
+    for i in range(n_stages):
         key = f"layers.{i}.blocks.0.attn.relative_position_bias_table"
         if key not in state_dict:
             raise ValueError(f"{source}: tensor {key!r} missing")
         table = state_dict[key]
         heads.append(int(table.shape[-1]))
         windows.append((math.isqrt(table.shape[0]) + 1) // 2)  # table is (2w-1)^2 x heads
-    window = max(windows)  # stages smaller than the window clip it to their size
-    size = img_size
-    if size is None:
-        for i in stages:  # (num windows, w*w, w*w) in the first shifted block of a stage
-            masks = [v for k, v in state_dict.items()
-                     if k.startswith(f"layers.{i}.blocks.") and k.endswith(".attn_mask")]
-            if masks:
-                w = math.isqrt(masks[0].shape[1])
-                size = math.isqrt(masks[0].shape[0]) * w * patch * 2**i
-                break
-        else:
-            clipped = [i for i in stages if windows[i] < window]
-            if clipped:  # a stage whose resolution is below the window has its resolution as window
-                size = windows[clipped[0]] * patch * 2 ** clipped[0]
-    if size is None:
-        raise ValueError(f"{source}: cannot read the input size off the tensors; pass img_size")
-    cfg: dict[str, Any] = dict(
-        patch_size=int(patch), in_chans=int(in_chans), embed_dim=int(embed_dim),
-        depths=tuple(depths[i] for i in stages), num_heads=tuple(heads), window_size=int(window),
-        img_size=int(size),
-    )
-    fc1 = state_dict.get("layers.0.blocks.0.mlp.fc1.weight")
-    if fc1 is not None and fc1.shape[0] != 4 * embed_dim:
-        cfg["mlp_ratio"] = fc1.shape[0] / embed_dim
-    if "layers.0.blocks.0.attn.qkv.bias" not in state_dict:
-        cfg["qkv_bias"] = False
-    return cfg
+    return heads, windows
+
+
+def _input_size(state_dict: Mapping[str, torch.Tensor], patch: int, windows: list[int]) -> int | None:
+    """The input size, read off an attention mask, else off a stage that clips its window."""
+    stages = range(len(windows))
+    for i in stages:  # (num windows, w*w, w*w) in the first shifted block of a stage
+        masks = [v for k, v in state_dict.items()
+                 if k.startswith(f"layers.{i}.blocks.") and k.endswith(".attn_mask")]
+        if masks:
+            w = math.isqrt(masks[0].shape[1])
+            return math.isqrt(masks[0].shape[0]) * w * patch * 2**i
+    clipped = [i for i in stages if windows[i] < max(windows)]
+    if clipped:  # a stage whose resolution is below the window has its resolution as window
+        return windows[clipped[0]] * patch * 2 ** clipped[0]
+    return None
 
 
 def timm_swin_name(swin: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -30,7 +30,7 @@ from ..eval.tblog import write_scalars
 from ..io import append_jsonl, atomic_write
 from ..model.checkpoint import save_model
 from ..model.factory import create_model
-from ..model.network import make_teacher
+from ..model.network import ArkModel, make_teacher
 from ..model.runtime import resolve_device
 from ..schedule import lr_at
 from .cyclic import build_optimizer, seed_everything, train_cyclic
@@ -90,7 +90,6 @@ def train_tasks(
     """The centralized cyclic run over ready manifests (see :func:`train_centralized`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fp = fingerprint
     seed_everything(train_cfg.seed)
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
@@ -98,81 +97,135 @@ def train_tasks(
     student = create_model(model_cfg, [td.spec for td in tasks]).to(device)
     teacher = make_teacher(student)
     optimizer = build_optimizer(student, train_cfg, train_cfg.lr)
-    start_epoch, ema_step = 0, 0
-
-    ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if state["fingerprint"] != fp:
-            raise ValueError(
-                f"{ckpt_path} belongs to a different config (fingerprint {state['fingerprint']} "
-                f"!= {fp}); use a new output_dir or restore the config"
-            )
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, ema_step = int(state["epoch"]), int(state["ema_step"])
-        torch.set_rng_state(state["rng"])  # drop-path draws continue as if never stopped
-        log.info("resuming %s at epoch %d", out, start_epoch + 1)
+    start_epoch, ema_step = _resume(out, fingerprint, student, teacher, optimizer, device)
 
     epochs = train_cfg.epochs
-    work_size = model_cfg.resolved_work_size
-    total_ema = epochs * len(tasks)
     end_epoch = epochs if max_epochs is None else min(epochs, start_epoch + max_epochs)
     val: dict = {}
     for epoch in range(start_epoch, end_epoch):
         t0 = time.time()
         lr = lr_at(epoch, epochs, train_cfg.lr, train_cfg.min_lr, train_cfg.warmup_epochs)
         result = train_cyclic(
-            student, teacher, tasks, train_cfg, img_size=model_cfg.img_size, work_size=work_size,
-            lr=lr, local_epochs=1, ema_step=ema_step, ema_total_steps=total_ema, device=device,
-            optimizer=optimizer, progress=progress, desc=f"epoch {epoch + 1}/{epochs} ",
+            student, teacher, tasks, train_cfg, img_size=model_cfg.img_size,
+            work_size=model_cfg.resolved_work_size, lr=lr, local_epochs=1, ema_step=ema_step,
+            ema_total_steps=epochs * len(tasks), device=device, optimizer=optimizer,
+            progress=progress, desc=f"epoch {epoch + 1}/{epochs} ",
         )
         ema_step = result.ema_step
-        val = {
-            role: evaluate(
-                model, tasks, img_size=model_cfg.img_size, work_size=work_size,
-                batch_size=train_cfg.batch_size, workers=train_cfg.workers, device=device,
-            )
-            for role, model in (("teacher", teacher), ("student", student))
-        }
-        record = {
-            "epoch": epoch + 1,
-            "seconds": round(time.time() - t0, 2),
-            **result.metrics,
-            **{
-                f"auc_mean.{role}.{task}": v["auc_mean"]
-                for role, per_task in val.items()
-                for task, v in per_task.items()
-            },
-        }
-        append_jsonl(out / "metrics.jsonl", record)
-        write_scalars(out, [record])
-        checkpoint = {
-            "student": student.state_dict(),
-            "teacher": teacher.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch + 1,
-            "ema_step": ema_step,
-            "fingerprint": fp,
-            "rng": torch.get_rng_state(),
-        }
-        atomic_write(ckpt_path, lambda tmp, ckpt=checkpoint: torch.save(ckpt, tmp))
-        provenance = {
-            "kind": "centralized",
-            "epochs": epoch + 1,
-            "tasks": {td.spec.name: td.train.fingerprint() for td in tasks},
-            "config_fingerprint": fp,
-        }
-        save_model(student, out / "student.safetensors", provenance=provenance, role="student")
-        save_model(teacher, out / "teacher.safetensors", provenance=provenance, role="teacher")
-        summary = ", ".join(
-            f"{t}: {v['auc_mean']:.3f}" if v["auc_mean"] is not None else f"{t}: n/a"
-            for t, v in val["teacher"].items()
+        val = _validate({"teacher": teacher, "student": student}, tasks, model_cfg, train_cfg, device)
+        _log_epoch(out, epoch + 1, t0, result.metrics, val)
+        _save_epoch(
+            out, tasks, student, teacher, optimizer,
+            epochs_done=epoch + 1, ema_step=ema_step, fingerprint=fingerprint,
         )
-        print(f"epoch {epoch + 1}/{epochs}  lr {lr:.2e}  teacher val AUC  {summary}", flush=True)
+        _print_epoch(epoch + 1, epochs, lr, val["teacher"])
     if end_epoch == epochs:
         write_documents(out, tasks, epochs)
+    return _summary(end_epoch, val, out)
+
+
+def _resume(
+    out: Path,
+    fingerprint: str,
+    student: ArkModel,
+    teacher: ArkModel,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> tuple[int, int]:
+    """Load ``out/checkpoint.pt`` if there is one; returns the epoch and EMA step to go on from."""
+    ckpt_path = out / "checkpoint.pt"
+    if not ckpt_path.exists():
+        return 0, 0
+    state = torch.load(ckpt_path, map_location=device, weights_only=True)
+    if state["fingerprint"] != fingerprint:
+        raise ValueError(
+            f"{ckpt_path} belongs to a different config (fingerprint {state['fingerprint']} "
+            f"!= {fingerprint}); use a new output_dir or restore the config"
+        )
+    student.load_state_dict(state["student"])
+    teacher.load_state_dict(state["teacher"])
+    optimizer.load_state_dict(state["optimizer"])
+    start_epoch, ema_step = int(state["epoch"]), int(state["ema_step"])
+    torch.set_rng_state(state["rng"])  # drop-path draws continue as if never stopped
+    log.info("resuming %s at epoch %d", out, start_epoch + 1)
+    return start_epoch, ema_step
+
+
+def _validate(
+    models: dict[str, ArkModel],
+    tasks: list[TaskData],
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    device: torch.device,
+) -> dict:
+    """Validation metrics ``{role: {task: {...}}}`` of each model, in the order given."""
+    return {
+        role: evaluate(
+            model, tasks, img_size=model_cfg.img_size, work_size=model_cfg.resolved_work_size,
+            batch_size=train_cfg.batch_size, workers=train_cfg.workers, device=device,
+        )
+        for role, model in models.items()
+    }
+
+
+def _log_epoch(out: Path, epoch: int, t0: float, metrics: dict[str, float], val: dict) -> None:
+    """Append the epoch's line to ``metrics.jsonl`` and its scalars to TensorBoard."""
+    record = {
+        "epoch": epoch,
+        "seconds": round(time.time() - t0, 2),
+        **metrics,
+        **{
+            f"auc_mean.{role}.{task}": v["auc_mean"]
+            for role, per_task in val.items()
+            for task, v in per_task.items()
+        },
+    }
+    append_jsonl(out / "metrics.jsonl", record)
+    write_scalars(out, [record])
+
+
+def _save_epoch(
+    out: Path,
+    tasks: list[TaskData],
+    student: ArkModel,
+    teacher: ArkModel,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs_done: int,
+    ema_step: int,
+    fingerprint: str,
+) -> None:
+    """The resumable checkpoint, then both model files with their provenance."""
+    checkpoint = {
+        "student": student.state_dict(),
+        "teacher": teacher.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epochs_done,
+        "ema_step": ema_step,
+        "fingerprint": fingerprint,
+        "rng": torch.get_rng_state(),
+    }
+    atomic_write(out / "checkpoint.pt", lambda tmp: torch.save(checkpoint, tmp))
+    provenance = {
+        "kind": "centralized",
+        "epochs": epochs_done,
+        "tasks": {td.spec.name: td.train.fingerprint() for td in tasks},
+        "config_fingerprint": fingerprint,
+    }
+    save_model(student, out / "student.safetensors", provenance=provenance, role="student")
+    save_model(teacher, out / "teacher.safetensors", provenance=provenance, role="teacher")
+
+
+def _print_epoch(epoch: int, epochs: int, lr: float, teacher_val: dict) -> None:
+    summary = ", ".join(
+        f"{t}: {v['auc_mean']:.3f}" if v["auc_mean"] is not None else f"{t}: n/a"
+        for t, v in teacher_val.items()
+    )
+    print(f"epoch {epoch}/{epochs}  lr {lr:.2e}  teacher val AUC  {summary}", flush=True)
+
+
+def _summary(end_epoch: int, val: dict, out: Path) -> dict:
+    """What :func:`train_centralized` returns, from the last validation of this call."""
     teacher_means = [v["auc_mean"] for v in val.get("teacher", {}).values() if v["auc_mean"]]
     return {
         "epoch": end_epoch,

@@ -160,54 +160,113 @@ def train_cyclic(
         Metrics (mean losses per task, examples per task), and the new schedule position.
     """
     device = torch.device(device)
-    if ema_step + local_epochs * len(tasks) > ema_total_steps:
-        raise ValueError(
-            f"schedule overrun: step {ema_step} + {local_epochs} x {len(tasks)} task-epochs "
-            f"> {ema_total_steps} planned"
-        )
-    teacher.requires_grad_(False)
-    accelerate(student, cfg, device, training=True)
-    accelerate(teacher, cfg, device, training=False)
+    _check_schedule(ema_step, local_epochs, len(tasks), ema_total_steps)
+    optimizer = _ready(student, teacher, cfg, device, optimizer, lr)
     momentum = momentum_schedule(ema_total_steps, cfg.ema_m0)
-    if optimizer is None:
-        optimizer = build_optimizer(student, cfg, lr)
-    set_lr(optimizer, lr)
-    metrics: dict[str, float] = {}
-    examples: dict[str, int] = {}
-    bad_total = 0
-    total_seen = 0
+    tally = _Tally()
     for epoch in range(local_epochs):
         for td in tasks:
             m = float(momentum[ema_step])
             lam = consistency_weight(m, cfg.ema_m0, cfg.lam_max)
-            loader = make_loader(
-                td.train, cfg, img_size=img_size, work_size=work_size, training=True,
-                seed=cfg.seed * 1_000_003 + ema_step,
+            stats, bad = _task_epoch(
+                student, teacher, td, optimizer, cfg, lam=lam, ema_step=ema_step,
+                img_size=img_size, work_size=work_size, device=device, progress=progress,
+                desc=f"{desc}{td.spec.name} [{epoch + 1}/{local_epochs}]",
             )
-            label = f"{desc}{td.spec.name} [{epoch + 1}/{local_epochs}]"
-            bad = BadFileCounter(td.spec.name)
-            stats = train_task_epoch(
-                student, teacher, loader, td.spec, optimizer, cfg,
-                lam=lam, device=device, bad_files=bad, progress=progress, desc=label,
-            )
-            # Checked at the end of the epoch, never mid-epoch; the teacher is not yet updated.
-            bad.check(len(td.train), cfg.bad_file_fraction)
-            bad_total += len(bad)
             ema_update(teacher, student, m)
             ema_step += 1
-            n = int(stats.pop("num-examples"))
-            examples[td.spec.name] = examples.get(td.spec.name, 0) + n
-            total_seen += n
-            for k, v in stats.items():  # the last epoch's means are the round's figures
-                metrics[f"{k}.{td.spec.name}"] = float(v)
-            metrics[f"momentum.{td.spec.name}"] = m
-            metrics[f"lam.{td.spec.name}"] = lam
-    for name, n in examples.items():
-        metrics[f"num-examples.{name}"] = float(n)
-    metrics["num-examples"] = float(total_seen)
-    metrics["bad-files"] = float(bad_total)
-    metrics["lr"] = float(lr)
-    return RoundResult(metrics=metrics, ema_step=ema_step, examples=examples)
+            tally.add(td.spec.name, stats, bad, m, lam)
+    return tally.result(lr, ema_step)
+
+
+def _check_schedule(ema_step: int, local_epochs: int, n_tasks: int, ema_total_steps: int) -> None:
+    """Refuse a round that would run past the end of the momentum schedule."""
+    if ema_step + local_epochs * n_tasks > ema_total_steps:
+        raise ValueError(
+            f"schedule overrun: step {ema_step} + {local_epochs} x {n_tasks} task-epochs "
+            f"> {ema_total_steps} planned"
+        )
+
+
+def _ready(
+    student: ArkModel,
+    teacher: ArkModel,
+    cfg: TrainConfig,
+    device: torch.device,
+    optimizer: torch.optim.Optimizer | None,
+    lr: float,
+) -> torch.optim.Optimizer:
+    """Freeze the teacher, prepare both models for ``device``; the optimizer, set to ``lr``."""
+    teacher.requires_grad_(False)
+    accelerate(student, cfg, device, training=True)
+    accelerate(teacher, cfg, device, training=False)
+    if optimizer is None:
+        optimizer = build_optimizer(student, cfg, lr)
+    set_lr(optimizer, lr)
+    return optimizer
+
+
+def _task_epoch(
+    student: ArkModel,
+    teacher: ArkModel,
+    td: TaskData,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    *,
+    lam: float,
+    ema_step: int,
+    img_size: int,
+    work_size: int,
+    device: torch.device,
+    progress: bool,
+    desc: str,
+) -> tuple[dict[str, float], int]:
+    """One epoch of task ``td`` on a loader seeded by the schedule position.
+
+    Returns:
+        The epoch's stats (see :func:`train_task_epoch`) and its number of bad files.
+    """
+    loader = make_loader(
+        td.train, cfg, img_size=img_size, work_size=work_size, training=True,
+        seed=cfg.seed * 1_000_003 + ema_step,
+    )
+    bad = BadFileCounter(td.spec.name)
+    stats = train_task_epoch(
+        student, teacher, loader, td.spec, optimizer, cfg,
+        lam=lam, device=device, bad_files=bad, progress=progress, desc=desc,
+    )
+    # Checked at the end of the epoch, never mid-epoch; the teacher is not yet updated.
+    bad.check(len(td.train), cfg.bad_file_fraction)
+    return stats, len(bad)
+
+
+@dataclass
+class _Tally:
+    """What a round's task-epochs add up to."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    examples: dict[str, int] = field(default_factory=dict)
+    bad_files: int = 0
+
+    def add(self, task: str, stats: dict[str, float], bad_files: int, m: float, lam: float) -> None:
+        """Count one task-epoch (``stats`` as :func:`train_task_epoch` returns them)."""
+        n = int(stats.pop("num-examples"))
+        self.examples[task] = self.examples.get(task, 0) + n
+        self.bad_files += bad_files
+        for k, v in stats.items():  # the last epoch's means are the round's figures
+            self.metrics[f"{k}.{task}"] = float(v)
+        self.metrics[f"momentum.{task}"] = m
+        self.metrics[f"lam.{task}"] = lam
+
+    def result(self, lr: float, ema_step: int) -> RoundResult:
+        """The round: per-task figures, then example counts, bad files and ``lr``."""
+        metrics = dict(self.metrics)
+        for name, n in self.examples.items():
+            metrics[f"num-examples.{name}"] = float(n)
+        metrics["num-examples"] = float(sum(self.examples.values()))
+        metrics["bad-files"] = float(self.bad_files)
+        metrics["lr"] = float(lr)
+        return RoundResult(metrics=metrics, ema_step=ema_step, examples=self.examples)
 
 
 def seed_everything(seed: int) -> None:
