@@ -33,51 +33,18 @@ from collections.abc import Callable
 
 import torch
 from _util import machine, ratio_line, timed
+from bench_trainer import SYNTHETIC_SPECS as SPECS
+from bench_trainer import gpu_bench, synthetic_batches, task_epochs
 from torch.utils.flop_counter import FlopCounterMode
 
 from ark_core.config import ModelConfig, TrainConfig
 from ark_core.data.dataset import BadFileCounter
 from ark_core.model.factory import create_model
-from ark_core.model.network import ArkModel, ema_update, make_teacher
+from ark_core.model.network import ArkModel, make_teacher
 from ark_core.model.runtime import accelerate
-from ark_core.tasks import TaskSpec, TaskType
 from ark_core.train.cyclic import build_optimizer, train_task_epoch
 
 LAM, M = 0.25, 0.99  # mid-run: the consistency term (and so the teacher's forward) is on
-SPECS = {
-    "cxr14": TaskSpec("cxr14", tuple(f"l{i}" for i in range(14)), TaskType.MULTILABEL),
-    "rsna": TaskSpec("rsna", ("normal", "lung opacity", "other"), TaskType.MULTICLASS),
-}
-
-
-def synthetic_batches(size: int, batch: int, steps: int, pin: bool) -> dict[str, list[dict]]:
-    """Random two-view batches per task, made once (the loader is not what is measured)."""
-    gen = torch.Generator().manual_seed(0)
-    out: dict[str, list[dict]] = {}
-    for name, spec in SPECS.items():
-        out[name] = []
-        for _ in range(steps):
-            y = (torch.randint(0, 3, (batch,), generator=gen)
-                 if spec.task_type is TaskType.MULTICLASS
-                 else torch.randint(0, 2, (batch, spec.num_outputs), generator=gen).float())
-            views = [torch.randn(batch, 3, size, size, generator=gen) for _ in range(2)]
-            if pin:
-                views = [v.pin_memory() for v in views]
-            out[name].append({"n": batch, "student": views[0], "teacher": views[1],
-                              "target": y, "bad": [], "bad_reasons": []})
-    return out
-
-
-def run_epochs(student: ArkModel, teacher: ArkModel, batches: dict[str, list[dict]],
-               opt: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device) -> int:
-    """Each task's epoch through the trainer, then the teacher's EMA; returns images."""
-    seen = 0
-    for name, loader in batches.items():
-        stats = train_task_epoch(student, teacher, loader, SPECS[name], opt, cfg, lam=LAM,
-                                 device=device, bad_files=BadFileCounter(name), progress=False)
-        ema_update(teacher, student, M)
-        seen += int(stats["num-examples"])
-    return seen
 
 
 def step_flops(student: ArkModel, teacher: ArkModel, batch: dict, cfg: TrainConfig,
@@ -135,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         cfgs["bf16+compile"] = cfgs["bf16"].model_copy(update={"compile": True})
     student = create_model(mcfg, SPECS.values()).to(device)
     teacher = make_teacher(student)
-    batches = synthetic_batches(mcfg.img_size, batch, args.steps, pin=device.type == "cuda")
+    batches = synthetic_batches(SPECS, mcfg.img_size, batch, args.steps, pin=device.type == "cuda")
     print(f"model: {mcfg.backbone} at {mcfg.img_size}, "
           f"{sum(p.numel() for p in student.parameters()) / 1e6:.0f}M parameters; batch {batch}, "
           f"{len(SPECS)} tasks x {args.steps} batches per epoch")
@@ -156,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         accelerate(t, cfg, device, training=False)
         opt = (torch.optim.AdamW(s.parameters(), lr=1e-5, fused=False) if name == "fp32"
                else build_optimizer(s, cfg, 1e-5))  # fused on CUDA
-        return lambda: run_epochs(s, t, batches, opt, cfg, device)
+        return lambda: task_epochs(s, t, batches, SPECS, opt, cfg, lam=LAM, m=M, device=device)
 
     # Stages print as they finish, so a run cut short by its window still reports.
     fp32 = variant("fp32")
@@ -193,9 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         del student, teacher, fp32, batches
         torch.cuda.empty_cache()
         set_tf32(True)
-        import bench_trainer
-
-        bench_trainer.gpu_bench(reps=2, batch=batch, steps=args.steps)
+        gpu_bench(reps=2, batch=batch, steps=args.steps)
     print(f"total wall time {time.perf_counter() - start:.0f} s")
     return 0
 

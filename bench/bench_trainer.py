@@ -47,6 +47,10 @@ from ark_core.tasks import TaskSpec, TaskType
 from ark_core.train.cyclic import build_optimizer, train_cyclic, train_task_epoch
 
 EMA_STEP, EMA_TOTAL = 1, 100  # past the first step: lam > 0, so the teacher's forward runs
+SYNTHETIC_SPECS = {  # the GPU benches' tasks: one multi-label, one multi-class head
+    "cxr14": TaskSpec("cxr14", tuple(f"l{i}" for i in range(14)), TaskType.MULTILABEL),
+    "rsna": TaskSpec("rsna", ("normal", "lung opacity", "other"), TaskType.MULTICLASS),
+}
 
 
 def demo_tasks(max_images: int | None) -> list[TaskData]:
@@ -60,6 +64,26 @@ def demo_tasks(max_images: int | None) -> list[TaskData]:
                    root=Path("demo_data/pediatric"), split=split, max_images=max_images),
     ]
     return load_task_data(cfgs, ROOT / "simulations", splits=("train",))
+
+
+def synthetic_batches(
+    specs: dict[str, TaskSpec], size: int, batch: int, steps: int, pin: bool
+) -> dict[str, list[dict]]:
+    """Random two-view batches per task, made once (the loader is not what is measured)."""
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, list[dict]] = {}
+    for name, spec in specs.items():
+        out[name] = []
+        for _ in range(steps):
+            y = (torch.randint(0, 3, (batch,), generator=gen)
+                 if spec.task_type is TaskType.MULTICLASS
+                 else torch.randint(0, 2, (batch, spec.num_outputs), generator=gen).float())
+            views = [torch.randn(batch, 3, size, size, generator=gen) for _ in range(2)]
+            if pin:
+                views = [v.pin_memory() for v in views]
+            out[name].append({"n": batch, "student": views[0], "teacher": views[1],
+                              "target": y, "bad": [], "bad_reasons": []})
+    return out
 
 
 # ----------------------------------------------------------------------------- plain loop
@@ -113,6 +137,15 @@ def trainer_epochs(
     lam = consistency_weight(m, cfg.ema_m0, cfg.lam_max)
     teacher.requires_grad_(False)
     opt = build_optimizer(student, cfg, lr)
+    return task_epochs(student, teacher, batches, specs, opt, cfg, lam=lam, m=m, device=device)
+
+
+def task_epochs(
+    student: ArkModel, teacher: ArkModel, batches: dict[str, list[dict]],
+    specs: dict[str, TaskSpec], opt: torch.optim.Optimizer, cfg: TrainConfig, *, lam: float,
+    m: float, device: torch.device,
+) -> int:
+    """Each task's epoch through the trainer, then the teacher's EMA; returns images."""
     seen = 0
     for name, loader in batches.items():
         stats = train_task_epoch(student, teacher, loader, specs[name], opt, cfg, lam=lam,
@@ -188,27 +221,14 @@ def gpu_bench(reps: int, batch: int, steps: int) -> None:
     device = torch.device("cuda")
     torch.manual_seed(0)
     mcfg = ModelConfig(preset="ark_plus")
-    specs = {
-        "cxr14": TaskSpec("cxr14", tuple(f"l{i}" for i in range(14)), TaskType.MULTILABEL),
-        "rsna": TaskSpec("rsna", ("normal", "lung opacity", "other"), TaskType.MULTICLASS),
-    }
+    specs = SYNTHETIC_SPECS
     cfg = TrainConfig(batch_size=batch, amp="bf16", channels_last=False, compile=False)
     student = create_model(mcfg, specs.values()).to(device)
     teacher = make_teacher(student)
     s_b, t_b = copy.deepcopy(student), copy.deepcopy(teacher)
     m = float(momentum_schedule(EMA_TOTAL, cfg.ema_m0)[EMA_STEP])
     lam = consistency_weight(m, cfg.ema_m0, cfg.lam_max)
-    size = mcfg.img_size
-    gen = torch.Generator().manual_seed(0)
-
-    def synthetic(spec: TaskSpec) -> dict:
-        y = (torch.randint(0, 3, (batch,), generator=gen) if spec.task_type is TaskType.MULTICLASS
-             else torch.randint(0, 2, (batch, spec.num_outputs), generator=gen).float())
-        return {"n": batch, "student": torch.randn(batch, 3, size, size, generator=gen).pin_memory(),
-                "teacher": torch.randn(batch, 3, size, size, generator=gen).pin_memory(),
-                "target": y, "bad": [], "bad_reasons": []}
-
-    batches = {name: [synthetic(spec) for _ in range(steps)] for name, spec in specs.items()}
+    batches = synthetic_batches(specs, mcfg.img_size, batch, steps, pin=True)
     sync = torch.cuda.synchronize
     best, med = compare(f"step, Swin-L 768 bf16, batch {batch}", lambda: trainer_epochs(
         student, teacher, batches, specs, cfg, 1e-4, device), lambda: plain_round(

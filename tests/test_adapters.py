@@ -344,29 +344,24 @@ def edit_line(path: Path, line: int, old: str, new: str) -> None:
     path.write_text("".join(lines))
 
 
-def test_error_unknown_chexpert_value(tmp_path):
-    d = copy("chexpert", tmp_path)
-    edit_line(d / "train.csv", 4, ",1.0,", ",2.0,")
-    with pytest.raises(DatasetError, match=r"train\.csv:4: column .* value '2\.0'"):
-        build_manifest(task("chexpert", d), "all", tmp_path)
-
-
-def test_error_unknown_nih_finding(tmp_path):
-    d = copy("chestxray14", tmp_path)
-    edit_line(d / "Data_Entry_2017_v2020.csv", 3, "Pneumonia", "Pneumonitis")
-    with pytest.raises(
-        DatasetError, match=r"Data_Entry_2017_v2020\.csv:3: unknown finding 'Pneumonitis'"
-    ):
-        build_manifest(task("chestxray14", d), "all", tmp_path)
-
-
-def test_error_missing_column(tmp_path):
-    d = copy("rsna_pneumonia", tmp_path)
-    edit_line(d / "stage_2_detailed_class_info.csv", 1, "class", "klass")
-    with pytest.raises(
-        DatasetError, match=r"stage_2_detailed_class_info\.csv:1: missing column.*'class'"
-    ):
-        build_manifest(task("rsna_pneumonia", d), "all", tmp_path)
+@pytest.mark.parametrize(
+    ("dataset", "file", "line", "old", "new", "match"),
+    [
+        pytest.param("chexpert", "train.csv", 4, ",1.0,", ",2.0,",
+                     r"train\.csv:4: column .* value '2\.0'", id="unknown-chexpert-value"),
+        pytest.param("chestxray14", "Data_Entry_2017_v2020.csv", 3, "Pneumonia", "Pneumonitis",
+                     r"Data_Entry_2017_v2020\.csv:3: unknown finding 'Pneumonitis'",
+                     id="unknown-nih-finding"),
+        pytest.param("rsna_pneumonia", "stage_2_detailed_class_info.csv", 1, "class", "klass",
+                     r"stage_2_detailed_class_info\.csv:1: missing column.*'class'",
+                     id="missing-column"),
+    ],
+)
+def test_error_names_file_and_line(tmp_path, dataset, file, line, old, new, match):
+    d = copy(dataset, tmp_path)
+    edit_line(d / file, line, old, new)
+    with pytest.raises(DatasetError, match=match):
+        build_manifest(task(dataset, d), "all", tmp_path)
 
 
 @pytest.mark.parametrize("bad", ["../outside.png", "/etc/passwd", "images/../../x.png"])

@@ -27,7 +27,10 @@ _LICENSE = (
 )
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
+def _cfg(
+    architecture: str, img_size: int, work_size: int, projector: str, **kwargs: Any
+) -> dict[str, Any]:
+    """One entry: the timm architecture, square input size, resize size and projector type."""
     return {
         "url": "",  # no direct download link is known; see project_page
         "project_page": _PROJECT_PAGE,
@@ -36,27 +39,24 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
         "std": IMAGENET_STD,
         "interpolation": "bicubic",
         "license": _LICENSE,
+        "architecture": architecture,
+        "input_size": (3, img_size, img_size),
+        "work_size": work_size,
+        "projector": projector,
+        "projector_dim": 1376,  # both releases project to 1376 features
         **kwargs,
     }
 
 
 default_cfgs: dict[str, dict[str, Any]] = {
     "ark_plus_swin_large_768.nature2025": _cfg(
-        architecture="swin_large_patch4_window12_384",
-        input_size=(3, 768, 768),
-        work_size=896,
-        projector="linear",
-        projector_dim=1376,
+        "swin_large_patch4_window12_384", 768, work_size=896, projector="linear",
         tasks=[t.to_dict() for t in ARK_PLUS_TASKS],
         file_name="ark_plus_swin_large_768.pth.tar",
         paper="Ma et al., Nature 2025, https://doi.org/10.1038/s41586-025-09079-8",
     ),
     "ark_swin_base_224.miccai2023": _cfg(
-        architecture="swin_base_patch4_window7_224",
-        input_size=(3, 224, 224),
-        work_size=256,
-        projector="mlp",
-        projector_dim=1376,
+        "swin_base_patch4_window7_224", 224, work_size=256, projector="mlp",
         tasks=None,  # head names unknown here: heads load as task_0..task_n
         file_name="ark_swin_base_224.pth.tar",
         paper="Ma et al., Foundation Ark, MICCAI 2023",

@@ -149,13 +149,20 @@ def apply_uncertain(values: np.ndarray, policy: Uncertain, seed: int, salt: str)
     return out
 
 
+def labeler_targets(rows: list[list[float]], n_labels: int) -> np.ndarray:
+    """(N, C) targets of CheXpert-labeler rows: blank (not mentioned) counts as negative."""
+    labels = np.array(rows, dtype=np.float32).reshape(-1, n_labels)
+    return np.nan_to_num(labels, nan=0.0)
+
+
 class Adapter:
     """One public chest X-ray release read from its own files.
 
-    Subclasses set ``name``, ``Options``, ``default_uncertain`` and implement
-    ``default_labels`` / ``default_task_type`` (which may depend on the options) and
-    ``_read``, which fills ``paths``, ``labels``, ``patient_ids`` and ``meta``. Multi-label
-    ``labels`` may contain -1 for uncertain cells; the base applies the uncertainty policy.
+    Subclasses set ``name``, ``Options``, ``default_uncertain``, their task (``fixed_labels`` and
+    ``fixed_task_type``, or ``default_labels`` / ``default_task_type`` where it depends on the
+    options) and implement ``_read``, which fills ``paths``, ``labels``, ``patient_ids`` and
+    ``meta``. Multi-label ``labels`` may contain -1 for uncertain cells; the base applies the
+    uncertainty policy.
 
     Args:
         root: The release's root directory.
@@ -167,6 +174,8 @@ class Adapter:
     name: ClassVar[str]
     Options: ClassVar[type[AdapterOptions]] = AdapterOptions
     default_uncertain: ClassVar[Uncertain] = "ignore"
+    fixed_labels: ClassVar[tuple[str, ...]] = ()
+    fixed_task_type: ClassVar[TaskType] = TaskType.MULTILABEL
 
     pathologies: tuple[str, ...]
     labels: np.ndarray
@@ -207,11 +216,13 @@ class Adapter:
 
     @classmethod
     def default_labels(cls, options: AdapterOptions) -> tuple[str, ...]:
-        raise NotImplementedError
+        if not cls.fixed_labels:
+            raise NotImplementedError
+        return cls.fixed_labels
 
     @classmethod
     def default_task_type(cls, options: AdapterOptions) -> TaskType:
-        return TaskType.MULTILABEL
+        return cls.fixed_task_type
 
     @classmethod
     def default_spec(cls, name: str, options: AdapterOptions) -> TaskSpec:
@@ -265,3 +276,29 @@ class Adapter:
             patient_ids=list(self.patient_ids),
             meta={k: list(v) for k, v in self.meta.items()},
         )
+
+
+class TwoOrThreeClasses(Adapter):
+    """An adapter whose ``options.classes`` picks a binary task (2) or a 3-way multi-class one (3).
+
+    Subclasses set ``binary_labels`` and ``three_class_labels`` and give their ``Options`` a
+    ``classes`` field.
+    """
+
+    binary_labels: ClassVar[tuple[str, ...]]
+    three_class_labels: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def default_labels(cls, options: AdapterOptions) -> tuple[str, ...]:
+        return cls.three_class_labels if options.classes == 3 else cls.binary_labels
+
+    @classmethod
+    def default_task_type(cls, options: AdapterOptions) -> TaskType:
+        return TaskType.MULTICLASS if options.classes == 3 else TaskType.BINARY
+
+    def _set_labels(self, labels: list) -> None:
+        """Class indices (3 classes) or one float column (binary)."""
+        three = self.options.classes == 3
+        self.labels = np.array(labels, dtype=np.int64 if three else np.float32)
+        if not three:
+            self.labels = self.labels.reshape(-1, 1)

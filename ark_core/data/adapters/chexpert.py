@@ -3,7 +3,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 from pydantic import Field
 
 from ...tasks import CHEXPERT_LABELS
@@ -11,6 +10,7 @@ from .base import (
     Adapter,
     AdapterOptions,
     DatasetError,
+    labeler_targets,
     parse_label_value,
     read_csv,
     safe_relpath,
@@ -48,10 +48,7 @@ class CheXpert(Adapter):
     name = "chexpert"
     Options = CheXpertOptions
     default_uncertain = "lsr-ones"
-
-    @classmethod
-    def default_labels(cls, options):
-        return CHEXPERT_LABELS
+    fixed_labels = CHEXPERT_LABELS
 
     def _csv_dir(self) -> Path:
         if (self.root / "train.csv").is_file() or (self.root / "valid.csv").is_file():
@@ -90,8 +87,7 @@ class CheXpert(Adapter):
                 meta["view"].append(r["Frontal/Lateral"])
                 meta["ap_pa"].append(r.get("AP/PA", ""))
                 meta["split"].append(split)
-        labels = np.array(values, dtype=np.float32).reshape(-1, len(self.pathologies))
-        self.labels = np.nan_to_num(labels, nan=0.0)  # blank = not mentioned = negative
+        self.labels = labeler_targets(values, len(self.pathologies))
         self.meta = meta
 
     def _resolve(self, raw: str, prefix: str, kept: dict[str, bool], source: Path, line: int) -> str:

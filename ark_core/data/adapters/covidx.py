@@ -3,11 +3,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 from pydantic import Field
 
-from ...tasks import TaskType
-from .base import Adapter, AdapterOptions, DatasetError, safe_relpath, where
+from .base import AdapterOptions, DatasetError, TwoOrThreeClasses, safe_relpath, where
 
 COVIDX_3CLASS_LABELS = ("normal", "pneumonia", "COVID-19")
 COVIDX_BINARY_LABELS = ("COVID-19",)
@@ -33,7 +31,7 @@ class CovidxOptions(AdapterOptions):
     )
 
 
-class Covidx(Adapter):
+class Covidx(TwoOrThreeClasses):
     """COVIDx CXR: an assembly of public COVID-19 and pneumonia radiographs (COVID-Net).
 
     Wang L, Lin ZQ, Wong A. "COVID-Net: a tailored deep convolutional neural network design
@@ -53,14 +51,8 @@ class Covidx(Adapter):
 
     name = "covidx"
     Options = CovidxOptions
-
-    @classmethod
-    def default_labels(cls, options):
-        return COVIDX_3CLASS_LABELS if options.classes == 3 else COVIDX_BINARY_LABELS
-
-    @classmethod
-    def default_task_type(cls, options):
-        return TaskType.MULTICLASS if options.classes == 3 else TaskType.BINARY
+    binary_labels = COVIDX_BINARY_LABELS
+    three_class_labels = COVIDX_3CLASS_LABELS
 
     def _lists(self) -> dict[str, Path]:
         if self.options.files:
@@ -107,7 +99,5 @@ class Covidx(Adapter):
                 labels.append(index if three else float(positive))
                 meta["source"].append(" ".join(tokens[c + 1 :]))
                 meta["split"].append(split)
-        self.labels = np.array(labels, dtype=np.int64 if three else np.float32)
-        if not three:
-            self.labels = self.labels.reshape(-1, 1)
+        self._set_labels(labels)
         self.meta = meta

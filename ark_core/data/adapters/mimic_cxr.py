@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import numpy as np
 from pydantic import Field
 
 from ...tasks import CHEXPERT_LABELS
@@ -9,6 +8,7 @@ from .base import (
     AdapterOptions,
     DatasetError,
     find_file,
+    labeler_targets,
     parse_label_value,
     read_csv,
     safe_relpath,
@@ -50,10 +50,7 @@ class MimicCxr(Adapter):
     name = "mimic_cxr"
     Options = MimicCxrOptions
     default_uncertain = "ones"
-
-    @classmethod
-    def default_labels(cls, options):
-        return CHEXPERT_LABELS
+    fixed_labels = CHEXPERT_LABELS
 
     def _read(self) -> None:
         lab_path, split_path = _csv(self.root, "chexpert"), _csv(self.root, "split")
@@ -98,6 +95,5 @@ class MimicCxr(Adapter):
             meta["view"].append(view)
             meta["study"].append(study)
             meta["split"].append(SPLITS[r["split"]])
-        labels = np.array(values, dtype=np.float32).reshape(-1, len(self.pathologies))
-        self.labels = np.nan_to_num(labels, nan=0.0)
+        self.labels = labeler_targets(values, len(self.pathologies))
         self.meta = meta

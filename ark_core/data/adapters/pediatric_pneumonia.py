@@ -3,11 +3,9 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-import numpy as np
 from pydantic import Field
 
-from ...tasks import TaskType
-from .base import Adapter, AdapterOptions, DatasetError
+from .base import AdapterOptions, DatasetError, TwoOrThreeClasses
 
 PEDIATRIC_BINARY_LABELS = ("Pneumonia",)
 PEDIATRIC_3CLASS_LABELS = ("Normal", "Bacterial pneumonia", "Viral pneumonia")
@@ -24,7 +22,7 @@ class PediatricOptions(AdapterOptions):
     )
 
 
-class PediatricPneumonia(Adapter):
+class PediatricPneumonia(TwoOrThreeClasses):
     """Pediatric pneumonia (Kermany, Mendeley Data V2): 5,856 radiographs of children 1-5.
 
     Kermany D, Goldbaum M, Zhang K. "Labeled Optical Coherence Tomography (OCT) and Chest
@@ -45,14 +43,8 @@ class PediatricPneumonia(Adapter):
 
     name = "pediatric_pneumonia"
     Options = PediatricOptions
-
-    @classmethod
-    def default_labels(cls, options):
-        return PEDIATRIC_BINARY_LABELS if options.classes == 2 else PEDIATRIC_3CLASS_LABELS
-
-    @classmethod
-    def default_task_type(cls, options):
-        return TaskType.BINARY if options.classes == 2 else TaskType.MULTICLASS
+    binary_labels = PEDIATRIC_BINARY_LABELS
+    three_class_labels = PEDIATRIC_3CLASS_LABELS
 
     def _read(self) -> None:
         three = self.options.classes == 3
@@ -82,7 +74,5 @@ class PediatricPneumonia(Adapter):
                     split.append(name)
         if not self.paths:
             raise DatasetError(f"{self.root}: no images in train|val|test/NORMAL|PNEUMONIA")
-        self.labels = np.array(labels, dtype=np.int64 if three else np.float32)
-        if not three:
-            self.labels = self.labels.reshape(-1, 1)
+        self._set_labels(labels)
         self.meta = {"split": split}

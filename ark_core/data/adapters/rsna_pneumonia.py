@@ -28,14 +28,8 @@ class RsnaPneumonia(Adapter):
     """
 
     name = "rsna_pneumonia"
-
-    @classmethod
-    def default_labels(cls, options):
-        return RSNA_LABELS
-
-    @classmethod
-    def default_task_type(cls, options):
-        return TaskType.MULTICLASS
+    fixed_labels = RSNA_LABELS
+    fixed_task_type = TaskType.MULTICLASS
 
     def _read(self) -> None:
         path = self.root / CLASSES_CSV

@@ -32,14 +32,8 @@ class Shenzhen(Adapter):
 
     name = "shenzhen"
     Options = ShenzhenOptions
-
-    @classmethod
-    def default_labels(cls, options):
-        return SHENZHEN_LABELS
-
-    @classmethod
-    def default_task_type(cls, options):
-        return TaskType.BINARY
+    fixed_labels = SHENZHEN_LABELS
+    fixed_task_type = TaskType.BINARY
 
     def _read(self) -> None:
         folder = self.root / safe_relpath(self.options.image_dir, self.root, None)
