@@ -131,7 +131,7 @@ def test_full_run_layout_provenance_and_reply_contents(tmp_path):
     for name in SITE_TASKS:
         for r in read_audit(run / "sites" / name / "audit.jsonl"):
             if r["kind"] in ("train", "evaluate"):
-                assert r["master_sha256"] == sent[r["round"], r["kind"], name], (name, r["round"], r["kind"])
+                assert r["master_sha256"] == sent[r["round"], r["kind"], name], (name, r["round"])
     # The master student is the last round's checkpoint.
     last = load_tensors(run / "rounds" / "round_002.safetensors")
     final = load_tensors(run / "master_student.safetensors")
