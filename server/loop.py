@@ -56,6 +56,7 @@ from ark_core.fed.protocol import (
     Instruction,
 )
 from ark_core.fed.robust import make_aggregator, update_norm
+from ark_core.fed.server_opt import ServerOptimizer
 from ark_core.fed.transfer import declared_encoding
 from ark_core.model.factory import create_model
 from ark_core.model.network import ArkModel, make_teacher
@@ -103,6 +104,8 @@ class ArkFederation:
         # One aggregator for the run: what it carries across rounds is checkpointed per round.
         self.aggregator: Aggregator = (DPAggregator(None, cfg.privacy) if cfg.privacy
                                        else make_aggregator(None, cfg.aggregation))
+        if cfg.server_optimizer is not None:
+            self.aggregator = ServerOptimizer(self.aggregator, cfg.server_optimizer)
         dep = cfg.deployment
         self.caps = ExampleCaps({s.name: s.max_examples for s in dep.sites},
                                 self.run.state.get("example_caps")) if dep else None
@@ -141,7 +144,7 @@ class ArkFederation:
             record["clipped"] = clipped
         if self.cfg.privacy is not None:
             record["privacy"] = {**privacy_report(self.cfg.privacy, round_),
-                                 "noise_std": agg.noise_std}
+                                 "noise_std": rep.noise_std}
             log.info("round %d: differential privacy (epsilon %s, delta %g)", round_,
                      record["privacy"]["epsilon"], self.cfg.privacy.delta)
         return record

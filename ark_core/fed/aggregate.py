@@ -153,6 +153,7 @@ class AggregateReport:
         rejected: Site -> reason its update was rejected.
         kept: Tensors nobody sent, which keep the master's values.
         accepted: Sites whose update was folded in, in arrival order.
+        noise_std: Group -> std of the Gaussian noise added (differential privacy only).
     """
 
     contributors: dict[str, list[str]] = field(default_factory=dict)
@@ -160,6 +161,7 @@ class AggregateReport:
     rejected: dict[str, str] = field(default_factory=dict)
     kept: list[str] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)
+    noise_std: dict[str, float] = field(default_factory=dict)
 
     @property
     def sites(self) -> list[str]:

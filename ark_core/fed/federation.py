@@ -30,6 +30,7 @@ from ..tasks import TaskSpec, TaskType, check_same_labels
 from .deployment import ServerDeployment, SiteDeployment
 from .privacy import PrivacyConfig
 from .robust import AggregationConfig
+from .server_opt import ServerOptConfig
 from .transfer import TransferConfig
 
 __all__ = [
@@ -99,6 +100,10 @@ class FederationConfig(Strict):
         default_factory=TransferConfig,
         description="How sites send their students: dtype fp32/fp16/bf16/int8, delta (the "
         "difference from the master), error_feedback (see ark_core.fed.transfer).",
+    )
+    server_optimizer: ServerOptConfig | None = Field(
+        None, description="fedavgm, fedadam or fedyogi on the aggregate's pseudo-gradient, any "
+        "aggregation (see ark_core.fed.server_opt); none: the aggregate is the new master.",
     )
 
     @model_validator(mode="after")
@@ -191,8 +196,9 @@ def run_fingerprint(cfg: FederationConfig) -> str:
     """Hash of what determines the run's result: model, catalogue, rounds, training."""
     d = cfg.model_dump(mode="json", exclude=_NOT_FINGERPRINTED)
     # Defaults leave the fingerprints of runs made before these options unchanged.
-    if d.get("privacy") is None:
-        d.pop("privacy", None)
+    for option in ("privacy", "server_optimizer"):
+        if d.get(option) is None:
+            d.pop(option, None)
     if d.get("aggregation") == AggregationConfig().model_dump(mode="json"):
         d.pop("aggregation", None)
     if d.get("transfer") == TransferConfig().model_dump(mode="json"):

@@ -94,9 +94,10 @@ class DPAggregator(NormBoundedAggregator):
         self.generator = generator  # not in state_dict: a saved seed would let one subtract the noise
         super().__init__(master, cfg.clip_norm, equal_weights=True)
 
-    def begin_round(self, master: Mapping[str, torch.Tensor], *, heads_only: bool = False) -> None:
-        super().begin_round(master, heads_only=heads_only)
-        self.noise_std: dict[str, float] = {}
+    @property
+    def noise_std(self) -> dict[str, float]:
+        """Group -> std of the noise added by the last :meth:`result` (``report.noise_std``)."""
+        return self.report.noise_std
 
     def result(self) -> dict[str, torch.Tensor]:
         """The noised average; ``noise_std`` then holds the std per group."""
@@ -108,7 +109,7 @@ class DPAggregator(NormBoundedAggregator):
                 continue
             group = tensor_group(name)
             std = z * c / len(self.report.contributors[group])
-            self.noise_std[group] = std
+            self.report.noise_std[group] = std
             noise = torch.randn(x.shape, generator=self.generator, dtype=torch.float32)
             out[name] = (x.float() + std * noise).to(x.dtype)
         return out
