@@ -50,6 +50,14 @@ def train(msg: Message, context: Context) -> Message:
     return reply
 
 
+@app.train("heads")
+def calibrate(msg: Message, context: Context) -> Message:
+    """Head calibration: this site's heads fitted on the frozen model sent, and the counts."""
+    site, ins = site_of(msg, context), instruction_of(msg)
+    heads, counts = site.calibrate(ins, Tensors(msg.content[ARRAYS]))
+    return _reply(msg, site, counts, {k: Array(v.numpy()) for k, v in heads.items()})
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation AUC of the master student and the site's teacher (numbers only)."""

@@ -3,7 +3,8 @@
 Every reply is checked before it is sent. Allowed:
 
 - ``arrays`` (train and query replies only): tensors whose names and shapes are those of
-  the model's shared parts and of this site's own heads, as float32 or, in a train reply of
+  the model's shared parts and of this site's own heads (a ``train.heads`` reply: its own
+  heads alone), as float32 or, in a train reply of
   a run with a compact ``transfer``, in exactly that encoding's wire dtype (float16, the
   uint16 pattern of bfloat16, int8), declared in an ``encoding`` record that holds
   ``{"arrays": <the run's encoding>}`` and nothing else, and, for int8, with one float32
@@ -29,7 +30,7 @@ import torch
 from flwr.app import Context, Error, Message, MessageType
 
 from ark_core.fed.aggregate import float_state, head_task
-from ark_core.fed.protocol import ARRAYS, ENCODING, METRICS, SCALES, SITE
+from ark_core.fed.protocol import ARRAYS, ENCODING, HEADS, METRICS, SCALES, SITE
 from ark_core.fed.transfer import check_declared
 from ark_core.model.factory import create_model
 from ark_core.tasks import TaskSpec
@@ -99,11 +100,14 @@ class EgressPolicy:
                 model = create_model(ins.model.model_copy(update={"init": "random"}), tasks)
             shapes = {k: tuple(v.shape) for k, v in float_state(model).items()}
         own = set(site.task_names)
-        shapes = {k: s for k, s in shapes.items() if head_task(k) in (None, *own)}
+        # A calibration reply carries its own heads alone: never the shared parts.
+        sendable = own if msg.metadata.message_type == HEADS else {None, *own}
+        shapes = {k: s for k, s in shapes.items() if head_task(k) in sendable}
         kind = msg.metadata.message_type.split(".")[0]
         return cls(site.cfg.name, tasks, shapes,
                    arrays_allowed=kind in (MessageType.TRAIN, MessageType.QUERY),
-                   encoding=ins.transfer.encoding if kind == MessageType.TRAIN else "fp32")
+                   encoding=ins.transfer.encoding if msg.metadata.message_type == MessageType.TRAIN
+                   else "fp32")
 
     def check(self, reply: Message) -> None:
         """Raise :class:`EgressBlocked` naming the first thing not on the allow-list."""

@@ -32,6 +32,7 @@ from ark_core.fed.transfer import Payload, encode_update
 from ark_core.model.factory import create_model
 from ark_core.model.network import ArkModel, make_teacher
 from ark_core.model.runtime import resolve_device
+from ark_core.train.calibrate import fit_heads
 from ark_core.train.cyclic import seed_everything, train_cyclic
 from client.state import ResidualStore, TeacherStore
 
@@ -207,6 +208,21 @@ class Site:
         if found:
             out["teacher-round"] = float(found[1])
         return out
+
+    def calibrate(self, ins: Instruction, model: Mapping[str, torch.Tensor]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """This site's heads re-fitted on ``model``'s frozen embeddings of its training split.
+
+        Nothing else leaves: the heads of its own tasks and how many images each fit saw.
+        """
+        train = site_train_config(ins.train, self.cfg.train).with_paths_under(self.data_root)
+        if train.threads:
+            torch.set_num_threads(train.threads)
+        tasks = load_task_data(self.cfg.tasks, self.data_root, splits=("train",))
+        check_site_tasks(self.cfg.name, [t.spec for t in tasks], ins.tasks)
+        device = resolve_device(train.device)
+        frozen = self._model(ins, tasks, model).to(device)
+        return fit_heads(frozen, tasks, batch_size=train.batch_size, device=device)
 
     def teacher(self, ins: Instruction) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """The latest teacher of this run, with the site's training example counts."""

@@ -33,36 +33,31 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-import torch
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 from ark_core.fed.aggregate import (
     Aggregator,
     StreamingAggregator,
-    UpdateRejected,
     float_state,
 )
-from ark_core.fed.audit import tensors_sha256
 from ark_core.fed.caps import Bounded, ExampleCaps
 from ark_core.fed.federation import FederationConfig
 from ark_core.fed.privacy import DPAggregator, privacy_report
 from ark_core.fed.protocol import (
-    ARRAYS,
+    HEADS,
     Instruction,
 )
-from ark_core.fed.robust import make_aggregator, update_norm
+from ark_core.fed.robust import make_aggregator
 from ark_core.fed.server_opt import ServerOptimizer
-from ark_core.fed.transfer import declared_encoding
 from ark_core.model.factory import create_model
 from ark_core.model.network import ArkModel, make_teacher
 from ark_core.train.cyclic import seed_everything
 from server.audit import ServerAudit, write_privacy
 from server.exchange import Exchange, Reply
+from server.folds import Collect, TrainFold
 from server.liveness import PULSE, Pulse
 from server.retry import RetryingGrid
 from server.rundir import RunDir
@@ -128,7 +123,7 @@ class ArkFederation:
         ins = Instruction.for_round(self.cfg, round_, self.run.lr(round_))
         agg = self.aggregator
         agg.begin_round(state)
-        fold = _TrainFold(self, round_, state, agg)
+        fold = TrainFold(self, round_, state, agg)
         sent = self.exchange.send(grid, MessageType.TRAIN, ins, round_, fold, state=state)
         lines, clipped = fold.lines, fold.clipped
         if agg.num_accepted < self.cfg.min_sites:
@@ -173,44 +168,39 @@ class ArkFederation:
 
     def query_teachers(self, grid: Grid, master: ArkModel) -> tuple[ArkModel | None, list[str]]:
         """Collect each site's teacher once and average those received (heads by task)."""
-        ins = Instruction.for_round(self.cfg, 0)
         state = float_state(master)
         agg = StreamingAggregator(state)
-        sha = tensors_sha256(state)  # the master the teachers' norms are measured against
-        lines: list[dict] = []
-
-        def handle(msg: Message, node: int) -> None:
-            arrived, r, w = time.time(), None, None
-            try:
-                r = self.exchange.read(msg, node)
-                if r.arrays is None:
-                    raise ValueError(f"node {r.node_id}: teacher reply without '{ARRAYS}'")
-                # Teachers travel once, as plain fp32 weights, whatever the run's transfer.
-                w = self.capped_weights(r)
-                agg.add(r.site, r.update(state, "fp32"), w.num_examples, w.task_examples)
-            except (ValueError, UpdateRejected) as e:
-                log.warning("teacher not used: %s", e)
-                self.audit.update(self.cfg.rounds, "query",
-                                  site=r.site if r else self.exchange.site_of(node),
-                                  node_id=node, arrived=arrived,
-                                  nbytes=r.nbytes if r else 0, norm=None, accepted=False,
-                                  reason=str(e), master_sha256=sha)
-                return
-            self.audit.update(self.cfg.rounds, "query", site=r.site, node_id=r.node_id,
-                              arrived=arrived, nbytes=r.nbytes,
-                              norm=update_norm(r.arrays, state), accepted=True,
-                              master_sha256=sha, clipped=w.clipped or None)
-            lines.append({"round": self.cfg.rounds, "kind": "query", "site": r.site,
-                          "node_id": r.node_id, **r.metrics})
-
-        self.exchange.send(grid, MessageType.QUERY, ins, self.cfg.rounds, handle)
-        self.run.append_metrics(lines)
+        collect = Collect(self, "query", "teacher", state, agg)
+        self.exchange.send(grid, MessageType.QUERY, Instruction.for_round(self.cfg, 0),
+                           self.cfg.rounds, collect)
+        self.run.append_metrics(collect.lines)
         if agg.num_accepted == 0:
             log.error("no site sent its teacher: no master teacher is written")
             return None, []
         teacher = make_teacher(master)
         agg.apply(teacher)
         return teacher, agg.report.sites
+
+    def calibrate_heads(self, grid: Grid, model: ArkModel, role: str) -> list[str]:
+        """Have the sites re-fit their tasks' heads on ``model`` frozen; average them into it.
+
+        Each head is averaged over the sites that own its task, weighted by the images each
+        fit saw, with the run's aggregation rule; shared parts are not touched. A task no
+        site calibrated keeps its head. Returns the sites whose heads were used.
+        """
+        state = float_state(model)
+        agg = make_aggregator(None, self.cfg.aggregation)
+        agg.begin_round(state, heads_only=True)
+        collect = Collect(self, "calibrate", f"{role} heads", state, agg, role=role)
+        self.exchange.send(grid, HEADS, Instruction.for_round(self.cfg, self.cfg.rounds),
+                           self.cfg.rounds, collect, state=state)
+        self.run.append_metrics(collect.lines)
+        if agg.num_accepted == 0:
+            log.error("no site calibrated the %s's heads: they stay as averaged", role)
+            return []
+        agg.apply(model)
+        log.info("%s heads calibrated at %s", role, ", ".join(agg.report.sites))
+        return agg.report.sites
 
     # -- the run -------------------------------------------------------------------
     def _initial_master(self) -> ArkModel:
@@ -277,6 +267,11 @@ class ArkFederation:
             teacher, teacher_sites = None, []
             write_privacy(self.run.path, {**privacy_report(self.cfg.privacy, self.cfg.rounds),
                                           "teachers_collected": False})
+        calibrated = {}
+        if self.cfg.head_calibration == "final":
+            for role, model in (("student", master), ("teacher", teacher)):
+                if model is not None:
+                    calibrated[role] = self.calibrate_heads(grid, model, role)
         hist = self.run.history()
         sites = sorted({s for rec in hist.values() for s in rec.get("sites", [])})
         tasks: dict[str, list[str]] = {}
@@ -287,90 +282,12 @@ class ArkFederation:
                     tasks[group] += [s for s in who if s not in tasks[group]]
         provenance = {"rounds": self.cfg.rounds, "sites": sites, "tasks": tasks,
                       "fingerprint": self.run.fingerprint, "teacher_sites": teacher_sites}
+        if calibrated:
+            provenance["heads_calibrated_at"] = calibrated
         self.run.finish(master, teacher, provenance)
         log.info("federation finished: %s (teachers of %s)", self.run.path,
                  ", ".join(teacher_sites) or "no site")
 
 
-class _TrainFold:
-    """One training round's replies: read, checked, weighed, folded in, and logged.
-
-    Each reply is checked against what its site was sent, weighed by its (capped) example
-    counts, folded into the aggregator, and written to the audit log and metrics lines.
-    """
-
-    def __init__(self, fed: ArkFederation, round_: int, state: Mapping[str, torch.Tensor],
-                 agg: Aggregator) -> None:
-        self.fed, self.round, self.state, self.agg = fed, round_, state, agg
-        self.expected = fed.cfg.transfer.encoding
-        self.lines: list[dict] = []
-        self.clipped: dict[str, dict] = {}
-
-    def __call__(self, msg: Message, node: int) -> None:
-        arrived = time.time()
-        try:
-            r = self.fed.exchange.read(msg, node)
-            if r.arrays is None:
-                raise ValueError(f"node {r.node_id}: train reply without '{ARRAYS}'")
-        except ValueError as e:
-            log.warning("round %d: reply rejected: %s", self.round, e)
-            self.fed.audit.update(self.round, "train", site=self.fed.exchange.site_of(node),
-                                  node_id=node, arrived=arrived, nbytes=0, norm=None,
-                                  accepted=False, reason=str(e))
-            return
-        update = r.update(self.state, self.expected)
-        try:
-            self._fold(r, update)
-            accepted, reason = True, ""
-        except UpdateRejected as e:
-            accepted, reason = False, str(e)
-            self.agg.report.rejected.setdefault(r.site, reason)
-            log.warning("round %d: update of site %s (node %d) REJECTED, master unchanged by "
-                        "it: %s", self.round, r.site, r.node_id, e)
-        self._record(r, update, arrived, accepted, reason)
-
-    def _fold(self, r: Reply, update: Mapping[str, Any]) -> None:
-        exchange = self.fed.exchange
-        sent_tasks = exchange.sent.get(r.node_id, ([], ""))[0]
-        if sorted(r.tasks) != sent_tasks:
-            exchange.node_sites[r.node_id] = (r.site, r.tasks)  # next round sends those heads
-            raise UpdateRejected(f"declares tasks {r.tasks}, but was sent the heads of "
-                                 f"{sent_tasks}")
-        missing = [t for t in r.tasks if f"num-examples.{t}" not in r.metrics]
-        if missing:
-            raise UpdateRejected(f"no example counts for tasks {missing}")
-        w = self.fed.capped_weights(r)
-        self.agg.add(r.site, update, w.num_examples, w.task_examples)
-        if self.fed.caps is not None:
-            self.fed.caps.accept(r.site, w)
-        if w.clipped:
-            self.clipped[r.site] = w.clipped
-            log.warning("round %d: site %s claims more examples than its cap; clipped "
-                        "({key: [claimed, used]}): %s", self.round, r.site, w.clipped)
-        log.info("round %d: update of site %s (node %d) folded in: %s", self.round, r.site,
-                 r.node_id, _losses(r.metrics))
-
-    def _record(self, r: Reply, update: Mapping[str, Any], arrived: float, accepted: bool,
-                reason: str) -> None:
-        norm = self.agg.norms.get(r.site)
-        if accepted and norm is None:
-            norm = update_norm(update, self.state)
-        encoding = declared_encoding(r.manifest)
-        self.fed.audit.update(self.round, "train", site=r.site, node_id=r.node_id,
-                              arrived=arrived, norm=norm, accepted=accepted,
-                              reason=reason, master_sha256=self.fed.exchange.sent.get(
-                                  r.node_id, ([], ""))[1],
-                              nbytes=r.nbytes, encoding=encoding, clipped=self.clipped.get(r.site))
-        self.lines.append({"round": self.round, "kind": "train", "site": r.site,
-                           "node_id": r.node_id, "accepted": accepted,
-                           **({"reason": reason} if reason else {}), "bytes": r.nbytes,
-                           "encoding": encoding, **r.metrics})
-
-
 def _fmt(v: float | None) -> str:
     return "  -  " if v is None else f"{v:.3f}"
-
-
-def _losses(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("loss."))
-

@@ -13,6 +13,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -101,6 +102,11 @@ class FederationConfig(Strict):
         description="How sites send their students: dtype fp32/fp16/bf16/int8, delta (the "
         "difference from the master), error_feedback (see ark_core.fed.transfer).",
     )
+    head_calibration: Literal["off", "final"] = Field(
+        "off", description="final: after the last round, the sites that own each task re-fit "
+        "its head on frozen embeddings of their training images (the master student's and the "
+        "master teacher's), and the server averages them (see ark_core.train.calibrate).",
+    )
     server_optimizer: ServerOptConfig | None = Field(
         None, description="fedavgm, fedadam or fedyogi on the aggregate's pseudo-gradient, any "
         "aggregation (see ark_core.fed.server_opt); none: the aggregate is the new master.",
@@ -109,6 +115,14 @@ class FederationConfig(Strict):
     @model_validator(mode="after")
     def _unique_tasks(self) -> FederationConfig:
         require_unique(self.catalogue, "catalogue task")
+        return self
+
+    @model_validator(mode="after")
+    def _calibration_without_privacy(self) -> FederationConfig:
+        if self.privacy is not None and self.head_calibration != "off":
+            raise ValueError(
+                "head_calibration fits heads on the sites' data after the last noised round; "
+                "those heads would not be privatised or accounted: turn one of them off")
         return self
 
     @model_validator(mode="after")
@@ -199,6 +213,8 @@ def run_fingerprint(cfg: FederationConfig) -> str:
     for option in ("privacy", "server_optimizer"):
         if d.get(option) is None:
             d.pop(option, None)
+    if d.get("head_calibration") == "off":
+        d.pop("head_calibration")
     if d.get("aggregation") == AggregationConfig().model_dump(mode="json"):
         d.pop("aggregation", None)
     if d.get("transfer") == TransferConfig().model_dump(mode="json"):

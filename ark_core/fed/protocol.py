@@ -3,7 +3,8 @@
 Framework-free: the Flower apps put these keys into ``ConfigRecord``/``MetricRecord`` and
 the tensors into an ``ArrayRecord``.
 
-Server -> site (``train``, ``evaluate``, ``query`` and ``query.tasks`` messages)
+Server -> site (``train``, ``train.heads``, ``evaluate``, ``query`` and ``query.tasks``
+messages)
     ``arrays`` (ArrayRecord): the master student's shared float tensors (backbone,
     projector) and the heads of the receiving site's own tasks, no other head; absent in
     ``query`` and ``query.tasks``. The server learns a site's tasks from a ``query.tasks``
@@ -15,11 +16,14 @@ Server -> site (``train``, ``evaluate``, ``query`` and ``query.tasks`` messages)
 
 Site -> server (replies)
     ``arrays`` (ArrayRecord): ``train``: the student's float tensors, shared parts and this
-    site's heads only; ``query``: the site's teacher, same tensors. ``evaluate``: none.
+    site's heads only; ``query``: the site's teacher, same tensors; ``train.heads`` (head
+    calibration, :mod:`ark_core.train.calibrate`): this site's heads re-fitted on the frozen
+    model it was sent, and nothing else, fp32. ``evaluate``: none.
     ``metrics`` (MetricRecord, numbers only): ``num-examples``, ``num-examples.<task>``,
     ``loss.<task>``, ... (train); ``<student|teacher>.auc.<task>`` (mean AUC),
     ``<student|teacher>.auc.<task>.<label>`` and ``num-examples.<task>`` (evaluate);
-    ``teacher-round``, ``num-examples``, ``num-examples.<task>`` (query).
+    ``teacher-round``, ``num-examples``, ``num-examples.<task>`` (query);
+    ``num-examples``, ``num-examples.<task>`` (train.heads).
     ``site`` (ConfigRecord): ``name`` (str) and ``tasks`` (list of task names).
     ``encoding`` (ConfigRecord, train replies of a run whose transfer is not fp32 weights):
     ``{"arrays": <encoding>}``; ``scales`` (ArrayRecord, int8 only): tensor name -> float32
@@ -46,6 +50,7 @@ SITE = "site"
 ENCODING = "encoding"
 SCALES = "scales"
 TASKS_QUERY = "query.tasks"  # message type: "which tasks do you train?"
+HEADS = "train.heads"  # message type: "fit your tasks' heads on this frozen model"
 INSTRUCTION = "instruction"  # the config record's key holding the Instruction as JSON
 INSTRUCTION_VERSION = 1
 
