@@ -21,6 +21,7 @@ from ark_core.fed.caps import Bounded, ExampleCaps
 from ark_core.fed.federation import FederationConfig
 from ark_core.fed.protocol import ARRAYS
 from ark_core.fed.robust import update_norm
+from ark_core.fed.sketch import UpdateSketch
 from ark_core.fed.transfer import declared_encoding
 from server.audit import ServerAudit
 from server.exchange import Exchange, Reply
@@ -94,6 +95,7 @@ class TrainFold:
                  agg: Aggregator) -> None:
         self.fed, self.round, self.state, self.agg = fed, round_, state, agg
         self.expected = fed.cfg.transfer.encoding
+        self.sketch = UpdateSketch(state, seed=round_)  # how alike the sites' updates are
         self.lines: list[dict] = []
         self.clipped: dict[str, dict] = {}
 
@@ -132,6 +134,7 @@ class TrainFold:
             raise UpdateRejected(f"no example counts for tasks {missing}")
         w = self.fed.capped_weights(r)
         self.agg.add(r.site, update, w.num_examples, w.task_examples)
+        self.sketch.add(r.site, update)
         if self.fed.caps is not None:
             self.fed.caps.accept(r.site, w)
         if w.clipped:
@@ -155,6 +158,7 @@ class TrainFold:
         self.lines.append({"round": self.round, "kind": "train", "site": r.site,
                            "node_id": r.node_id, "accepted": accepted,
                            **({"reason": reason} if reason else {}), "bytes": r.nbytes,
+                           **({"update_norm": norm} if norm is not None else {}),
                            "encoding": encoding, **r.metrics})
 
 

@@ -137,6 +137,9 @@ class ArkFederation:
                   "rejected": rep.rejected, "kept": len(rep.kept)}
         if clipped:
             record["clipped"] = clipped
+        cosines = fold.sketch.cosines()
+        if cosines:
+            record["cosine"] = cosines
         if self.cfg.privacy is not None:
             record["privacy"] = {**privacy_report(self.cfg.privacy, round_),
                                  "noise_std": rep.noise_std}
@@ -249,8 +252,9 @@ class ArkFederation:
             if self.caps is not None:
                 self.run.state["example_caps"] = self.caps.pinned
             self.run.commit_round(r, master, record, self.aggregator.state_dict())
+            cosines = {f"cosine.{k}": v for k, v in record.get("cosine", {}).items()}
             self.run.append_metrics([{"round": r, "kind": "round", "seconds": record["seconds"],
-                                      "sites": len(record["sites"])}])
+                                      "sites": len(record["sites"]), **cosines}])
             log.info("round %d/%d done in %.1f s: sites %s", r, self.cfg.rounds, record["seconds"],
                      ", ".join(record["sites"]))
             every = self.cfg.evaluate_every

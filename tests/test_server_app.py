@@ -109,6 +109,15 @@ def test_full_run_layout_provenance_and_reply_contents(tmp_path):
     assert sorted((x["round"], x["site"]) for x in train) == [
         (1, "hosp-a"), (1, "hosp-b"), (2, "hosp-a"), (2, "hosp-b")]
     assert all(x["accepted"] for x in train)
+    # Diagnostics: each update's norm as audited, and per round the cosine of the two sites'
+    # shared-weight updates (from sketches), in state.json and the round's metrics line.
+    audited = {(r["round"], r["site"]): r["norm"] for r in read_audit(run / "audit.jsonl")
+               if r["event"] == "update" and r["kind"] == "train"}
+    assert all(x["update_norm"] == audited[x["round"], x["site"]] > 0 for x in train)
+    for rnd in ("1", "2"):
+        cos = state["rounds"][rnd]["cosine"]["hosp-a~hosp-b"]
+        assert -1 <= cos <= 1
+        assert _lines(run, "round")[int(rnd) - 1]["cosine.hosp-a~hosp-b"] == cos
     ev = _lines(run, "evaluate")
     assert len(ev) == 4 and all("student.auc.ped" in x for x in ev)
     assert sorted(k for k, _ in seen) == (
