@@ -158,6 +158,7 @@ class Site:
             img_size=ins.model.img_size, work_size=ins.model.resolved_work_size, lr=ins.lr,
             local_epochs=ins.local_epochs, ema_step=ema_step, ema_total_steps=ema_total,
             device=device, progress=self.progress, desc=f"{self.cfg.name} r{ins.round} ",
+            prox_mu=ins.prox_mu,
         )
         self._store(ins).save(ins.round, float_state(teacher))
         metrics = dict(result.metrics)

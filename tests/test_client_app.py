@@ -155,7 +155,7 @@ def test_site_with_other_labels_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize(("change", "says"), [
-    (lambda d: d.update(version=2), "instruction version 2: this site understands versions 1 to 1"),
+    (lambda d: d.update(version=3), "instruction version 3: this site understands versions 1 to 2"),
     (lambda d: d.update(lr=-1.0), "instruction: lr: Input should be greater than or equal to 0"),
     (lambda d: d["train"].update(batch_size="eight"), "instruction: train.batch_size:"),
     (lambda d: d.pop("catalogue"), "instruction: catalogue: Field required"),

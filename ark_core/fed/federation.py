@@ -102,6 +102,10 @@ class FederationConfig(Strict):
         description="How sites send their students: dtype fp32/fp16/bf16/int8, delta (the "
         "difference from the master), error_feedback (see ark_core.fed.transfer).",
     )
+    prox_mu: float = Field(
+        0.0, ge=0, description="FedProx: weight mu of the proximal term (mu/2)||w - w_master||^2 "
+        "in each site's local training (0: plain local training; the paper's range 1e-3 to 1).",
+    )
     head_calibration: Literal["off", "final"] = Field(
         "off", description="final: after the last round, the sites that own each task re-fit "
         "its head on frozen embeddings of their training images (the master student's and the "
@@ -215,6 +219,8 @@ def run_fingerprint(cfg: FederationConfig) -> str:
             d.pop(option, None)
     if d.get("head_calibration") == "off":
         d.pop("head_calibration")
+    if d.get("prox_mu") == 0:
+        d.pop("prox_mu")
     if d.get("aggregation") == AggregationConfig().model_dump(mode="json"):
         d.pop("aggregation", None)
     if d.get("transfer") == TransferConfig().model_dump(mode="json"):

@@ -62,6 +62,24 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
+class Proximal:
+    """FedProx's proximal term ``mu/2 ||w - w0||^2`` towards the weights a round started from.
+
+    Only its gradient ``mu (w - w0)`` is used, added to each parameter's gradient after the
+    backward pass (a parameter this step does not train is left alone); the reported losses
+    stay the task and consistency losses.
+    """
+
+    def __init__(self, model: nn.Module, mu: float) -> None:
+        self.mu = mu
+        self.pairs = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+    def add_gradient(self) -> None:
+        for p, p0 in self.pairs:
+            if p.grad is not None:
+                p.grad.add_(p.detach() - p0, alpha=self.mu)
+
+
 # ----------------------------------------------------------------------------- training
 def train_task_epoch(
     student: ArkModel,
@@ -76,6 +94,7 @@ def train_task_epoch(
     bad_files: BadFileCounter,
     progress: bool = True,
     desc: str = "",
+    prox: Proximal | None = None,
 ) -> dict[str, float]:
     """One epoch of one task through its head; returns mean losses and the example count."""
     student.train()
@@ -109,6 +128,8 @@ def train_task_epoch(
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if prox is not None:
+            prox.add_gradient()
         if cfg.grad_clip:
             nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -136,6 +157,7 @@ def train_cyclic(
     optimizer: torch.optim.Optimizer | None = None,
     progress: bool = True,
     desc: str = "",
+    prox_mu: float = 0.0,
 ) -> RoundResult:
     """Cyclic Ark+ training: ``local_epochs`` passes, each task in turn, EMA after each.
 
@@ -155,6 +177,8 @@ def train_cyclic(
             which is what a federated site does every round.
         progress: Show progress bars.
         desc: Prefix of the progress-bar labels.
+        prox_mu: FedProx: weight of the proximal term towards the student as it starts
+            (the master a site received); 0 trains without it.
 
     Returns:
         Metrics (mean losses per task, examples per task), and the new schedule position.
@@ -162,6 +186,7 @@ def train_cyclic(
     device = torch.device(device)
     _check_schedule(ema_step, local_epochs, len(tasks), ema_total_steps)
     optimizer = _ready(student, teacher, cfg, device, optimizer, lr)
+    prox = Proximal(student, prox_mu) if prox_mu > 0 else None
     momentum = momentum_schedule(ema_total_steps, cfg.ema_m0)
     tally = _Tally()
     for epoch in range(local_epochs):
@@ -171,7 +196,7 @@ def train_cyclic(
             stats, bad = _task_epoch(
                 student, teacher, td, optimizer, cfg, lam=lam, ema_step=ema_step,
                 img_size=img_size, work_size=work_size, device=device, progress=progress,
-                desc=f"{desc}{td.spec.name} [{epoch + 1}/{local_epochs}]",
+                desc=f"{desc}{td.spec.name} [{epoch + 1}/{local_epochs}]", prox=prox,
             )
             ema_update(teacher, student, m)
             ema_step += 1
@@ -220,6 +245,7 @@ def _task_epoch(
     device: torch.device,
     progress: bool,
     desc: str,
+    prox: Proximal | None = None,
 ) -> tuple[dict[str, float], int]:
     """One epoch of task ``td`` on a loader seeded by the schedule position.
 
@@ -233,7 +259,7 @@ def _task_epoch(
     bad = BadFileCounter(td.spec.name)
     stats = train_task_epoch(
         student, teacher, loader, td.spec, optimizer, cfg,
-        lam=lam, device=device, bad_files=bad, progress=progress, desc=desc,
+        lam=lam, device=device, bad_files=bad, progress=progress, desc=desc, prox=prox,
     )
     # Checked at the end of the epoch, never mid-epoch; the teacher is not yet updated.
     bad.check(len(td.train), cfg.bad_file_fraction)
