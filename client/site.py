@@ -33,8 +33,9 @@ from ark_core.model.factory import create_model
 from ark_core.model.network import ArkModel, make_teacher
 from ark_core.model.runtime import resolve_device
 from ark_core.train.calibrate import fit_heads
-from ark_core.train.cyclic import seed_everything, train_cyclic
-from client.state import ResidualStore, TeacherStore
+from ark_core.train.cyclic import build_optimizer, seed_everything, train_cyclic
+from ark_core.train.optim_state import load_optimizer_state, optimizer_state
+from client.state import OptimizerStore, ResidualStore, TeacherStore
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,22 @@ class Site:
         model.load_state_dict(state, strict=False)
         return model
 
+    def _optimizer(self, ins: Instruction, student: ArkModel, train: TrainConfig,
+                   teacher_round: int | None) -> tuple[torch.optim.Optimizer | None, int]:
+        """With ``keep_optimizer``, the optimiser and the round its state comes from (0: new).
+
+        The state is the one saved with the teacher this round starts from, so a replayed
+        round rolls both back together.
+        """
+        if not ins.keep_optimizer:
+            return None, 0
+        optimizer = build_optimizer(student, train, ins.lr)
+        store = OptimizerStore(self.state_dir, ins.fingerprint)
+        if teacher_round is None or teacher_round not in store.rounds():
+            return optimizer, 0
+        load_optimizer_state(optimizer, student, store.load(teacher_round))
+        return optimizer, teacher_round
+
     def _store(self, ins: Instruction) -> TeacherStore:
         return TeacherStore(self.state_dir, ins.fingerprint)
 
@@ -153,17 +170,23 @@ class Site:
         # Round 1 (or a site without an earlier teacher of this run) starts from the master.
         teacher = (found[0] if found else make_teacher(student)).to(device)
         ema_step, ema_total = ema_position(ins.round, ins.num_rounds, ins.local_epochs, len(tasks))
+        optimizer, opt_round = self._optimizer(ins, student, train, found[1] if found else None)
         result = train_cyclic(
             student, teacher, tasks, train,
             img_size=ins.model.img_size, work_size=ins.model.resolved_work_size, lr=ins.lr,
             local_epochs=ins.local_epochs, ema_step=ema_step, ema_total_steps=ema_total,
-            device=device, progress=self.progress, desc=f"{self.cfg.name} r{ins.round} ",
-            prox_mu=ins.prox_mu,
+            device=device, optimizer=optimizer, progress=self.progress,
+            desc=f"{self.cfg.name} r{ins.round} ", prox_mu=ins.prox_mu,
         )
         self._store(ins).save(ins.round, float_state(teacher))
+        if optimizer is not None:
+            OptimizerStore(self.state_dir, ins.fingerprint).save(
+                ins.round, optimizer_state(optimizer, student))
         metrics = dict(result.metrics)
         metrics["ema-step"] = float(result.ema_step)
         metrics["teacher-from-round"] = float(found[1] if found else 0)
+        if optimizer is not None:
+            metrics["optimizer-from-round"] = float(opt_round)
         return float_state(student.cpu()), metrics
 
     def encode(

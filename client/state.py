@@ -3,6 +3,8 @@
 Layout::
 
     <state_dir>/<run fingerprint>/teacher_round_NNN.safetensors
+    <state_dir>/<run fingerprint>/optimizer_round_NNN.safetensors   (keep_site_optimizer)
+    <state_dir>/<run fingerprint>/residual_round_NNN.safetensors    (error feedback)
 
 Round r trains from the teacher saved after the latest round before r (the master in round
 1), so a round the server replays starts again from the teacher before it, and a state
@@ -68,6 +70,16 @@ class TeacherStore:
         for r in [r for r in rounds if r <= round_][: -self.keep]:
             self.path(r).unlink(missing_ok=True)
         return path
+
+
+class OptimizerStore(TeacherStore):
+    """The optimiser state one site keeps for one run (``keep_site_optimizer``).
+
+    ``optimizer_round_NNN.safetensors`` holds the state after round NNN; a round starts from
+    the state of the same round as its teacher, so a replayed round rolls both back together.
+    """
+
+    prefix = "optimizer"
 
 
 class ResidualStore(TeacherStore):

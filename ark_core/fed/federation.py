@@ -106,6 +106,11 @@ class FederationConfig(Strict):
         0.0, ge=0, description="FedProx: weight mu of the proximal term (mu/2)||w - w_master||^2 "
         "in each site's local training (0: plain local training; the paper's range 1e-3 to 1).",
     )
+    keep_site_optimizer: bool = Field(
+        False, description="Each site keeps its optimiser state (momentum, moments) from round "
+        "to round in its state directory, rolled back with its teacher when a round is "
+        "replayed; off: a fresh optimiser every round.",
+    )
     head_calibration: Literal["off", "final"] = Field(
         "off", description="final: after the last round, the sites that own each task re-fit "
         "its head on frozen embeddings of their training images (the master student's and the "
@@ -221,6 +226,8 @@ def run_fingerprint(cfg: FederationConfig) -> str:
         d.pop("head_calibration")
     if d.get("prox_mu") == 0:
         d.pop("prox_mu")
+    if d.get("keep_site_optimizer") is False:
+        d.pop("keep_site_optimizer")
     if d.get("aggregation") == AggregationConfig().model_dump(mode="json"):
         d.pop("aggregation", None)
     if d.get("transfer") == TransferConfig().model_dump(mode="json"):

@@ -11,7 +11,8 @@ messages)
     message (answered with the ``site`` record alone) before it first sends it a master.
     ``config`` (ConfigRecord): ``instruction``, the :class:`Instruction` as one JSON value
     (``version``, ``round``, ``num_rounds``, ``lr``, ``local_epochs``, ``fingerprint``,
-    ``model``, ``train``, ``catalogue``, ``transfer``, ``prox_mu``), and ``round`` again as a plain
+    ``model``, ``train``, ``catalogue``, ``transfer``, ``prox_mu``,
+    ``keep_optimizer``), and ``round`` again as a plain
     number for logs and audit lines.
 
 Site -> server (replies)
@@ -52,7 +53,7 @@ SCALES = "scales"
 TASKS_QUERY = "query.tasks"  # message type: "which tasks do you train?"
 HEADS = "train.heads"  # message type: "fit your tasks' heads on this frozen model"
 INSTRUCTION = "instruction"  # the config record's key holding the Instruction as JSON
-INSTRUCTION_VERSION = 2  # 2: prox_mu
+INSTRUCTION_VERSION = 2  # 2: prox_mu, keep_optimizer
 
 
 class InstructionError(ValueError):
@@ -74,6 +75,7 @@ class Instruction(Strict):
         catalogue: Every task of the run.
         transfer: How the site encodes its train reply.
         prox_mu: FedProx weight of the proximal term at the site (version 2; 0: none).
+        keep_optimizer: The site keeps its optimiser state across rounds (version 2).
     """
 
     version: int = INSTRUCTION_VERSION
@@ -87,6 +89,7 @@ class Instruction(Strict):
     catalogue: list[CatalogueTask]
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     prox_mu: float = Field(0.0, ge=0)
+    keep_optimizer: bool = False
 
     @property
     def tasks(self) -> list[TaskSpec]:
@@ -99,6 +102,7 @@ class Instruction(Strict):
             round=round_, num_rounds=cfg.rounds, lr=lr, local_epochs=cfg.local_epochs,
             fingerprint=run_fingerprint(cfg), model=cfg.model, train=cfg.train,
             catalogue=cfg.catalogue, transfer=cfg.transfer, prox_mu=cfg.prox_mu,
+            keep_optimizer=cfg.keep_site_optimizer,
         )
 
     def to_config(self) -> dict[str, str | int]:
