@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from fed_helpers import DEMO, NIH, PED, write_sim
-from flower_local_grid import LocalGrid, set_server_identity
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from ark_core.config import ConfigError, ModelConfig, parse_config
@@ -24,6 +23,7 @@ from client.app import app as client_app
 from client.egress import EGRESS_BLOCKED, egress_guard
 from server.app import federation_from_run_config
 from server.loop import ArkFederation
+from simulations.inprocess import InProcessGrid, set_server_identity
 
 torch.set_num_threads(1)
 
@@ -125,7 +125,7 @@ def test_a_federation_calibrates_the_delivered_heads_at_the_owning_sites(tmp_pat
     rc = write_sim(tmp_path, rounds=2, evaluate_every=0, head_calibration="final")
     cfg, run_dir = federation_from_run_config(rc)
     replies: list[Message] = []
-    grid = LocalGrid(client_app, 2, rc, on_reply=lambda m: replies.append(m))
+    grid = InProcessGrid(client_app, 2, rc, on_reply=lambda m: replies.append(m))
     ArkFederation(cfg, run_dir, poll_interval=0.01).start(grid)
     calibrations = [m for m in replies if m.metadata.message_type == HEADS]
     assert len(calibrations) == 4  # 2 sites x (student, teacher)

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from fed_helpers import write_sim
-from flower_local_grid import set_server_identity
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from ark_core.fed.aggregate import float_state
@@ -20,6 +19,7 @@ from ark_core.model.checkpoint import load_tensors
 from ark_core.model.factory import create_model
 from client.app import app
 from client.state import TeacherStore
+from simulations.inprocess import set_server_identity
 
 torch.set_num_threads(1)
 set_server_identity()  # messages below are built as the ServerApp builds them

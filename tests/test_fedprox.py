@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 from fed_helpers import write_sim
-from flower_local_grid import LocalGrid
 from test_training import ROOT, pediatric_config
 
 from ark_core.data.loaders import load_task_data
@@ -18,6 +17,7 @@ from ark_core.train.cyclic import Proximal, train_cyclic
 from client.app import app as client_app
 from server.app import federation_from_run_config
 from server.loop import ArkFederation
+from simulations.inprocess import InProcessGrid
 
 torch.set_num_threads(1)
 
@@ -75,7 +75,7 @@ def test_mu_reaches_the_sites_of_a_federation(tmp_path):
         rc = write_sim(tmp_path / str(mu), rounds=1, evaluate_every=0, prox_mu=mu,
                        train={"batch_size": 4, "lr": 0.05, "threads": 1})  # >= 2 steps a site
         cfg, run_dir = federation_from_run_config(rc)
-        ArkFederation(cfg, run_dir, poll_interval=0.01).start(LocalGrid(client_app, 2, rc))
+        ArkFederation(cfg, run_dir, poll_interval=0.01).start(InProcessGrid(client_app, 2, rc))
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         norms[mu] = {x["site"]: x["update_norm"] for x in lines if x["kind"] == "train"}
     assert all(norms[5.0][s] < 0.9 * norms[0.0][s] for s in norms[0.0]), norms

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 from fed_helpers import write_sim
-from flower_local_grid import LocalGrid
 
 from ark_core.model.checkpoint import load_tensors
 from client.app import app as client_app
 from server.app import federation_from_run_config
 from server.loop import ArkFederation
+from simulations.inprocess import InProcessGrid
 
 GOLDEN = Path(__file__).parent / "golden" / "federation_2rounds.json"
 TOL = 1e-6
@@ -32,7 +32,7 @@ def _figures(tmp_path: Path) -> dict:
     torch.set_num_threads(1)
     rc = write_sim(tmp_path, rounds=2, evaluate_every=2)
     cfg, run_dir = federation_from_run_config(rc)
-    ArkFederation(cfg, run_dir, poll_interval=0.0).start(LocalGrid(client_app, 2, rc))
+    ArkFederation(cfg, run_dir, poll_interval=0.0).start(InProcessGrid(client_app, 2, rc))
     losses = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         m = json.loads(line)

@@ -19,7 +19,6 @@ import httpx
 import pytest
 import torch
 from fed_helpers import write_sim
-from flower_local_grid import LocalGrid
 from flwr.proto.runtime_pb2 import SendTaskHeartbeatResponse
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
 from flwr.supercore.runtime.runtime_http_client import RuntimeHttpClient
@@ -29,6 +28,7 @@ from client.app import app as client_app
 from server.app import federation_from_run_config
 from server.loop import ArkFederation
 from server.retry import RetryingGrid, shield_heartbeat, transient
+from simulations.inprocess import InProcessGrid
 
 torch.set_num_threads(1)
 
@@ -38,7 +38,7 @@ def _http(code: int) -> httpx.HTTPStatusError:
     return httpx.HTTPStatusError(f"HTTP {code}", request=req, response=httpx.Response(code, request=req))
 
 
-class FlakyGrid(LocalGrid):
+class FlakyGrid(InProcessGrid):
     """Fails a share of calls (seeded) before they reach the nodes."""
 
     def __init__(self, *args, fail: float, seed: int = 0, **kwargs) -> None:
@@ -74,7 +74,7 @@ def _run(tmp_path, grid_cls, **kw):
 
 
 def test_a_run_with_failing_superlink_calls_ends_as_a_clean_one(tmp_path):
-    clean_dir, _, clean_lines = _run(tmp_path / "clean", LocalGrid)
+    clean_dir, _, clean_lines = _run(tmp_path / "clean", InProcessGrid)
     flaky_dir, grid, lines = _run(tmp_path / "flaky", FlakyGrid, fail=0.3, seed=3)
     assert grid.grid.failed >= 5 and grid.retries == grid.grid.failed
     state = json.loads((flaky_dir / "state.json").read_text())

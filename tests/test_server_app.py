@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 from fed_helpers import write_sim
-from flower_local_grid import LocalGrid
 from flwr.app import Array, Context, Error, Message, RecordDict
 
 from ark_core.fed.aggregate import head_task
@@ -20,6 +19,7 @@ from server.app import app as server_app
 from server.app import federation_from_run_config
 from server.loop import ArkFederation, FederationStopped
 from server.rundir import RunDir, RunDirError
+from simulations.inprocess import InProcessGrid
 
 torch.set_num_threads(1)
 SITE_TASKS = {"hosp-a": {"nih", "ped"}, "hosp-b": {"ped"}}
@@ -70,7 +70,7 @@ def _inspect(reply: Message, seen: list, encoding: str = "fp32") -> None:
     seen.append((kind, site["name"]))
 
 
-class CountingGrid(LocalGrid):
+class CountingGrid(InProcessGrid):
     """Records how many message ids each pull asks for."""
 
     pulls: list[int]
@@ -167,7 +167,7 @@ def test_rejected_update_leaves_master_unchanged_by_it(tmp_path, caplog):
             good.update(arrays.to_torch_state_dict())
         return None
 
-    grid = LocalGrid(client_app, 2, rc, on_reply=tamper)
+    grid = InProcessGrid(client_app, 2, rc, on_reply=tamper)
     cfg, run_dir = federation_from_run_config(rc)
     with caplog.at_level("WARNING", logger="flwr.ark.server"):
         ArkFederation(cfg, run_dir, poll_interval=0.01).start(grid)
@@ -198,7 +198,7 @@ def test_error_reply_made_by_the_superlink_is_put_down_to_its_site(tmp_path):
         return None
 
     cfg, run_dir = federation_from_run_config(rc)
-    ArkFederation(cfg, run_dir, poll_interval=0.0).start(LocalGrid(client_app, 2, rc,
+    ArkFederation(cfg, run_dir, poll_interval=0.0).start(InProcessGrid(client_app, 2, rc,
                                                                    on_reply=expire))
     rejected = [r for r in read_audit(run_dir / "audit.jsonl")
                 if r["event"] == "update" and not r["accepted"]]
@@ -213,7 +213,7 @@ def test_resume_after_kill_mid_round(tmp_path):
     cfg, run_dir = federation_from_run_config(rc)
     # Killed in round 2 after both sites trained (and saved their round-2 teachers): the
     # replies are 2 to query.tasks, 2 in round 1 and 2 in round 2.
-    grid = LocalGrid(client_app, 2, rc, crash_after=6)
+    grid = InProcessGrid(client_app, 2, rc, crash_after=6)
     with pytest.raises(KeyboardInterrupt):
         ArkFederation(cfg, run_dir, poll_interval=0.01).start(grid)
     assert json.loads((run_dir / "state.json").read_text())["last_round"] == 1
@@ -221,7 +221,7 @@ def test_resume_after_kill_mid_round(tmp_path):
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"round": 2, "kind": "train", "site": "ghost"}) + "\n")
     seen = []
-    grid2 = LocalGrid(client_app, 2, rc, on_reply=lambda m: seen.append(
+    grid2 = InProcessGrid(client_app, 2, rc, on_reply=lambda m: seen.append(
         (m.metadata.message_type, dict(m.content.metric_records["metrics"]))))
     ArkFederation(cfg, run_dir, poll_interval=0.01).start(grid2)
     state = json.loads((run_dir / "state.json").read_text())
@@ -233,7 +233,7 @@ def test_resume_after_kill_mid_round(tmp_path):
     replayed = [m for kind, m in seen if kind == "train"]
     assert len(replayed) == 2 and all(m["teacher-from-round"] == 1 for m in replayed)
     # Restarting a finished run does nothing more.
-    ArkFederation(cfg, run_dir, poll_interval=0.01).start(LocalGrid(client_app, 2, rc))
+    ArkFederation(cfg, run_dir, poll_interval=0.01).start(InProcessGrid(client_app, 2, rc))
     assert len(_lines(run_dir, "train")) == 4
 
 
@@ -241,7 +241,7 @@ def test_too_few_sites_retries_then_stops_with_master_intact(tmp_path):
     rc = write_sim(tmp_path, rounds=1, min_sites=2, retries=1, round_timeout_s=0.5,
                    evaluate_every=0)
     cfg, run_dir = federation_from_run_config(rc)
-    grid = LocalGrid(client_app, 2, rc, silent={2})
+    grid = InProcessGrid(client_app, 2, rc, silent={2})
     with pytest.raises(FederationStopped, match="round 1 did not get 2 valid"):
         ArkFederation(cfg, run_dir, poll_interval=0.01).start(grid)
     state = json.loads((run_dir / "state.json").read_text())
@@ -298,5 +298,5 @@ def test_failing_site_gives_a_clean_stop(tmp_path):
         retries=0, evaluate_every=0)
     cfg, run_dir = federation_from_run_config(rc)
     with pytest.raises(FederationStopped):
-        ArkFederation(cfg, run_dir, poll_interval=0.01).start(LocalGrid(client_app, 1, rc))
+        ArkFederation(cfg, run_dir, poll_interval=0.01).start(InProcessGrid(client_app, 1, rc))
     assert json.loads((run_dir / "state.json").read_text())["last_round"] == 0

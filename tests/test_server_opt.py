@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from fed_helpers import write_sim
-from flower_local_grid import LocalGrid
 
 from ark_core.config import ConfigError, parse_config
 from ark_core.fed.aggregate import Aggregator, StreamingAggregator
@@ -19,6 +18,7 @@ from ark_core.model.checkpoint import load_tensors
 from client.app import app as client_app
 from server.app import federation_from_run_config
 from server.loop import ArkFederation
+from simulations.inprocess import InProcessGrid
 
 SHAPES = {"backbone.w": (4, 3), "heads.a.weight": (2, 3), "heads.b.weight": (1, 3)}
 
@@ -158,10 +158,10 @@ def test_an_interrupted_federation_resumes_its_server_moments(tmp_path):
         cfg, run_dir = federation_from_run_config(rc)
         if how == "resumed":
             ArkFederation(cfg, run_dir, poll_interval=0.01).start(
-                LocalGrid(client_app, 2, rc), max_rounds=1)
+                InProcessGrid(client_app, 2, rc), max_rounds=1)
             saved = load_tensors(run_dir / "rounds" / "server_001.safetensors")
             assert saved and all(k.split(".")[0] in ("m", "v") for k in saved)
-        ArkFederation(cfg, run_dir, poll_interval=0.01).start(LocalGrid(client_app, 2, rc))
+        ArkFederation(cfg, run_dir, poll_interval=0.01).start(InProcessGrid(client_app, 2, rc))
         assert json.loads((run_dir / "state.json").read_text())["finished"]
         masters[how] = load_tensors(run_dir / "master_student.safetensors")
     assert all(torch.equal(masters["straight"][k], masters["resumed"][k]) for k in masters["straight"])

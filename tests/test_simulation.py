@@ -11,6 +11,10 @@ from ark_core.data import build_manifest
 from ark_core.data.manifest import Manifest
 from ark_core.data.partition import apply_partition, partition_patients
 from ark_core.fed.federation import load_simulation
+from client.app import app as client_app
+from server.app import federation_from_run_config
+from server.loop import ArkFederation
+from simulations.inprocess import InProcessGrid
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "simulations" / "demo_data"
@@ -93,3 +97,17 @@ def test_flwr_run_end_to_end_leaves_no_process(tmp_path):
     assert _processes_mentioning(str(out / ".flwr")) == []
     cfg, _, _ = load_simulation(TWO_SITES)
     assert cfg.rounds == 2
+    # The in-process driver of the experiment harness gives the same per-site, per-round
+    # losses as `flwr run` of the same configuration.
+    rc = {"sim-config": str(TWO_SITES), "data-root": "", "run-dir": str(tmp_path / "inproc"),
+          "fed-config": ""}
+    fed, run_dir = federation_from_run_config(rc)
+    ArkFederation(fed, run_dir, poll_interval=0.0).start(InProcessGrid(client_app, 2, rc))
+    inproc = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {}
+    for name, rows in (("flwr", lines), ("inproc", inproc)):
+        losses[name] = {(r["round"], r["site"], k): v for r in rows if r["kind"] == "train"
+                        for k, v in r.items() if k.startswith(("loss.", "task-loss.", "consistency."))}
+    assert losses["flwr"].keys() == losses["inproc"].keys() and len(losses["flwr"]) >= 12
+    for key, v in losses["flwr"].items():
+        assert abs(v - losses["inproc"][key]) <= 1e-6, (key, v, losses["inproc"][key])

@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 from fed_helpers import write_sim
-from flower_local_grid import LocalGrid
 
 from ark_core.model.checkpoint import load_tensors
 from ark_core.train.optim_state import load_optimizer_state, optimizer_state
 from client.app import app as client_app
 from server.app import federation_from_run_config
 from server.loop import ArkFederation
+from simulations.inprocess import InProcessGrid
 
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4),
@@ -72,8 +72,8 @@ def test_a_replayed_round_restores_the_optimizer_saved_with_its_teacher(tmp_path
         if how == "crashed":  # killed in round 2 after both sites trained and saved their state
             with pytest.raises(KeyboardInterrupt):
                 ArkFederation(cfg, run_dir, poll_interval=0.01).start(
-                    LocalGrid(client_app, 2, rc, crash_after=6))
-        ArkFederation(cfg, run_dir, poll_interval=0.01).start(LocalGrid(client_app, 2, rc))
+                    InProcessGrid(client_app, 2, rc, crash_after=6))
+        ArkFederation(cfg, run_dir, poll_interval=0.01).start(InProcessGrid(client_app, 2, rc))
         train = _train_lines(run_dir)
         assert {k: x["optimizer-from-round"] for k, x in train.items()} == {
             (1, "hosp-a"): 0, (1, "hosp-b"): 0, (2, "hosp-a"): 1, (2, "hosp-b"): 1}

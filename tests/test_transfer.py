@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from fed_helpers import write_sim
-from flower_local_grid import LocalGrid, set_server_identity
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from test_server_app import _inspect
 
@@ -30,6 +29,7 @@ from client.state import ResidualStore
 from ops.arrays import Tensors, payload_nbytes, raw_array, to_tensor
 from server.app import federation_from_run_config
 from server.loop import ArkFederation
+from simulations.inprocess import InProcessGrid, set_server_identity
 
 torch.set_num_threads(1)
 
@@ -343,7 +343,7 @@ def _run(tmp_path, name, transfer, rounds=1):
                    **({"transfer": transfer} if transfer else {}))
     cfg, run_dir = federation_from_run_config(rc)
     seen: list = []
-    grid = LocalGrid(client_app, 2, rc,
+    grid = InProcessGrid(client_app, 2, rc,
                      on_reply=lambda m: _inspect(m, seen, cfg.transfer.encoding))
     ArkFederation(cfg, run_dir, poll_interval=0.0).start(grid)
     assert json.loads((run_dir / "state.json").read_text())["finished"]

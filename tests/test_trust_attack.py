@@ -12,7 +12,6 @@ import math
 import pytest
 import torch
 from fed_helpers import hostile_app, write_sim
-from flower_local_grid import LocalGrid
 from flwr.app import ArrayRecord
 
 from ark_core.fed.audit import read_audit
@@ -20,6 +19,7 @@ from ark_core.model.checkpoint import load_tensors
 from client.app import app as client_app
 from server.app import federation_from_run_config
 from server.loop import ArkFederation
+from simulations.inprocess import InProcessGrid
 
 torch.set_num_threads(1)
 ROUNDS = 3
@@ -56,7 +56,7 @@ def _run(tmp_path, name, app, **fed):
                    catalogue=[{"name": "ped", "labels": ["Pneumonia"], "task_type": "binary"}],
                    train={"batch_size": 16, "lr": 1e-3, "threads": 1, "seed": 0}, **fed)
     cfg, run_dir = federation_from_run_config(rc)
-    ArkFederation(cfg, run_dir, poll_interval=0.0).start(LocalGrid(app, 3, rc))
+    ArkFederation(cfg, run_dir, poll_interval=0.0).start(InProcessGrid(app, 3, rc))
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     ev = [x for x in lines if x["kind"] == "evaluate" and x["round"] == ROUNDS]
     assert len(ev) == 3 and all("student.auc.ped" in x for x in ev)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from fed_helpers import hostile_app, write_sim
-from flower_local_grid import LocalGrid
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.clientapp import ClientApp
 
@@ -23,6 +22,7 @@ from ark_core.model.checkpoint import load_tensors
 from server.app import federation_from_run_config
 from server.enrolment import write_registry
 from server.loop import ArkFederation
+from simulations.inprocess import InProcessGrid
 
 torch.set_num_threads(1)
 SITES = ["hosp-a", "hosp-b", "hosp-c"]
@@ -40,7 +40,7 @@ def _app(attack) -> ClientApp:
     return hostile_app(mod)
 
 
-class RecordingGrid(LocalGrid):
+class RecordingGrid(InProcessGrid):
     """Remembers the destination of every message pushed."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -119,7 +119,7 @@ def test_inflated_example_counts_are_capped(tmp_path):
 
     cfg, run_dir, rc = _federation(tmp_path, rounds=2, caps={"hosp-a": 1000, "hosp-c": 10})
     ArkFederation(cfg, run_dir, poll_interval=0.0, node_wait_s=0.0).start(
-        LocalGrid(_app(inflate), 3, rc))
+        InProcessGrid(_app(inflate), 3, rc))
 
     state = _state(run_dir)
     honest_b = replies[(1, 2)][1]["num-examples"]

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from fed_helpers import write_sim
-from flower_local_grid import LocalGrid, set_server_identity
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -28,6 +27,7 @@ from client.audit import audit_mod
 from client.egress import EGRESS_BLOCKED, egress_guard
 from server.app import federation_from_run_config
 from server.loop import ArkFederation
+from simulations.inprocess import InProcessGrid, set_server_identity
 
 torch.set_num_threads(1)
 
@@ -137,7 +137,7 @@ def test_dp_run_audit_logs_and_privacy_report(tmp_path):
     rc = write_sim(tmp_path, rounds=2, evaluate_every=0,
                    privacy={"clip_norm": 0.5, "noise_multiplier": 1.1, "delta": 1e-5})
     cfg, run_dir = federation_from_run_config(rc)
-    ArkFederation(cfg, run_dir, poll_interval=0.0).start(LocalGrid(client_app, 2, rc))
+    ArkFederation(cfg, run_dir, poll_interval=0.0).start(InProcessGrid(client_app, 2, rc))
     state = json.loads((run_dir / "state.json").read_text())
     eps = [state["rounds"][r]["privacy"]["epsilon"] for r in ("1", "2")]
     assert 0 < eps[0] < eps[1]
@@ -166,5 +166,5 @@ def test_dp_run_audit_logs_and_privacy_report(tmp_path):
         assert recs[0]["bytes"] == sizes[site]
     # A restart appends: the log survives and grows, nothing is rewritten.
     before = (run_dir / "audit.jsonl").read_text()
-    ArkFederation(cfg, run_dir, poll_interval=0.0).start(LocalGrid(client_app, 2, rc))
+    ArkFederation(cfg, run_dir, poll_interval=0.0).start(InProcessGrid(client_app, 2, rc))
     assert (run_dir / "audit.jsonl").read_text().startswith(before)

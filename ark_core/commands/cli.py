@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "subgroups": ("ark_core.commands.subgroups", "AUC and false-negative rate per subgroup"),
     "simulate": ("simulations.simulate", "a federated simulation on this node via `flwr run .`"),
     "demo": ("simulations.demo", "the embedded federated demo beside a centralized run"),
+    "experiment": ("simulations.experiment", "methods over seeds on held-out data, paired CIs"),
     "keys": ("ark_core.commands.keys", "the federation's CA, server certificate and site keys"),
     "import": ("ark_core.commands.import_ark", "convert a released Ark checkpoint to a model file"),
     "export": ("ark_core.commands.export", "write a model's backbone as a timm state dict"),
