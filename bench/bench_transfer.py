@@ -30,23 +30,19 @@ import argparse
 import json
 import logging
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import yaml
-from _util import ROOT, machine, ratio_line
+from _util import machine, ratio_line
 
-sys.path.insert(0, str(ROOT / "tests"))  # the in-process Grid the federated tests use
-
-from flower_local_grid import LocalGrid  # noqa: E402
-
-from ark_core.fed.federation import load_simulation  # noqa: E402
-from client.app import app as client_app  # noqa: E402
-from server.loop import ArkFederation  # noqa: E402
-from simulations.demo import DEMO_YAML, evaluate_file, union_tasks  # noqa: E402
+from ark_core.fed.federation import load_simulation
+from client.app import app as client_app
+from server.loop import ArkFederation
+from simulations.demo import DEMO_YAML, evaluate_file, union_tasks
+from simulations.inprocess import InProcessGrid
 
 OPTIONS = {
     "fp32": None,
@@ -87,7 +83,7 @@ def run_one(work: Path, name: str, seed: int, transfer: dict | None, args) -> di
     sim, base, run_dir = load_simulation(sim_yaml, str(out), str(out / "run"))
     t0 = time.perf_counter()
     ArkFederation(sim.federation(), run_dir, poll_interval=0.0).start(
-        LocalGrid(client_app, len(sim.sites), rc))
+        InProcessGrid(client_app, len(sim.sites), rc))
     seconds = time.perf_counter() - t0
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in lines if x["kind"] == "train"]
