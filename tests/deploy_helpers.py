@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
+from fed_helpers import two_tasks
 
 from ark_core.fed.pki import make_ca, make_server_cert, make_site_key, server_names
 from ops import procs as ops_procs
@@ -64,16 +65,8 @@ def copy_keys(keys: Path, dest: Path) -> Path:
 def write_federation(tmp: Path, keys: Path, port: int, sites: list[str],
                      deployment: dict | None = None, **fed) -> Path:
     cfg = {
-        "model": {"preset": "tiny"},
-        "catalogue": [
-            {"name": "nih", "labels": NIH_LABELS, "task_type": "multilabel"},
-            {"name": "ped", "labels": ["Pneumonia"], "task_type": "binary"},
-        ],
-        "rounds": 2,
+        **two_tasks(NIH_LABELS, 120),
         "min_sites": 2,
-        "train": {"batch_size": 8, "lr": 1e-3, "threads": 1},
-        "round_timeout_s": 120,
-        "retries": 0,
         "evaluate_every": 2,  # validation AUC in the last round only (CI time)
         "run_dir": str(tmp / "run"),
         "deployment": {

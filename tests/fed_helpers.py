@@ -23,18 +23,25 @@ PED = {"name": "ped", "dataset": "pediatric_pneumonia", "root": "pediatric", "ma
        "split": SPLIT}
 
 
-def write_sim(tmp: Path, sites: list[dict] | None = None, **fed) -> dict:
-    """Write a simulation YAML; returns the run config a ClientApp/ServerApp would see."""
-    cfg = {
+def two_tasks(nih_labels: list[str], round_timeout_s: float) -> dict:
+    """The federation every federated test runs: the tiny Swin on NIH and pediatric, 2 rounds."""
+    return {
         "model": {"preset": "tiny"},
         "catalogue": [
-            {"name": "nih", "labels": NIH_LABELS, "task_type": "multilabel"},
+            {"name": "nih", "labels": nih_labels, "task_type": "multilabel"},
             {"name": "ped", "labels": ["Pneumonia"], "task_type": "binary"},
         ],
         "rounds": 2,
         "train": {"batch_size": 8, "lr": 1e-3, "threads": 1},
-        "round_timeout_s": 30,
+        "round_timeout_s": round_timeout_s,
         "retries": 0,
+    }
+
+
+def write_sim(tmp: Path, sites: list[dict] | None = None, **fed) -> dict:
+    """Write a simulation YAML; returns the run config a ClientApp/ServerApp would see."""
+    cfg = {
+        **two_tasks(NIH_LABELS, 30),
         "sites": sites if sites is not None else [
             {"name": "hosp-a", "tasks": [NIH, PED]},
             {"name": "hosp-b", "tasks": [{**PED, "split": {**SPLIT, "seed": 0}}]},
