@@ -36,7 +36,9 @@ from ark_core.eval.compare import Scored, paired_difference, summary_rows, task_
 from ark_core.eval.evaluate import predict
 from ark_core.eval.plots import pyplot, save_figure
 from ark_core.fed.federation import SimulationConfig, load_simulation
+from ark_core.model.checkpoint import save_model
 from ark_core.model.factory import load_model
+from ark_core.train.calibrate import fit_heads
 from client.app import app as client_app
 from server.app import federation_from_run_config
 from server.loop import ArkFederation
@@ -49,6 +51,10 @@ class Arm(Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Name in tables and paths.")
     centralized: bool = Field(False, description="The centralized run of equal budget.")
+    calibrate: bool = Field(
+        False, description="Centralized arm: re-fit its heads on the frozen teacher's embeddings "
+        "of the pooled training images (what head_calibration: final does at the sites).",
+    )
     federation: dict[str, Any] = Field(
         default_factory=dict, description="Settings merged into the simulation's (e.g. "
         "head_calibration: final, server_optimizer: {name: fedadam, lr: 0.01}).",
@@ -58,6 +64,9 @@ class Arm(Strict):
     def _one_kind(self) -> Arm:
         if self.centralized and self.federation:
             raise ValueError(f"arm {self.name!r}: a centralized arm takes no federation settings")
+        if self.calibrate and not self.centralized:
+            raise ValueError(f"arm {self.name!r}: calibrate is for the centralized arm; a "
+                             "federated one sets federation: {head_calibration: final}")
         return self
 
 
@@ -130,14 +139,26 @@ def _train(arm: Arm, sim_path: Path, base: Path, run_dir: Path) -> Path:
     """Run one arm once; the delivered model's file."""
     sim, _, _ = load_simulation(sim_path, str(base), str(run_dir))
     if arm.centralized:
-        centralized_baseline(sim, union_tasks(sim, base), run_dir / "centralized")
-        return run_dir / "centralized" / "teacher.safetensors"
+        tasks = union_tasks(sim, base)
+        centralized_baseline(sim, tasks, run_dir / "centralized")
+        teacher = run_dir / "centralized" / "teacher.safetensors"
+        return _calibrated(teacher, tasks, sim.train.batch_size) if arm.calibrate else teacher
     rc = {"sim-config": str(sim_path), "data-root": str(base), "run-dir": str(run_dir / "fed"),
           "fed-config": ""}
     cfg, out = federation_from_run_config(rc)
     ArkFederation(cfg, out, poll_interval=0.0).start(InProcessGrid(client_app, len(sim.sites), rc))
     teacher = out / "master_teacher.safetensors"
     return teacher if teacher.exists() else out / "master_student.safetensors"
+
+
+def _calibrated(path: Path, tasks: list[TaskData], batch_size: int) -> Path:
+    """``path``'s model with its heads re-fitted on the pooled training images, saved beside."""
+    model = load_model(path)
+    heads, _ = fit_heads(model, tasks, batch_size=batch_size)
+    model.load_state_dict(heads, strict=False)
+    out = path.with_name(path.stem + "_calibrated.safetensors")
+    save_model(model, out, role="teacher", provenance={"calibrated_from": path.name})
+    return out
 
 
 def _predictions(path: Path, tasks: list[TaskData], sim: SimulationConfig) -> dict[str, np.ndarray]:
