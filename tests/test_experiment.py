@@ -6,11 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from ark_core.config import ConfigError, load_config
 from ark_core.eval.evaluate import evaluate
 from ark_core.fed.federation import load_simulation
+from ark_core.model.checkpoint import load_tensors
 from ark_core.model.factory import load_model
 from simulations.experiment import ExperimentConfig, held_out, run_experiment
 
@@ -57,6 +59,19 @@ def test_the_harness_scores_every_arm_and_seed_on_the_same_held_out_films(tmp_pa
     before = model_file.stat().st_mtime_ns
     again = run_experiment(path, progress=False)
     assert model_file.stat().st_mtime_ns == before and again["differences"] == summary["differences"]
+
+
+def test_a_calibrated_centralized_arm_refits_only_the_heads(tmp_path):
+    arms = [{"name": "central", "centralized": True},
+            {"name": "central-cal", "centralized": True, "calibrate": True}]
+    run_experiment(_write(tmp_path, arms=arms, seeds=[0]), progress=False)
+    run = tmp_path / "out" / "central-cal" / "seed-0" / "centralized"
+    plain = load_tensors(run / "teacher.safetensors")
+    calibrated = load_tensors(run / "teacher_calibrated.safetensors")
+    assert plain.keys() == calibrated.keys()
+    for k in plain:
+        same = torch.equal(plain[k], calibrated[k])
+        assert same if not k.startswith("heads.") else not same, k
 
 
 def test_an_unknown_reference_or_a_centralized_arm_with_settings_is_refused(tmp_path):
