@@ -10,9 +10,10 @@ never the splits, so every run is scored on the same images: the union of the si
 split of each task, predicted once by the delivered model (the master teacher, or the
 centralized teacher). A finished run keeps its predictions and is not run again.
 
-``out_dir`` receives ``results.csv`` (arm, seed, task, AUC), ``summary.md`` (mean ± sd over
-seeds; per task, each arm's seed-averaged difference from the reference arm with its
-paired patient-level bootstrap 95% CI, :mod:`ark_core.eval.compare`) and ``summary.png``.
+``out_dir`` receives, per split scored, ``results-<split>.csv`` (arm, seed, task, AUC),
+``summary-<split>.md`` (mean ± sd over seeds; per task, each arm's seed-averaged difference
+from the reference arm with its paired patient-level bootstrap 95% CI,
+:mod:`ark_core.eval.compare`) and ``summary-<split>.png``.
 """
 
 from __future__ import annotations
@@ -36,13 +37,11 @@ from ark_core.eval.compare import Scored, paired_difference, summary_rows, task_
 from ark_core.eval.evaluate import predict
 from ark_core.eval.plots import pyplot, save_figure
 from ark_core.fed.federation import SimulationConfig, load_simulation
-from ark_core.model.checkpoint import save_model
 from ark_core.model.factory import load_model
-from ark_core.train.calibrate import fit_heads
 from client.app import app as client_app
 from server.app import federation_from_run_config
 from server.loop import ArkFederation
-from simulations.demo import centralized_baseline, union_tasks
+from simulations.demo import calibrated_copy, centralized_baseline, union_tasks
 from simulations.inprocess import InProcessGrid
 
 
@@ -136,29 +135,20 @@ def held_out(sim: SimulationConfig, base: Path, split: str) -> list[TaskData]:
 
 
 def _train(arm: Arm, sim_path: Path, base: Path, run_dir: Path) -> Path:
-    """Run one arm once; the delivered model's file."""
+    """Run one arm once (a finished run is not run again); the delivered model's file."""
     sim, _, _ = load_simulation(sim_path, str(base), str(run_dir))
     if arm.centralized:
         tasks = union_tasks(sim, base)
-        centralized_baseline(sim, tasks, run_dir / "centralized")
         teacher = run_dir / "centralized" / "teacher.safetensors"
-        return _calibrated(teacher, tasks, sim.train.batch_size) if arm.calibrate else teacher
+        if not teacher.exists():  # a finished run is scored on another split without retraining
+            centralized_baseline(sim, tasks, run_dir / "centralized")
+        return calibrated_copy(teacher, tasks, sim.train.batch_size) if arm.calibrate else teacher
     rc = {"sim-config": str(sim_path), "data-root": str(base), "run-dir": str(run_dir / "fed"),
           "fed-config": ""}
     cfg, out = federation_from_run_config(rc)
     ArkFederation(cfg, out, poll_interval=0.0).start(InProcessGrid(client_app, len(sim.sites), rc))
     teacher = out / "master_teacher.safetensors"
     return teacher if teacher.exists() else out / "master_student.safetensors"
-
-
-def _calibrated(path: Path, tasks: list[TaskData], batch_size: int) -> Path:
-    """``path``'s model with its heads re-fitted on the pooled training images, saved beside."""
-    model = load_model(path)
-    heads, _ = fit_heads(model, tasks, batch_size=batch_size)
-    model.load_state_dict(heads, strict=False)
-    out = path.with_name(path.stem + "_calibrated.safetensors")
-    save_model(model, out, role="teacher", provenance={"calibrated_from": path.name})
-    return out
 
 
 def _predictions(path: Path, tasks: list[TaskData], sim: SimulationConfig) -> dict[str, np.ndarray]:
@@ -211,10 +201,11 @@ def _collect(scored: dict[str, Scored], preds, tasks: list[TaskData], arm: str, 
 
 
 def write_summary(exp: ExperimentConfig, scored: dict[str, Scored], out: Path) -> dict:
-    """results.csv, summary.md and summary.png in ``out``; returns what they say."""
+    """results-, summary- (.md) and summary-<split>.png in ``out``; returns what they say."""
     aucs = {(arm, seed, task): float(task_auc(s.labels(), p, np.ones((1, len(s.target))))[0])
             for task, s in scored.items() for (arm, seed), p in s.probs.items()}
-    with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
+    split = exp.evaluate_on
+    with open(out / f"results-{split}.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["arm", "seed", "task", "auc", "split"])
         for (arm, seed, task), v in sorted(aucs.items()):
@@ -225,9 +216,9 @@ def write_summary(exp: ExperimentConfig, scored: dict[str, Scored], out: Path) -
     summary = {"table": {f"{a}|{t}": v for (a, t), v in table.items()},
                "differences": {f"{a}|{t}": v for (a, t), v in diffs.items()},
                "reference": exp.reference, "split": exp.evaluate_on, "seeds": exp.seeds,
-               "summary": str(out / "summary.md")}
-    (out / "summary.md").write_text(_markdown(exp, scored, table, diffs), encoding="utf-8")
-    _picture(exp, list(scored), table, out / "summary.png")
+               "summary": str(out / f"summary-{split}.md")}
+    (out / f"summary-{split}.md").write_text(_markdown(exp, scored, table, diffs), encoding="utf-8")
+    _picture(exp, list(scored), table, out / f"summary-{split}.png")
     return summary
 
 
@@ -277,5 +268,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     out = run_experiment(args.config, out_dir=args.out_dir.resolve() if args.out_dir else None)
     print(Path(out["summary"]).read_text(encoding="utf-8"), end="")
-    print(f"written: {out['summary']}, results.csv, summary.png beside it")
+    print(f"written: {out['summary']}, and the split's results .csv and summary .png beside it")
     return 0

@@ -32,7 +32,7 @@ def test_the_harness_scores_every_arm_and_seed_on_the_same_held_out_films(tmp_pa
     path = _write(tmp_path)
     summary = run_experiment(path, progress=False)
     out = tmp_path / "out"
-    rows = list(csv.DictReader(open(out / "results.csv")))
+    rows = list(csv.DictReader(open(out / "results-test.csv")))
     assert sorted((r["arm"], r["seed"], r["task"]) for r in rows) == sorted(
         (a, s, t) for a in ("central", "fedavg") for s in ("0", "1") for t in ("nih", "pediatric"))
     # Oracle: the delivered model of a run, evaluated by ark_core.eval.evaluate on the same split.
@@ -51,9 +51,9 @@ def test_the_harness_scores_every_arm_and_seed_on_the_same_held_out_films(tmp_pa
         d = summary["differences"][f"fedavg|{task}"]
         assert d["difference"] == pytest.approx(want, abs=2e-6)  # results.csv keeps 6 decimals
         assert d["ci"] is None or d["ci"][0] <= d["ci"][1]
-    md = (out / "summary.md").read_text()
+    md = (out / "summary-test.md").read_text()
     assert "| fedavg | nih |" in md and "paired patient-level bootstrap" in md
-    assert (out / "summary.png").stat().st_size > 0
+    assert (out / "summary-test.png").stat().st_size > 0
     # A rerun reads the saved predictions: nothing is trained again, the tables are the same.
     model_file = out / "central" / "seed-0" / "centralized" / "teacher.safetensors"
     before = model_file.stat().st_mtime_ns
