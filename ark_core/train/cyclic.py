@@ -177,8 +177,7 @@ def train_cyclic(
             which is what a federated site does every round.
         progress: Show progress bars.
         desc: Prefix of the progress-bar labels.
-        prox_mu: FedProx: weight of the proximal term towards the student as it starts
-            (the master a site received); 0 trains without it.
+        prox_mu: FedProx weight of the pull towards the student as it starts (0: none).
 
     Returns:
         Metrics (mean losses per task, examples per task), and the new schedule position.
