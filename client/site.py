@@ -105,11 +105,12 @@ class Site:
     def task_names(self) -> list[str]:
         return [t.name for t in self.cfg.tasks]
 
-    def _setup(self, ins: Instruction) -> tuple[list[TaskData], TrainConfig, torch.device]:
+    def _setup(self, ins: Instruction, splits: tuple[str, ...] = ("train", "val"),
+               ) -> tuple[list[TaskData], TrainConfig, torch.device]:
         train = site_train_config(ins.train, self.cfg.train).with_paths_under(self.data_root)
         if train.threads:
             torch.set_num_threads(train.threads)
-        tasks = load_task_data(self.cfg.tasks, self.data_root)
+        tasks = load_task_data(self.cfg.tasks, self.data_root, splits=splits)
         check_site_tasks(self.cfg.name, [t.spec for t in tasks], ins.tasks)
         return tasks, train, resolve_device(train.device)
 
@@ -239,12 +240,7 @@ class Site:
 
         Nothing else leaves: the heads of its own tasks and how many images each fit saw.
         """
-        train = site_train_config(ins.train, self.cfg.train).with_paths_under(self.data_root)
-        if train.threads:
-            torch.set_num_threads(train.threads)
-        tasks = load_task_data(self.cfg.tasks, self.data_root, splits=("train",))
-        check_site_tasks(self.cfg.name, [t.spec for t in tasks], ins.tasks)
-        device = resolve_device(train.device)
+        tasks, train, device = self._setup(ins, splits=("train",))
         frozen = self._model(ins, tasks, model).to(device)
         return fit_heads(frozen, tasks, batch_size=train.batch_size, device=device)
 
