@@ -139,6 +139,11 @@ class SplitConfig(Strict):
     )
     seed: int = Field(0, description="Seed of the patient hash that assigns splits.")
     use_official: bool = Field(True, description="Use the dataset's official split files.")
+    exclude_from_test: Path | None = Field(
+        None, description="Another copy of this dataset in the same layout (e.g. a subset drawn "
+        "from this release): its patients never go to test, and test takes a larger share of the "
+        "other patients so that it still holds test_fraction of all of them.",
+    )
 
 
 class PartitionConfig(Strict):

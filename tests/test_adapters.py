@@ -322,6 +322,37 @@ def test_official_split_and_carved_val():
     assert any(p.startswith("test/") for p in off["train"].paths + off["val"].paths)
 
 
+def test_exclude_from_test_keeps_those_patients_out_and_the_share(tmp_path):
+    demo = FX / "../../simulations/demo_data/nih"
+    rows = (demo / "Data_Entry_2017.csv").read_text().splitlines()
+    subset = tmp_path / "subset"
+    (subset / "images").mkdir(parents=True)
+    keep = rows[:1] + rows[1::3]  # a third of the rows, as a demo subset would be drawn
+    (subset / "Data_Entry_2017.csv").write_text("\n".join(keep) + "\n")
+    for line in keep[1:]:
+        name = line.split(",")[0]
+        shutil.copy(demo / "images" / name, subset / "images" / name)
+    split = SplitConfig(val_fraction=0.2, test_fraction=0.3, seed=1)
+    cfg = task("chestxray14", demo.resolve(), split=split)
+    plain = build_manifests(cfg, FX)
+    ex = build_manifests(cfg.model_copy(update={"split": split.model_copy(
+        update={"exclude_from_test": Path("subset")})}), tmp_path)
+    excluded = {line.split(",")[3] for line in keep[1:]}
+    patients = {s: set(ex[s].patient_ids) for s in ("train", "val", "test")}
+    assert excluded and not patients["test"] & excluded
+    assert not (patients["train"] & patients["val"] or patients["train"] & patients["test"]
+                or patients["val"] & patients["test"])
+    n = len(set(plain["all"].patient_ids))
+    # test still holds ~30% of all patients, val ~20%: both drawn by the same patient hash
+    assert abs(len(patients["test"]) / n - 0.3) < 0.06
+    assert abs(len(patients["val"]) / n - 0.2) < 0.06
+    # a patient test took without the exclusion, and still may, stays in test
+    assert set(plain["test"].patient_ids) - excluded <= patients["test"]
+    with pytest.raises(ConfigError, match=r"task 't_chestxray14': split.exclude_from_test: .*more than"):
+        build_manifests(cfg.model_copy(update={"split": split.model_copy(update={
+            "test_fraction": 0.7, "val_fraction": 0.1, "exclude_from_test": Path("subset")})}),
+            tmp_path)
+
 def test_max_images_keeps_whole_patients():
     cfg = task("chestxray14", FX / "chestxray14", max_images=8, split=SplitConfig(seed=1))
     m = build_manifest(cfg, "all", FX)

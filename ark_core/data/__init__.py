@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import TaskConfig, resolve_path, task_spec_of
+from ..config import ConfigError, TaskConfig, resolve_path, task_spec_of
 from ..tasks import TaskSpec
 from .adapters import ADAPTERS, Adapter, DatasetError, get_adapter
 from .manifest import Manifest
-from .splits import Split, assign_splits, cap_images, select_split
+from .splits import Split, assign_splits, cap_images
 
 
 def task_spec_for(cfg: TaskConfig) -> TaskSpec:
@@ -29,12 +29,25 @@ def load_adapter(cfg: TaskConfig, base_dir: str | Path) -> Adapter:
     return cls(root, cfg.options, uncertain=cfg.uncertain, seed=cfg.split.seed)
 
 
-def build_manifests(cfg: TaskConfig, base_dir: str | Path) -> dict[str, Manifest]:
-    """All splits of a task at once (``train``, ``val``, ``test``, ``all``), reading once."""
-    full = load_adapter(cfg, base_dir).to_manifest(task_spec_for(cfg))
+def _full(cfg: TaskConfig, base_dir: str | Path) -> tuple[Manifest, list[str]]:
+    """Every row of a task (capped) and each row's split."""
+    spec = task_spec_for(cfg)
+    full = load_adapter(cfg, base_dir).to_manifest(spec)
     if cfg.max_images:
         full = cap_images(full, cfg.max_images, cfg.split.seed)
-    labels = assign_splits(full, cfg.split)
+    never_test: set[str] = set()
+    if cfg.split.exclude_from_test is not None:
+        other = cfg.model_copy(update={"root": cfg.split.exclude_from_test})
+        never_test = set(load_adapter(other, base_dir).to_manifest(spec).patient_ids)
+    try:
+        return full, assign_splits(full, cfg.split, never_test)
+    except ValueError as e:
+        raise ConfigError(f"task {cfg.name!r}: split.exclude_from_test: {e}") from None
+
+
+def build_manifests(cfg: TaskConfig, base_dir: str | Path) -> dict[str, Manifest]:
+    """All splits of a task at once (``train``, ``val``, ``test``, ``all``), reading once."""
+    full, labels = _full(cfg, base_dir)
     out = {s: full.subset([i for i, x in enumerate(labels) if x == s]) for s in ("train", "val", "test")}
     return {**out, "all": full}
 
@@ -45,7 +58,8 @@ def build_manifest(cfg: TaskConfig, split: Split, base_dir: str | Path) -> Manif
     Args:
         cfg: The task (dataset, root, label overrides, split settings, options).
         split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
-        base_dir: Directory a relative ``cfg.root`` resolves against.
+        base_dir: Directory relative ``cfg.root`` and ``cfg.split.exclude_from_test``
+            resolve against.
 
     Returns:
         The manifest, targets in the ``Manifest`` convention.
@@ -54,10 +68,9 @@ def build_manifest(cfg: TaskConfig, split: Split, base_dir: str | Path) -> Manif
         DatasetError: The release's files are missing or malformed (file and line named).
         ConfigError: The options or label overrides are wrong.
     """
-    full = load_adapter(cfg, base_dir).to_manifest(task_spec_for(cfg))
-    if cfg.max_images:
-        full = cap_images(full, cfg.max_images, cfg.split.seed)
-    return select_split(full, split, cfg.split)
+    if split not in ("train", "val", "test", "all"):
+        raise ValueError(f"split must be train, val, test or all, got {split!r}")
+    return build_manifests(cfg, base_dir)[split]
 
 
 __all__ = [

@@ -9,6 +9,7 @@ from its train part by the same patient hash.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from typing import Literal
 
 import numpy as np
@@ -25,22 +26,41 @@ def patient_unit(patient_id: str, seed: int, salt: str = "split") -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def assign_splits(manifest: Manifest, cfg: SplitConfig) -> list[str]:
+def assign_splits(manifest: Manifest, cfg: SplitConfig,
+                  never_test: Collection[str] = ()) -> list[str]:
     """The split of every row: official where used and present, else by patient hash.
 
     Args:
         manifest: Rows with ``patient_ids`` and, optionally, ``meta["split"]``.
         cfg: Fractions, seed and whether official splits are used.
+        never_test: Patients kept out of a carved test split. The others' cut is raised so
+            that test still holds ``cfg.test_fraction`` of the carved patients; validation
+            keeps its share of the rest.
 
     Returns:
         ``"train"``, ``"val"`` or ``"test"`` per row.
+
+    Raises:
+        ValueError: ``never_test`` leaves too few patients for the test share.
     """
     official = manifest.meta.get("split") if cfg.use_official else None
     official = official or [""] * len(manifest)
     carve_test = "test" not in official
     carve_val = "val" not in official
-    test_cut = cfg.test_fraction if carve_test else 0.0
-    val_cut = test_cut + (cfg.val_fraction if carve_val else 0.0)
+    test_frac = cfg.test_fraction if carve_test else 0.0
+    # A patient's unit u in [0, 1): test below the cut; the rest, rescaled to [0, 1), go to
+    # val below val_cut. Without exclusions this is test < t <= val < t + v, as it always was.
+    val_cut = (cfg.val_fraction if carve_val else 0.0) / (1.0 - test_frac)
+    carved = {p for p, off in zip(manifest.patient_ids, official, strict=True)
+              if off not in ("val", "test")}
+    excluded = carved & set(never_test) if test_frac else set()
+    test_cut = test_frac
+    if excluded:
+        eligible = len(carved) - len(excluded)
+        test_cut = test_frac * len(carved) / eligible if eligible else float("inf")
+        if test_cut >= 1.0:
+            raise ValueError(f"test_fraction {test_frac} of {len(carved)} patients is more than "
+                             f"the {eligible} not excluded from test")
     unit: dict[str, float] = {}
     out = []
     for pid, off in zip(manifest.patient_ids, official, strict=True):
@@ -50,18 +70,13 @@ def assign_splits(manifest: Manifest, cfg: SplitConfig) -> list[str]:
         if pid not in unit:
             unit[pid] = patient_unit(pid, cfg.seed)
         u = unit[pid]
-        out.append("test" if u < test_cut else "val" if u < val_cut else "train")
+        if pid in excluded:
+            out.append("val" if u < val_cut else "train")
+        elif u < test_cut:
+            out.append("test")
+        else:
+            out.append("val" if (u - test_cut) / (1.0 - test_cut) < val_cut else "train")
     return out
-
-
-def select_split(manifest: Manifest, split: Split, cfg: SplitConfig) -> Manifest:
-    """The rows of one split (``"all"``: every row)."""
-    if split == "all":
-        return manifest
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be train, val, test or all, got {split!r}")
-    labels = assign_splits(manifest, cfg)
-    return manifest.subset([i for i, s in enumerate(labels) if s == split])
 
 
 def cap_images(manifest: Manifest, max_images: int, seed: int) -> Manifest:
