@@ -10,10 +10,15 @@ never the splits, so every run is scored on the same images: the union of the si
 split of each task, predicted once by the delivered model (the master teacher, or the
 centralized teacher). A finished run keeps its predictions and is not run again.
 
-``out_dir`` receives, per split scored, ``results-<split>.csv`` (arm, seed, task, AUC),
-``summary-<split>.md`` (mean ± sd over seeds; per task, each arm's seed-averaged difference
-from the reference arm with its paired patient-level bootstrap 95% CI,
-:mod:`ark_core.eval.compare`) and ``summary-<split>.png``.
+The grid is site split x arm x seed: ``site_splits`` deal the same tasks to the same sites
+in other ways (the simulation's own, IID, Dirichlet label skew); the train/val/test split
+comes first, so every site split is scored on the same images. Runs live in
+``out_dir/<site split>/<arm>/seed-<n>``.
+
+``out_dir`` receives, per split scored, ``results-<split>.csv`` (site split, arm, seed,
+task, AUC), ``summary-<split>.md`` (per site split: mean ± sd over seeds; each arm's ratio of
+mean AUC to the reference arm's, and per task its seed-averaged difference, with paired
+patient-level bootstrap 95% CIs, :mod:`ark_core.eval.compare`) and ``summary-<split>.png``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import hashlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +41,7 @@ from tqdm.auto import tqdm
 from ark_core.config import Strict, load_config, load_yaml, require_unique, resolve_path
 from ark_core.data.loaders import TaskData, load_task_data
 from ark_core.data.manifest import Manifest
-from ark_core.eval.compare import Scored, paired_difference, summary_rows, task_auc
+from ark_core.eval.compare import Scored, paired_difference, paired_ratio, summary_rows, task_auc
 from ark_core.eval.evaluate import predict
 from ark_core.eval.plots import pyplot, save_figure
 from ark_core.fed.federation import SimulationConfig, load_simulation
@@ -46,7 +54,10 @@ from simulations.inprocess import InProcessGrid
 
 
 class Arm(Strict):
-    """One method: federation overrides, or the centralized baseline."""
+    """One method: federation overrides, or the centralized baseline.
+
+    Either kind may change the training settings (a tuning grid's client learning rates).
+    """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Name in tables and paths.")
     centralized: bool = Field(False, description="The centralized run of equal budget.")
@@ -57,6 +68,10 @@ class Arm(Strict):
     federation: dict[str, Any] = Field(
         default_factory=dict, description="Settings merged into the simulation's (e.g. "
         "head_calibration: final, server_optimizer: {name: fedadam, lr: 0.01}).",
+    )
+    train: dict[str, Any] = Field(
+        default_factory=dict, description="Settings merged into the simulation's train settings "
+        "(e.g. lr: 0.1); centralized arms too.",
     )
 
     @model_validator(mode="after")
@@ -69,11 +84,27 @@ class Arm(Strict):
         return self
 
 
+class SiteSplit(Strict):
+    """How the tasks' patients are dealt to the simulation's sites."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Name in tables and paths.")
+    method: Literal["natural", "iid", "dirichlet"] = Field(
+        "natural", description="natural: the sites as the simulation defines them; iid and "
+        "dirichlet: every site holds a share of every task, dealt at random or with label skew.",
+    )
+    alpha: float = Field(0.5, gt=0, description="dirichlet: concentration (small: strong skew).")
+    seed: int = Field(0, description="Seed of the dealing (fixed across training seeds).")
+
+
 class ExperimentConfig(Strict):
     """An experiment (``ark experiment EXP.yaml``); paths relative to the YAML's directory."""
 
     simulation: Path = Field(description="The simulation YAML the arms start from.")
     arms: list[Arm] = Field(min_length=2)
+    site_splits: list[SiteSplit] = Field(
+        default_factory=lambda: [SiteSplit(name="natural")], min_length=1,
+        description="The grid's site splits (default: the simulation's own).",
+    )
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
     evaluate_on: Literal["val", "test"] = Field("test", description="The split scored.")
     test_fraction: float | None = Field(
@@ -89,6 +120,7 @@ class ExperimentConfig(Strict):
     @model_validator(mode="after")
     def _arms(self) -> ExperimentConfig:
         require_unique(self.arms, "arm")
+        require_unique(self.site_splits, "site split")
         names = [a.name for a in self.arms]
         if self.reference is None:
             central = [a.name for a in self.arms if a.centralized]
@@ -105,17 +137,37 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def simulation_for(exp: ExperimentConfig, raw: dict, arm: Arm, seed: int) -> dict:
-    """The simulation YAML content of one run: the base with the arm's and seed's settings."""
+def simulation_for(exp: ExperimentConfig, raw: dict, split: SiteSplit, arm: Arm,
+                   seed: int) -> dict:
+    """The simulation YAML content of one run (the base, then split, arm and seed)."""
     sim = _merge(raw, arm.federation)
-    sim["train"] = {**sim.get("train", {}), "seed": seed}
+    sim["train"] = {**sim.get("train", {}), **arm.train, "seed": seed}
     if exp.rounds is not None:
         sim["rounds"] = exp.rounds
+    if split.method != "natural":
+        sim["sites"] = dealt_sites(sim["sites"], split)
     if exp.test_fraction is not None:
         for site in sim["sites"]:
             for task in site["tasks"]:
                 task["split"] = {**task.get("split", {}), "test_fraction": exp.test_fraction}
     return sim
+
+
+def dealt_sites(sites: list[dict], split: SiteSplit) -> list[dict]:
+    """The same sites, each holding a share of every task (a task as its first site reads it).
+
+    The splits into train, validation and test come first and do not change, so every site
+    split is scored on the same held-out images.
+    """
+    tasks: dict[str, dict] = {}
+    for site in sites:
+        for task in site["tasks"]:
+            tasks.setdefault(task["name"], task)
+    part = {"method": split.method, "num_sites": len(sites), "seed": split.seed}
+    if split.method == "dirichlet":
+        part["alpha"] = split.alpha
+    return [{**site, "tasks": [{**t, "partition": {**part, "site": i}} for t in tasks.values()]}
+            for i, site in enumerate(sites)]
 
 
 def held_out(sim: SimulationConfig, base: Path, split: str) -> list[TaskData]:
@@ -134,14 +186,24 @@ def held_out(sim: SimulationConfig, base: Path, split: str) -> list[TaskData]:
             for s in sim.task_specs() if s.name in parts]
 
 
+def centralized_dir(run_dir: Path, sim_path: Path) -> Path:
+    """Where a centralized run trains, keyed by its simulation.
+
+    Arms that differ only in what they do with the trained model (``calibrate``) share it.
+    """
+    key = hashlib.sha256(sim_path.read_bytes()).hexdigest()[:12]
+    return run_dir.parent.parent / "centralized-runs" / f"{run_dir.name}-{key}"
+
+
 def _train(arm: Arm, sim_path: Path, base: Path, run_dir: Path) -> Path:
     """Run one arm once (a finished run is not run again); the delivered model's file."""
     sim, _, _ = load_simulation(sim_path, str(base), str(run_dir))
     if arm.centralized:
         tasks = union_tasks(sim, base)
-        teacher = run_dir / "centralized" / "teacher.safetensors"
+        trained = centralized_dir(run_dir, sim_path)
+        teacher = trained / "teacher.safetensors"
         if not teacher.exists():  # a finished run is scored on another split without retraining
-            centralized_baseline(sim, tasks, run_dir / "centralized")
+            centralized_baseline(sim, tasks, trained)
         return calibrated_copy(teacher, tasks, sim.train.batch_size) if arm.calibrate else teacher
     rc = {"sim-config": str(sim_path), "data-root": str(base), "run-dir": str(run_dir / "fed"),
           "fed-config": ""}
@@ -163,29 +225,60 @@ def _predictions(path: Path, tasks: list[TaskData], sim: SimulationConfig) -> di
     return out
 
 
-def run_experiment(path: Path, *, out_dir: Path | None = None, progress: bool = True) -> dict:
-    """Run every (arm, seed) not run yet, then write the tables and the picture."""
+def run_experiment(path: Path, *, out_dir: Path | None = None, progress: bool = True,
+                   jobs: int = 1) -> dict:
+    """Run every (site split, arm, seed) not run yet, then write the tables and the picture.
+
+    ``jobs`` runs train side by side in that many processes (each with the simulation's
+    ``train.threads``); arms that calibrate a centralized model go last, so that they reuse
+    the training of their uncalibrated sibling.
+    """
     exp = load_config(path, ExperimentConfig)
     here = Path(path).resolve().parent
     sim_yaml = resolve_path(exp.simulation, here)
     raw, _ = load_yaml(sim_yaml)
     out = resolve_path(out_dir or exp.out_dir, here)
-    runs = [(arm, seed) for arm in exp.arms for seed in exp.seeds]
-    scored: dict[str, Scored] = {}
-    for arm, seed in tqdm(runs, desc="experiment", disable=not progress, unit="run"):
-        run_dir = out / arm.name / f"seed-{seed}"
+    runs = [(split, arm, seed, out / split.name / arm.name / f"seed-{seed}")
+            for split in exp.site_splits for arm in exp.arms for seed in exp.seeds]
+    for split, arm, seed, run_dir in runs:
         run_dir.mkdir(parents=True, exist_ok=True)
-        sim_path = run_dir / "simulation.yaml"
-        sim_path.write_text(yaml.safe_dump(simulation_for(exp, raw, arm, seed)), encoding="utf-8")
-        sim, _, _ = load_simulation(sim_path, str(sim_yaml.parent), str(run_dir))
-        if sim.train.threads:
-            torch.set_num_threads(sim.train.threads)
-        tasks = held_out(sim, sim_yaml.parent, exp.evaluate_on)
-        preds = run_dir / f"predictions-{exp.evaluate_on}.npz"
-        if not preds.exists():
-            np.savez(preds, **_predictions(_train(arm, sim_path, sim_yaml.parent, run_dir), tasks, sim))
-        _collect(scored, np.load(preds), tasks, arm.name, seed)
+        (run_dir / "simulation.yaml").write_text(
+            yaml.safe_dump(simulation_for(exp, raw, split, arm, seed)), encoding="utf-8")
+    todo = [(arm, run_dir) for _, arm, _, run_dir in runs
+            if not (run_dir / f"predictions-{exp.evaluate_on}.npz").exists()]
+    with tqdm(total=len(todo), desc="experiment", disable=not progress, unit="run") as bar:
+        for calibrating in (False, True):
+            phase = [(arm, run_dir, sim_yaml.parent, exp.evaluate_on)
+                     for arm, run_dir in todo if arm.calibrate == calibrating]
+            if jobs == 1 or len(phase) < 2:
+                for job in phase:
+                    run_one(*job)
+                    bar.update()
+                continue
+            with ProcessPoolExecutor(min(jobs, len(phase)), mp_context=get_context("spawn")) as pool:
+                for done in as_completed([pool.submit(run_one, *job) for job in phase]):
+                    done.result()
+                    bar.update()
+    scored: dict[str, dict[str, Scored]] = {split.name: {} for split in exp.site_splits}
+    for split, arm, seed, run_dir in runs:
+        sim, _, _ = load_simulation(run_dir / "simulation.yaml", str(sim_yaml.parent), str(run_dir))
+        preds = np.load(run_dir / f"predictions-{exp.evaluate_on}.npz")
+        _collect(scored[split.name], preds, held_out(sim, sim_yaml.parent, exp.evaluate_on),
+                 arm.name, seed)
     return write_summary(exp, scored, out)
+
+
+def run_one(arm: Arm, run_dir: Path, base: Path, evaluate_on: str) -> None:
+    """Train one run (unless trained) and save its predictions of the held-out images."""
+    sim_path = run_dir / "simulation.yaml"
+    sim, _, _ = load_simulation(sim_path, str(base), str(run_dir))
+    if sim.train.threads:
+        torch.set_num_threads(sim.train.threads)
+    tasks = held_out(sim, base, evaluate_on)
+    preds = _predictions(_train(arm, sim_path, base, run_dir), tasks, sim)
+    partial = run_dir / f"predictions-{evaluate_on}.partial.npz"
+    np.savez(partial, **preds)
+    partial.replace(run_dir / f"predictions-{evaluate_on}.npz")  # whole, or not there at all
 
 
 def _collect(scored: dict[str, Scored], preds, tasks: list[TaskData], arm: str, seed: int) -> None:
@@ -200,73 +293,103 @@ def _collect(scored: dict[str, Scored], preds, tasks: list[TaskData], arm: str, 
         s.probs[arm, seed] = preds[f"{name}.probs"]
 
 
-def write_summary(exp: ExperimentConfig, scored: dict[str, Scored], out: Path) -> dict:
-    """results-, summary- (.md) and summary-<split>.png in ``out``; returns what they say."""
-    aucs = {(arm, seed, task): float(task_auc(s.labels(), p, np.ones((1, len(s.target))))[0])
-            for task, s in scored.items() for (arm, seed), p in s.probs.items()}
+def write_summary(exp: ExperimentConfig, scored: dict[str, dict[str, Scored]], out: Path) -> dict:
+    """results-, summary- (.md) and summary-<split>.png in ``out``; returns what they say.
+
+    ``scored``: site split -> task -> the held-out images with every run's probabilities.
+    """
     split = exp.evaluate_on
+    aucs = {(ss, arm, seed, task): float(task_auc(s.labels(), p, np.ones((1, len(s.target))))[0])
+            for ss, by_task in scored.items() for task, s in by_task.items()
+            for (arm, seed), p in s.probs.items()}
     with open(out / f"results-{split}.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["arm", "seed", "task", "auc", "split"])
-        for (arm, seed, task), v in sorted(aucs.items()):
-            w.writerow([arm, seed, task, f"{v:.6f}", exp.evaluate_on])
-    table = summary_rows(aucs)
-    diffs = {(arm.name, task): paired_difference(s, arm.name, exp.reference, n_boot=exp.n_boot)
-             for task, s in scored.items() for arm in exp.arms if arm.name != exp.reference}
-    summary = {"table": {f"{a}|{t}": v for (a, t), v in table.items()},
-               "differences": {f"{a}|{t}": v for (a, t), v in diffs.items()},
-               "reference": exp.reference, "split": exp.evaluate_on, "seeds": exp.seeds,
-               "summary": str(out / f"summary-{split}.md")}
-    (out / f"summary-{split}.md").write_text(_markdown(exp, scored, table, diffs), encoding="utf-8")
-    _picture(exp, list(scored), table, out / f"summary-{split}.png")
+        w.writerow(["site_split", "arm", "seed", "task", "auc", "split"])
+        for (ss, arm, seed, task), v in sorted(aucs.items()):
+            w.writerow([ss, arm, seed, task, f"{v:.6f}", split])
+    others = [a.name for a in exp.arms if a.name != exp.reference]
+    summary: dict[str, Any] = {"reference": exp.reference, "split": split, "seeds": exp.seeds,
+                               "summary": str(out / f"summary-{split}.md"), "site_splits": {}}
+    for ss, by_task in scored.items():
+        table = summary_rows({(a, s, t): v for (x, a, s, t), v in aucs.items() if x == ss})
+        diffs = {(arm, task): paired_difference(s, arm, exp.reference, n_boot=exp.n_boot)
+                 for task, s in by_task.items() for arm in others}
+        ratios = {arm: paired_ratio(by_task, arm, exp.reference, n_boot=exp.n_boot)
+                  for arm in others}
+        summary["site_splits"][ss] = {
+            "table": {f"{a}|{t}": v for (a, t), v in table.items()},
+            "differences": {f"{a}|{t}": v for (a, t), v in diffs.items()}, "ratios": ratios}
+    (out / f"summary-{split}.md").write_text(_markdown(exp, scored, summary), encoding="utf-8")
+    _picture(exp, scored, summary, out / f"summary-{split}.png")
     return summary
 
 
-def _markdown(exp: ExperimentConfig, scored: dict[str, Scored], table: dict, diffs: dict) -> str:
-    tasks = list(scored)
+def _markdown(exp: ExperimentConfig, scored: dict[str, dict[str, Scored]], summary: dict) -> str:
+    by_task = next(iter(scored.values()))
     sizes = ", ".join(f"{t}: {len(s.target)} images of {len(set(s.patients))} patients"
-                      for t, s in scored.items())
+                      for t, s in by_task.items())
     lines = [f"# Experiment: AUC on the {exp.evaluate_on} split ({sizes})", "",
-             f"Mean ± sd over seeds {exp.seeds}; heads as delivered.", "",
-             "| arm | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 2) + "|"]
-    for arm in exp.arms:
-        cells = [table.get((arm.name, t)) for t in tasks]
-        means = [c[0] for c in cells if c]
-        text = [f"{c[0]:.3f} ± {c[1]:.3f}" if c else "-" for c in cells]
-        mean = f"{np.mean(means):.3f}" if means else "-"
-        lines.append(f"| {arm.name} | " + " | ".join(text) + f" | {mean} |")
-    lines += ["", f"Difference from `{exp.reference}` (seed-averaged AUC), paired patient-level "
-              f"bootstrap 95% CI ({exp.n_boot} replicates), CI half-width:", "",
-              "| arm | task | difference | 95% CI | half-width |", "|---|---|---|---|---|"]
-    for (arm, task), d in diffs.items():
-        ci = f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d["ci"] else "undefined"
-        hw = f"{d['half_width']:.3f}" if d["half_width"] is not None else "-"
-        lines.append(f"| {arm} | {task} | {d['difference']:+.3f} | {ci} | {hw} |")
-    return "\n".join(lines) + "\n"
+             f"Mean ± sd over seeds {exp.seeds}; heads as delivered. Differences and ratios are "
+             f"taken from `{exp.reference}` on seed-averaged AUC, with paired patient-level "
+             f"bootstrap 95% CIs ({exp.n_boot} replicates).", ""]
+    for ss, res in summary["site_splits"].items():
+        tasks = list(scored[ss])
+        lines += [f"## Site split: {ss}", "",
+                  "| arm | " + " | ".join(tasks) + " | mean | ratio [95% CI] |",
+                  "|---" * (len(tasks) + 3) + "|"]
+        for arm in exp.arms:
+            cells = [res["table"].get(f"{arm.name}|{t}") for t in tasks]
+            means = [c[0] for c in cells if c]
+            text = [f"{c[0]:.3f} ± {c[1]:.3f}" if c else "-" for c in cells]
+            mean = f"{np.mean(means):.3f}" if means else "-"
+            r = res["ratios"].get(arm.name)
+            ratio = "reference" if r is None else f"{r['ratio']:.3f} " + (
+                f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]" if r["ci"] else "[undefined]")
+            lines.append(f"| {arm.name} | " + " | ".join(text) + f" | {mean} | {ratio} |")
+        lines += ["", "| arm | task | difference | 95% CI | half-width |", "|---|---|---|---|---|"]
+        for key, d in res["differences"].items():
+            arm, task = key.split("|")
+            ci = f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d["ci"] else "undefined"
+            hw = f"{d['half_width']:.3f}" if d["half_width"] is not None else "-"
+            lines.append(f"| {arm} | {task} | {d['difference']:+.3f} | {ci} | {hw} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
-def _picture(exp: ExperimentConfig, tasks: list[str], table: dict, path: Path) -> Path:
+def _picture(exp: ExperimentConfig, scored: dict[str, dict[str, Scored]], summary: dict,
+             path: Path) -> Path:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(tasks), 3.6))
+    splits = list(scored)
+    n_tasks = max(len(t) for t in scored.values())
+    fig, axes = plt.subplots(1, len(splits), figsize=((2 + 1.6 * n_tasks) * len(splits), 3.6),
+                             squeeze=False, sharey=True)
     width = 0.8 / len(exp.arms)
-    for i, arm in enumerate(exp.arms):
-        cells = [table.get((arm.name, t), (np.nan, 0.0, 0)) for t in tasks]
-        ax.bar(np.arange(len(tasks)) + i * width, [c[0] for c in cells], width,
-               yerr=[c[1] for c in cells], capsize=3, label=arm.name)
-    ax.set_xticks(np.arange(len(tasks)) + width * (len(exp.arms) - 1) / 2, tasks)
-    ax.set_ylabel(f"AUC ({exp.evaluate_on}), mean ± sd over seeds")
-    ax.set_ylim(0.4, 1.0)
-    ax.legend(fontsize=8)
+    for ax, ss in zip(axes[0], splits, strict=True):
+        tasks, table = list(scored[ss]), summary["site_splits"][ss]["table"]
+        for i, arm in enumerate(exp.arms):
+            cells = [table.get(f"{arm.name}|{t}", (np.nan, 0.0, 0)) for t in tasks]
+            ax.bar(np.arange(len(tasks)) + i * width, [c[0] for c in cells], width,
+                   yerr=[c[1] for c in cells], capsize=3, label=arm.name)
+        ax.set_xticks(np.arange(len(tasks)) + width * (len(exp.arms) - 1) / 2, tasks)
+        ax.set_title(f"site split: {ss}", fontsize=9)
+        ax.set_ylim(0.4, 1.0)
+    axes[0][0].set_ylabel(f"AUC ({exp.evaluate_on}), mean ± sd over seeds")
+    axes[0][-1].legend(fontsize=8)
     return save_figure(fig, path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="experiment YAML")
     p.add_argument("--out-dir", type=Path, help="override out_dir")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained side by side, one process each (at most one per core)")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = run_experiment(args.config, out_dir=args.out_dir.resolve() if args.out_dir else None)
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be at least 1, got {args.jobs}")
+    out = run_experiment(args.config, out_dir=args.out_dir.resolve() if args.out_dir else None,
+                         jobs=args.jobs)
     print(Path(out["summary"]).read_text(encoding="utf-8"), end="")
     print(f"written: {out['summary']}, and the split's results .csv and summary .png beside it")
     return 0

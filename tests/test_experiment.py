@@ -33,13 +33,14 @@ def test_the_harness_scores_every_arm_and_seed_on_the_same_held_out_films(tmp_pa
     summary = run_experiment(path, progress=False)
     out = tmp_path / "out"
     rows = list(csv.DictReader(open(out / "results-test.csv")))
+    assert {r["site_split"] for r in rows} == {"natural"}
     assert sorted((r["arm"], r["seed"], r["task"]) for r in rows) == sorted(
         (a, s, t) for a in ("central", "fedavg") for s in ("0", "1") for t in ("nih", "pediatric"))
     # Oracle: the delivered model of a run, evaluated by ark_core.eval.evaluate on the same split.
-    sim, base, _ = load_simulation(out / "fedavg" / "seed-1" / "simulation.yaml",
+    sim, base, _ = load_simulation(out / "natural" / "fedavg" / "seed-1" / "simulation.yaml",
                                    str(TWO_SITES.parent), str(tmp_path / "x"))
     tasks = held_out(sim, base, "test")
-    model = load_model(out / "fedavg" / "seed-1" / "fed" / "master_teacher.safetensors")
+    model = load_model(out / "natural" / "fedavg" / "seed-1" / "fed" / "master_teacher.safetensors")
     res = evaluate(model, tasks, img_size=32, work_size=40, batch_size=16, split="train")
     for r in rows:
         if (r["arm"], r["seed"]) == ("fedavg", "1"):
@@ -48,30 +49,67 @@ def test_the_harness_scores_every_arm_and_seed_on_the_same_held_out_films(tmp_pa
     auc = {(r["arm"], r["seed"], r["task"]): float(r["auc"]) for r in rows}
     for task in ("nih", "pediatric"):
         want = np.mean([auc["fedavg", s, task] - auc["central", s, task] for s in ("0", "1")])
-        d = summary["differences"][f"fedavg|{task}"]
+        d = summary["site_splits"]["natural"]["differences"][f"fedavg|{task}"]
         assert d["difference"] == pytest.approx(want, abs=2e-6)  # results.csv keeps 6 decimals
         assert d["ci"] is None or d["ci"][0] <= d["ci"][1]
     md = (out / "summary-test.md").read_text()
     assert "| fedavg | nih |" in md and "paired patient-level bootstrap" in md
     assert (out / "summary-test.png").stat().st_size > 0
     # A rerun reads the saved predictions: nothing is trained again, the tables are the same.
-    model_file = out / "central" / "seed-0" / "centralized" / "teacher.safetensors"
+    (trained,) = (out / "natural" / "centralized-runs").glob("seed-0-*")
+    model_file = trained / "teacher.safetensors"
     before = model_file.stat().st_mtime_ns
     again = run_experiment(path, progress=False)
-    assert model_file.stat().st_mtime_ns == before and again["differences"] == summary["differences"]
+    assert model_file.stat().st_mtime_ns == before and again == summary
 
 
-def test_a_calibrated_centralized_arm_refits_only_the_heads(tmp_path):
+def test_a_calibrated_centralized_arm_refits_only_the_heads_of_the_same_training(tmp_path):
     arms = [{"name": "central", "centralized": True},
-            {"name": "central-cal", "centralized": True, "calibrate": True}]
+            {"name": "central-cal", "centralized": True, "calibrate": True},
+            {"name": "central-lr", "centralized": True, "train": {"lr": 0.02}}]
     run_experiment(_write(tmp_path, arms=arms, seeds=[0]), progress=False)
-    run = tmp_path / "out" / "central-cal" / "seed-0" / "centralized"
+    runs = sorted((tmp_path / "out" / "natural" / "centralized-runs").iterdir())
+    assert len(runs) == 2  # central and central-cal share one training; central-lr has its own
+    lrs = {yaml.safe_load((tmp_path / "out" / "natural" / a["name"] / "seed-0" /
+                           "simulation.yaml").read_text())["train"]["lr"] for a in arms}
+    assert lrs == {0.01, 0.02}
+    (run,) = [r for r in runs if (r / "teacher_calibrated.safetensors").exists()]
     plain = load_tensors(run / "teacher.safetensors")
     calibrated = load_tensors(run / "teacher_calibrated.safetensors")
     assert plain.keys() == calibrated.keys()
     for k in plain:
         same = torch.equal(plain[k], calibrated[k])
         assert same if not k.startswith("heads.") else not same, k
+
+
+def test_site_splits_deal_every_task_to_every_site_and_score_the_same_films(tmp_path):
+    splits = [{"name": "natural"}, {"name": "iid", "method": "iid"}]
+    summary = run_experiment(_write(tmp_path, seeds=[0], rounds=1, site_splits=splits),
+                             progress=False, jobs=2)  # two processes side by side
+    out = tmp_path / "out"
+    dealt = yaml.safe_load((out / "iid" / "fedavg" / "seed-0" / "simulation.yaml").read_text())
+    for i, site in enumerate(dealt["sites"]):
+        assert [t["name"] for t in site["tasks"]] == ["pediatric", "nih"]
+        assert all(t["partition"] == {"method": "iid", "num_sites": 2, "site": i, "seed": 0}
+                   for t in site["tasks"])
+    # Both site splits are scored on the same held-out films (the union over the sites).
+    films = {}
+    for ss in ("natural", "iid"):
+        sim, base, _ = load_simulation(out / ss / "fedavg" / "seed-0" / "simulation.yaml",
+                                       str(TWO_SITES.parent), str(tmp_path / "x"))
+        films[ss] = {td.spec.name: sorted(td.train.paths) for td in held_out(sim, base, "test")}
+    assert films["natural"] == films["iid"] and all(films["iid"].values())
+    # The ratio is that of the mean over tasks of the arms' AUCs (one seed here).
+    rows = list(csv.DictReader(open(out / "results-test.csv")))
+    for ss in ("natural", "iid"):
+        auc = {(r["arm"], r["task"]): float(r["auc"]) for r in rows if r["site_split"] == ss}
+        want = np.mean([auc["fedavg", t] for t in ("nih", "pediatric")]) / np.mean(
+            [auc["central", t] for t in ("nih", "pediatric")])
+        r = summary["site_splits"][ss]["ratios"]["fedavg"]
+        assert r["ratio"] == pytest.approx(want, abs=1e-5)
+        assert r["ci"] is None or r["ci"][0] <= r["ci"][1]
+    md = (out / "summary-test.md").read_text()
+    assert "## Site split: natural" in md and "## Site split: iid" in md
 
 
 def test_an_unknown_reference_or_a_centralized_arm_with_settings_is_refused(tmp_path):

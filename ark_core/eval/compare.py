@@ -19,7 +19,7 @@ from ..tasks import TaskSpec, TaskType
 from .evaluate import one_hot_targets
 from .metrics import binary_targets, bootstrap_weights, weighted_auc
 
-__all__ = ["Scored", "paired_difference", "summary_rows", "task_auc"]
+__all__ = ["Scored", "paired_difference", "paired_ratio", "summary_rows", "task_auc"]
 
 
 @dataclass
@@ -79,6 +79,35 @@ def paired_difference(scored: Scored, arm: str, reference: str, *, n_boot: int =
     low, high = np.percentile(d, [2.5, 97.5])
     return {"difference": float(point[0]), "ci": [float(low), float(high)],
             "half_width": float((high - low) / 2)}
+
+
+def paired_ratio(scored: Mapping[str, Scored], arm: str, reference: str, *, n_boot: int = 1000,
+                 seed: int = 0) -> dict[str, float | list[float] | None]:
+    """Ratio of the mean over tasks of seed-averaged AUC, ``arm / reference``, with a 95% CI.
+
+    Each task's patients are resampled on their own (the tasks are different datasets), the
+    same draw for both arms; a replicate's ratio is that of the two means over tasks.
+
+    Returns:
+        ``ratio``, ``ci`` ([low, high]) and ``half_width`` (CI None as in
+        :func:`paired_difference`).
+    """
+    point, reps = [], []
+    for i, s in enumerate(scored.values()):
+        y = s.labels()
+        ones = np.ones((1, len(y)))
+        point.append((_seed_mean(s, y, arm, ones)[0], _seed_mean(s, y, reference, ones)[0]))
+        draws = list(bootstrap_weights(s.patients, len(y), n_boot, seed + i))
+        w = np.concatenate(draws) if draws else np.zeros((0, len(y)))
+        reps.append((_seed_mean(s, y, arm, w), _seed_mean(s, y, reference, w)))
+    ratio = float(np.mean([a for a, _ in point]) / np.mean([r for _, r in point]))
+    with np.errstate(all="ignore"):
+        r = np.mean([a for a, _ in reps], axis=0) / np.mean([b for _, b in reps], axis=0)
+    r = r[np.isfinite(r)]
+    if len(r) < n_boot / 2:
+        return {"ratio": ratio, "ci": None, "half_width": None}
+    low, high = np.percentile(r, [2.5, 97.5])
+    return {"ratio": ratio, "ci": [float(low), float(high)], "half_width": float((high - low) / 2)}
 
 
 def _seed_mean(scored: Scored, y: np.ndarray, arm: str, weights: np.ndarray) -> np.ndarray:
