@@ -43,9 +43,9 @@ EGRESS_BLOCKED = 3001
 
 _ITEMSIZE = {"float32": 4, "float16": 2, "uint16": 2, "int8": 1}
 _NPY_HEADER_MAX = 4096  # bytes an .npy header may add to a tensor's payload
-_GLOBAL_METRICS = ("num-examples", "bad-files", "lr", "ema-step", "teacher-from-round",
+_GLOBAL_METRICS = ("num-examples", "steps", "bad-files", "lr", "ema-step", "teacher-from-round",
                    "teacher-round", "optimizer-from-round")
-_TASK_METRICS = ("num-examples", "loss", "task-loss", "consistency", "momentum", "lam")
+_TASK_METRICS = ("num-examples", "steps", "loss", "task-loss", "consistency", "momentum", "lam")
 
 
 class EgressBlocked(ValueError):

@@ -22,6 +22,7 @@ from ark_core.fed.federation import FederationConfig
 from ark_core.fed.protocol import ARRAYS
 from ark_core.fed.robust import update_norm
 from ark_core.fed.sketch import UpdateSketch
+from ark_core.fed.step_norm import StepNormalised, steps_of
 from ark_core.fed.transfer import declared_encoding
 from server.audit import ServerAudit
 from server.exchange import Exchange, Reply
@@ -36,6 +37,7 @@ class Federation(Protocol):
     exchange: Exchange
     audit: ServerAudit
     caps: ExampleCaps | None
+    normaliser: StepNormalised | None  # step_normalisation: the sites' steps go here
 
     def capped_weights(self, r: Reply) -> Bounded: ...
 
@@ -133,6 +135,8 @@ class TrainFold:
         if missing:
             raise UpdateRejected(f"no example counts for tasks {missing}")
         w = self.fed.capped_weights(r)
+        if self.fed.normaliser is not None:
+            self.fed.normaliser.expect(r.site, steps_of(r.metrics, r.tasks))
         self.agg.add(r.site, update, w.num_examples, w.task_examples)
         self.sketch.add(r.site, update)
         if self.fed.caps is not None:

@@ -52,6 +52,7 @@ from ark_core.fed.protocol import (
 )
 from ark_core.fed.robust import make_aggregator
 from ark_core.fed.server_opt import ServerOptimizer
+from ark_core.fed.step_norm import StepNormalised
 from ark_core.model.factory import create_model
 from ark_core.model.network import ArkModel, make_teacher
 from ark_core.train.cyclic import seed_everything
@@ -99,6 +100,9 @@ class ArkFederation:
         # One aggregator for the run: what it carries across rounds is checkpointed per round.
         self.aggregator: Aggregator = (DPAggregator(None, cfg.privacy) if cfg.privacy
                                        else make_aggregator(None, cfg.aggregation))
+        self.normaliser = StepNormalised(self.aggregator) if cfg.step_normalisation else None
+        if self.normaliser is not None:
+            self.aggregator = self.normaliser
         if cfg.server_optimizer is not None:
             self.aggregator = ServerOptimizer(self.aggregator, cfg.server_optimizer)
         dep = cfg.deployment

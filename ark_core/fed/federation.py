@@ -120,6 +120,11 @@ class FederationConfig(Strict):
         None, description="fedavgm, fedadam or fedyogi on the aggregate's pseudo-gradient, any "
         "aggregation (see ark_core.fed.server_opt); none: the aggregate is the new master.",
     )
+    step_normalisation: bool = Field(
+        False, description="FedNova-style: each site's update counts per local optimiser step, "
+        "and the average steps by the sites' mean step count, so that sites taking more local "
+        "steps do not set the direction (see ark_core.fed.step_norm); off: plain FedAvg weights.",
+    )
 
     @model_validator(mode="after")
     def _unique_tasks(self) -> FederationConfig:
@@ -132,6 +137,14 @@ class FederationConfig(Strict):
             raise ValueError(
                 "head_calibration fits heads on the sites' data after the last noised round; "
                 "those heads would not be privatised or accounted: turn one of them off")
+        return self
+
+    @model_validator(mode="after")
+    def _step_normalisation_without_privacy(self) -> FederationConfig:
+        if self.privacy is not None and self.step_normalisation:
+            raise ValueError(
+                "step_normalisation reweighs and rescales the sites' updates after they are "
+                "clipped, which the privacy accountant does not model: turn one of them off")
         return self
 
     @model_validator(mode="after")
@@ -228,6 +241,8 @@ def run_fingerprint(cfg: FederationConfig) -> str:
         d.pop("prox_mu")
     if d.get("keep_site_optimizer") is False:
         d.pop("keep_site_optimizer")
+    if d.get("step_normalisation") is False:
+        d.pop("step_normalisation")
     if d.get("aggregation") == AggregationConfig().model_dump(mode="json"):
         d.pop("aggregation", None)
     if d.get("transfer") == TransferConfig().model_dump(mode="json"):

@@ -21,7 +21,8 @@ Site -> server (replies)
     calibration, :mod:`ark_core.train.calibrate`): this site's heads re-fitted on the frozen
     model it was sent, and nothing else, fp32. ``evaluate``: none.
     ``metrics`` (MetricRecord, numbers only): ``num-examples``, ``num-examples.<task>``,
-    ``loss.<task>``, ... (train); ``<student|teacher>.auc.<task>`` (mean AUC),
+    ``steps``, ``steps.<task>`` (local optimiser steps), ``loss.<task>``, ... (train);
+    ``<student|teacher>.auc.<task>`` (mean AUC),
     ``<student|teacher>.auc.<task>.<label>`` and ``num-examples.<task>`` (evaluate);
     ``teacher-round``, ``num-examples``, ``num-examples.<task>`` (query);
     ``num-examples``, ``num-examples.<task>`` (train.heads).

@@ -96,11 +96,11 @@ def train_task_epoch(
     desc: str = "",
     prox: Proximal | None = None,
 ) -> dict[str, float]:
-    """One epoch of one task through its head; returns mean losses and the example count."""
+    """One epoch of one task through its head; returns mean losses, examples and steps."""
     student.train()
     teacher.eval()
     sums = {"loss": 0.0, "task-loss": 0.0, "consistency": 0.0}
-    seen = 0
+    seen = steps = 0
     fmt = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.preserve_format
     bar = tqdm(loader, desc=desc or spec.name, disable=not progress, leave=False, unit="batch")
     for batch in bar:
@@ -133,12 +133,13 @@ def train_task_epoch(
         if cfg.grad_clip:
             nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
         optimizer.step()
+        steps += 1
         seen += n
         sums["loss"] += loss.item() * n
         sums["task-loss"] += loss_task.item() * n
         sums["consistency"] += loss_cons.item() * n
         bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}", lam=f"{lam:.3f}")
-    return {k: v / max(seen, 1) for k, v in sums.items()} | {"num-examples": seen}
+    return {k: v / max(seen, 1) for k, v in sums.items()} | {"num-examples": seen, "steps": steps}
 
 
 def train_cyclic(
@@ -271,12 +272,14 @@ class _Tally:
 
     metrics: dict[str, float] = field(default_factory=dict)
     examples: dict[str, int] = field(default_factory=dict)
+    steps: dict[str, int] = field(default_factory=dict)
     bad_files: int = 0
 
     def add(self, task: str, stats: dict[str, float], bad_files: int, m: float, lam: float) -> None:
         """Count one task-epoch (``stats`` as :func:`train_task_epoch` returns them)."""
         n = int(stats.pop("num-examples"))
         self.examples[task] = self.examples.get(task, 0) + n
+        self.steps[task] = self.steps.get(task, 0) + int(stats.pop("steps"))
         self.bad_files += bad_files
         for k, v in stats.items():  # the last epoch's means are the round's figures
             self.metrics[f"{k}.{task}"] = float(v)
@@ -289,6 +292,9 @@ class _Tally:
         for name, n in self.examples.items():
             metrics[f"num-examples.{name}"] = float(n)
         metrics["num-examples"] = float(sum(self.examples.values()))
+        for name, n in self.steps.items():  # FedNova-style weighting reads them
+            metrics[f"steps.{name}"] = float(n)
+        metrics["steps"] = float(sum(self.steps.values()))
         metrics["bad-files"] = float(self.bad_files)
         metrics["lr"] = float(lr)
         return RoundResult(metrics=metrics, ema_step=ema_step, examples=self.examples)
