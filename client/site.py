@@ -112,6 +112,11 @@ class Site:
             torch.set_num_threads(train.threads)
         tasks = load_task_data(self.cfg.tasks, self.data_root, splits=splits)
         check_site_tasks(self.cfg.name, [t.spec for t in tasks], ins.tasks)
+        empty = [t.spec.name for t in tasks if "train" in splits and not len(t.train)]
+        if empty:
+            raise ValueError(f"site {self.cfg.name!r}: no training images of task(s) {empty} "
+                             f"under {self.data_root} after the split and partition: remove "
+                             "the task from this site's config or check its data")
         return tasks, train, resolve_device(train.device)
 
     def _model(self, ins: Instruction, tasks: list[TaskData],

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fed_helpers import write_sim
+from fed_helpers import PED, write_sim
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from ark_core.fed.aggregate import float_state
@@ -151,6 +151,14 @@ def test_site_with_other_labels_is_refused(tmp_path):
                                         "options": {"classes": 3}}]}]
     rc, fed_cfg, master, _ = _setup(tmp_path, sites=sites)
     with pytest.raises(ValueError, match=r"site 'odd': task 'ped' has labels \['Normal'"):
+        app(_message("train", fed_cfg, 1, master), _context(rc))
+
+
+def test_a_site_without_training_images_of_a_task_says_so(tmp_path):
+    # One share of 64 dealt from 16 images: none (every site holds whole patients).
+    sites = [{"name": "bare", "tasks": [{**PED, "partition": {"num_sites": 64, "site": 63}}]}]
+    rc, fed_cfg, master, _ = _setup(tmp_path, sites=sites)
+    with pytest.raises(ValueError, match=r"site 'bare': no training images of task\(s\) \['ped'\]"):
         app(_message("train", fed_cfg, 1, master), _context(rc))
 
 
