@@ -38,7 +38,7 @@ import yaml
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
-from ark_core.config import Strict, load_config, load_yaml, require_unique, resolve_path
+from ark_core.config import Strict, TaskConfig, load_config, load_yaml, require_unique, resolve_path
 from ark_core.data.loaders import TaskData, load_task_data
 from ark_core.data.manifest import Manifest
 from ark_core.eval.compare import Scored, paired_difference, paired_ratio, summary_rows, task_auc
@@ -138,19 +138,34 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def simulation_for(exp: ExperimentConfig, raw: dict, split: SiteSplit, arm: Arm,
-                   seed: int) -> dict:
+                   seed: int, base: Path) -> dict:
     """The simulation YAML content of one run (the base, then split, arm and seed)."""
     sim = _merge(raw, arm.federation)
     sim["train"] = {**sim.get("train", {}), **arm.train, "seed": seed}
     if exp.rounds is not None:
         sim["rounds"] = exp.rounds
-    if split.method != "natural":
-        sim["sites"] = dealt_sites(sim["sites"], split)
     if exp.test_fraction is not None:
         for site in sim["sites"]:
             for task in site["tasks"]:
                 task["split"] = {**task.get("split", {}), "test_fraction": exp.test_fraction}
+    if split.method != "natural":
+        sim["sites"] = holding(dealt_sites(sim["sites"], split), base)
     return sim
+
+
+def holding(sites: list[dict], base: Path) -> list[dict]:
+    """The sites with only the tasks they hold training images of.
+
+    Strong label skew can deal a site none of a task; a site left with no task is left out.
+    """
+    out = []
+    for site in sites:
+        root = resolve_path(site["data_root"], base) if site.get("data_root") else base
+        tasks = [t for t in site["tasks"] if len(load_task_data(
+            [TaskConfig.model_validate(t)], root, splits=("train",))[0].train)]
+        if tasks:
+            out.append({**site, "tasks": tasks})
+    return out
 
 
 def dealt_sites(sites: list[dict], split: SiteSplit) -> list[dict]:
@@ -171,14 +186,25 @@ def dealt_sites(sites: list[dict], split: SiteSplit) -> list[dict]:
 
 
 def held_out(sim: SimulationConfig, base: Path, split: str) -> list[TaskData]:
-    """Each catalogue task's images of ``split``, over all sites (``train`` holds them)."""
+    """Each catalogue task's images of ``split``, whole (``train`` holds them).
+
+    A task's sites hold shares (partitions) of the same data: the held-out images are its
+    split before any dealing, so every site split is scored on the same images, also where
+    a site holds no training images of a task and leaves it out.
+    """
     parts: dict[str, list[Manifest]] = {}
+    seen: set[tuple[Path, str]] = set()
     for site in sim.sites:
         root = resolve_path(site.data_root, base) if site.data_root else base
-        for td in load_task_data(site.tasks, root, splits=("train", split)):
-            m = td.split(split)
+        for task in site.tasks:
+            whole = task.model_copy(update={"partition": None})
+            key = (root, whole.model_dump_json())
+            if key in seen:  # another share of data already read whole
+                continue
+            seen.add(key)
+            m = load_task_data([whole], root, splits=("train", split))[0].split(split)
             if m is not None and len(m):
-                parts.setdefault(td.spec.name, []).append(m)
+                parts.setdefault(task.name, []).append(m)
     if not parts:
         raise ValueError(f"no site holds {split} images: set the experiment's test_fraction "
                          "(or the tasks' split.test_fraction)")
@@ -243,7 +269,8 @@ def run_experiment(path: Path, *, out_dir: Path | None = None, progress: bool = 
     for split, arm, seed, run_dir in runs:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "simulation.yaml").write_text(
-            yaml.safe_dump(simulation_for(exp, raw, split, arm, seed)), encoding="utf-8")
+            yaml.safe_dump(simulation_for(exp, raw, split, arm, seed, sim_yaml.parent)),
+            encoding="utf-8")
     todo = [(arm, run_dir) for _, arm, _, run_dir in runs
             if not (run_dir / f"predictions-{exp.evaluate_on}.npz").exists()]
     with tqdm(total=len(todo), desc="experiment", disable=not progress, unit="run") as bar:

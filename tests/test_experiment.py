@@ -83,7 +83,8 @@ def test_a_calibrated_centralized_arm_refits_only_the_heads_of_the_same_training
 
 
 def test_site_splits_deal_every_task_to_every_site_and_score_the_same_films(tmp_path):
-    splits = [{"name": "natural"}, {"name": "iid", "method": "iid"}]
+    splits = [{"name": "natural"}, {"name": "iid", "method": "iid"},
+              {"name": "skew", "method": "dirichlet", "alpha": 0.1}]
     summary = run_experiment(_write(tmp_path, seeds=[0], rounds=1, site_splits=splits),
                              progress=False, jobs=2)  # two processes side by side
     out = tmp_path / "out"
@@ -92,13 +93,16 @@ def test_site_splits_deal_every_task_to_every_site_and_score_the_same_films(tmp_
         assert [t["name"] for t in site["tasks"]] == ["pediatric", "nih"]
         assert all(t["partition"] == {"method": "iid", "num_sites": 2, "site": i, "seed": 0}
                    for t in site["tasks"])
-    # Both site splits are scored on the same held-out films (the union over the sites).
+    # Strong skew deals site-b no pediatric training image: it leaves that task out.
+    skew = yaml.safe_load((out / "skew" / "fedavg" / "seed-0" / "simulation.yaml").read_text())
+    assert [[t["name"] for t in s["tasks"]] for s in skew["sites"]] == [["pediatric", "nih"], ["nih"]]
+    # Every site split is scored on the same held-out films (each task's split, whole).
     films = {}
-    for ss in ("natural", "iid"):
+    for ss in ("natural", "iid", "skew"):
         sim, base, _ = load_simulation(out / ss / "fedavg" / "seed-0" / "simulation.yaml",
                                        str(TWO_SITES.parent), str(tmp_path / "x"))
         films[ss] = {td.spec.name: sorted(td.train.paths) for td in held_out(sim, base, "test")}
-    assert films["natural"] == films["iid"] and all(films["iid"].values())
+    assert films["natural"] == films["iid"] == films["skew"] and all(films["iid"].values())
     # The ratio is that of the mean over tasks of the arms' AUCs (one seed here).
     rows = list(csv.DictReader(open(out / "results-test.csv")))
     for ss in ("natural", "iid"):
@@ -109,7 +113,7 @@ def test_site_splits_deal_every_task_to_every_site_and_score_the_same_films(tmp_
         assert r["ratio"] == pytest.approx(want, abs=1e-5)
         assert r["ci"] is None or r["ci"][0] <= r["ci"][1]
     md = (out / "summary-test.md").read_text()
-    assert "## Site split: natural" in md and "## Site split: iid" in md
+    assert all(f"## Site split: {ss}" in md for ss in ("natural", "iid", "skew"))
 
 
 def test_an_unknown_reference_or_a_centralized_arm_with_settings_is_refused(tmp_path):
@@ -118,3 +122,24 @@ def test_an_unknown_reference_or_a_centralized_arm_with_settings_is_refused(tmp_
     arms = [{"name": "a"}, {"name": "c", "centralized": True, "federation": {"prox_mu": 0.1}}]
     with pytest.raises(ConfigError, match="a centralized arm takes no federation settings"):
         load_config(_write(tmp_path, arms=arms), ExperimentConfig)
+
+
+def test_the_demo_ratio_is_that_of_the_evaluated_aucs_with_a_paired_ci(tiny_run):
+    from conftest import demo_task
+
+    from ark_core.config import TaskConfig
+    from ark_core.data.loaders import load_task_data
+    from simulations.demo import ratio_with_ci
+
+    tasks = load_task_data([TaskConfig.model_validate(demo_task(n)) for n in ("pediatric", "nih")],
+                           Path("."))
+    sizes = {"img_size": 96, "work_size": 96, "batch_size": 32}
+    files = {role: tiny_run / f"{role}.safetensors" for role in ("teacher", "student")}
+    got = ratio_with_ci(files["teacher"], files["student"], tasks, **sizes, n_boot=300)
+    # Oracle: ark_core.eval.evaluate's mean validation AUC of each model, averaged over tasks.
+    mean = {role: np.mean([r["auc_mean"] for r in evaluate(load_model(f), tasks, **sizes).values()])
+            for role, f in files.items()}
+    assert got["ratio"] == pytest.approx(mean["teacher"] / mean["student"], abs=1e-6)
+    assert got["ci"][0] < got["ratio"] < got["ci"][1]
+    same = ratio_with_ci(files["teacher"], files["teacher"], tasks, **sizes, n_boot=300)
+    assert same["ratio"] == 1.0 and same["ci"] == [1.0, 1.0]  # paired: no spread at all
