@@ -248,6 +248,7 @@ def _predictions(path: Path, tasks: list[TaskData], sim: SimulationConfig) -> di
                     tasks=[td.spec.name])
         out[f"{td.spec.name}.probs"] = p[f"probs.{td.spec.name}"]
         out[f"{td.spec.name}.index"] = p["index"]
+        out[f"{td.spec.name}.paths"] = np.asarray([td.train.paths[i] for i in p["index"]])
     return out
 
 
@@ -289,9 +290,8 @@ def run_experiment(path: Path, *, out_dir: Path | None = None, progress: bool = 
     scored: dict[str, dict[str, Scored]] = {split.name: {} for split in exp.site_splits}
     for split, arm, seed, run_dir in runs:
         sim, _, _ = load_simulation(run_dir / "simulation.yaml", str(sim_yaml.parent), str(run_dir))
-        preds = np.load(run_dir / f"predictions-{exp.evaluate_on}.npz")
-        _collect(scored[split.name], preds, held_out(sim, sim_yaml.parent, exp.evaluate_on),
-                 arm.name, seed)
+        _collect(scored[split.name], run_dir / f"predictions-{exp.evaluate_on}.npz",
+                 held_out(sim, sim_yaml.parent, exp.evaluate_on), arm.name, seed)
     return write_summary(exp, scored, out)
 
 
@@ -308,10 +308,17 @@ def run_one(arm: Arm, run_dir: Path, base: Path, evaluate_on: str) -> None:
     partial.replace(run_dir / f"predictions-{evaluate_on}.npz")  # whole, or not there at all
 
 
-def _collect(scored: dict[str, Scored], preds, tasks: list[TaskData], arm: str, seed: int) -> None:
+def _collect(scored: dict[str, Scored], file: Path, tasks: list[TaskData], arm: str,
+             seed: int) -> None:
+    preds = np.load(file)
     for td in tasks:
         name, m = td.spec.name, td.train
         index = preds[f"{name}.index"]
+        paths = preds[f"{name}.paths"].tolist() if f"{name}.paths" in preds.files else None
+        if paths != [m.paths[i] for i in index]:
+            raise ValueError(f"{file}: its {name} predictions are of other images than the "
+                             "held-out split now holds (another version's order, or changed "
+                             "data): delete the file to score the run again")
         s = scored.setdefault(name, Scored(td.spec, m.targets[index],
                                            [m.patient_ids[i] for i in index], {}))
         if len(index) != len(s.target):

@@ -61,6 +61,15 @@ def test_the_harness_scores_every_arm_and_seed_on_the_same_held_out_films(tmp_pa
     before = model_file.stat().st_mtime_ns
     again = run_experiment(path, progress=False)
     assert model_file.stat().st_mtime_ns == before and again == summary
+    # Predictions of other images (another order) are refused, never scored against the
+    # wrong targets.
+    file = out / "natural" / "fedavg" / "seed-0" / "predictions-test.npz"
+    saved = dict(np.load(file))
+    saved["nih.paths"] = saved["nih.paths"][::-1]
+    np.savez(file, **saved)
+    with pytest.raises(ValueError, match=r"predictions-test.npz: its nih predictions are of "
+                                         r"other images .* delete the file"):
+        run_experiment(path, progress=False)
 
 
 def test_a_calibrated_centralized_arm_refits_only_the_heads_of_the_same_training(tmp_path):
