@@ -27,6 +27,7 @@ __all__ = [
     "TensorSpec",
     "UpdateRejected",
     "UpdateValidator",
+    "Wrapper",
     "as_tensor",
     "check_no_state",
     "float_state",
@@ -215,6 +216,74 @@ class Aggregator(Protocol):
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Continue from :meth:`state_dict` of an earlier run (raises on foreign keys)."""
+
+
+class Wrapper:
+    """Base of strategies that post-process an inner one's result.
+
+    Server optimisers and step normalisation: the inner strategy validates, folds and
+    reports; subclasses implement :meth:`step` (and :meth:`add` where they change weights).
+    """
+
+    def __init__(self, inner: Aggregator) -> None:
+        self.inner = inner
+        self._result: dict[str, torch.Tensor] | None = None
+
+    @property
+    def report(self) -> AggregateReport:
+        return self.inner.report
+
+    @property
+    def norms(self) -> Mapping[str, float]:
+        return self.inner.norms
+
+    @property
+    def num_accepted(self) -> int:
+        return self.inner.num_accepted
+
+    def begin_round(self, master: Mapping[str, torch.Tensor], *, heads_only: bool = False) -> None:
+        self.master = master
+        self.inner.begin_round(master, heads_only=heads_only)
+        self._result = None
+
+    def add(self, site: str, update: Mapping[str, Any], num_examples: float,
+            task_examples: Mapping[str, float]) -> None:
+        self.inner.add(site, update, num_examples, task_examples)
+
+    def step(self, name: str, d: torch.Tensor) -> torch.Tensor:
+        """The master's step for tensor ``name`` given the aggregate's ``d = a - x`` (fp32)."""
+        raise NotImplementedError
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The master plus each tensor's :meth:`step` (master dtypes), computed once a round.
+
+        Tensors nobody sent keep the master's values and take no step.
+        """
+        if self._result is not None:
+            return self._result
+        aggregate = self.inner.result()
+        kept = set(self.inner.report.kept)
+        out: dict[str, torch.Tensor] = {}
+        for name, ref in self.master.items():
+            if name in kept:
+                out[name] = aggregate[name]
+                continue
+            x = ref.detach().cpu().float()
+            out[name] = (x + self.step(name, aggregate[name].float() - x)).to(ref.dtype)
+        self._result = out
+        return out
+
+    def apply(self, model: nn.Module) -> None:
+        model.load_state_dict(self.result(), strict=False)
+
+    def nbytes(self) -> int:
+        return self.inner.nbytes()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.inner.load_state_dict(state)
 
 
 def check_no_state(strategy: str, state: Mapping[str, Any]) -> None:

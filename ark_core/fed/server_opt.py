@@ -22,14 +22,13 @@ every round and a resumed run continues from them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
-from torch import nn
 
 from ..config import Shorthand
-from .aggregate import AggregateReport, Aggregator
+from .aggregate import Aggregator, Wrapper
 
 __all__ = ["ServerOptConfig", "ServerOptimizer"]
 
@@ -53,7 +52,7 @@ class ServerOptConfig(Shorthand):
     tau: float = Field(1e-3, gt=0, description="fedadam/fedyogi: adaptivity (added to sqrt(v)).")
 
 
-class ServerOptimizer:
+class ServerOptimizer(Wrapper):
     """An Aggregator that steps the master along the pseudo-gradient of an inner one's result.
 
     Args:
@@ -62,52 +61,17 @@ class ServerOptimizer:
     """
 
     def __init__(self, inner: Aggregator, cfg: ServerOptConfig) -> None:
-        self.inner, self.cfg = inner, cfg
+        super().__init__(inner)
+        self.cfg = cfg
         self.moments: dict[str, dict[str, torch.Tensor]] = {k: {} for k in self._kinds()}
-        self._result: dict[str, torch.Tensor] | None = None
 
     def _kinds(self) -> tuple[str, ...]:
         return ("v",) if self.cfg.name == "fedavgm" else ("m", "v")
 
-    # -- what the inner aggregator does ----------------------------------------------------
-    @property
-    def report(self) -> AggregateReport:
-        return self.inner.report
-
-    @property
-    def norms(self) -> Mapping[str, float]:
-        return self.inner.norms
-
-    @property
-    def num_accepted(self) -> int:
-        return self.inner.num_accepted
-
-    def begin_round(self, master: Mapping[str, torch.Tensor], *, heads_only: bool = False) -> None:
-        self.master = master
-        self.inner.begin_round(master, heads_only=heads_only)
-        self._result = None
-
-    def add(self, site: str, update: Mapping[str, Any], num_examples: float,
-            task_examples: Mapping[str, float]) -> None:
-        self.inner.add(site, update, num_examples, task_examples)
-
     # -- the step --------------------------------------------------------------------------
-    def result(self) -> dict[str, torch.Tensor]:
-        """The master after one optimiser step (master dtypes); the moments move once."""
-        if self._result is not None:
-            return self._result
-        aggregate = self.inner.result()
-        kept = set(self.inner.report.kept)
-        out: dict[str, torch.Tensor] = {}
-        for name, ref in self.master.items():
-            if name in kept:
-                out[name] = aggregate[name]
-                continue
-            x = ref.detach().cpu().float()
-            step = self.cfg.lr * self._direction(name, aggregate[name].float() - x)
-            out[name] = (x + step).to(ref.dtype)
-        self._result = out
-        return out
+    def step(self, name: str, d: torch.Tensor) -> torch.Tensor:
+        """One optimiser step along ``d``; the moments move once a round (result is cached)."""
+        return self.cfg.lr * self._direction(name, d)
 
     def _direction(self, name: str, d: torch.Tensor) -> torch.Tensor:
         c = self.cfg
@@ -124,9 +88,6 @@ class ServerOptimizer:
             v = v - (1 - c.beta2) * d2 * torch.sign(v - d2)
         self.moments["m"][name], self.moments["v"][name] = m, v
         return m / (v.sqrt() + c.tau)
-
-    def apply(self, model: nn.Module) -> None:
-        model.load_state_dict(self.result(), strict=False)
 
     def nbytes(self) -> int:
         held = (t for ms in self.moments.values() for t in ms.values())

@@ -26,9 +26,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
-from .aggregate import SHARED, AggregateReport, Aggregator, UpdateRejected, head_task
+from .aggregate import SHARED, Aggregator, UpdateRejected, Wrapper, head_task
 
 __all__ = ["StepNormalised", "steps_of"]
 
@@ -46,7 +45,7 @@ def steps_of(metrics: Mapping[str, float], tasks: list[str]) -> dict[str, float]
     return {g: float(metrics[k]) for g, k in keys.items()}
 
 
-class StepNormalised:
+class StepNormalised(Wrapper):
     """An Aggregator that normalises the sites' updates by their local steps (FedNova).
 
     Args:
@@ -54,27 +53,13 @@ class StepNormalised:
     """
 
     def __init__(self, inner: Aggregator) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self._steps: dict[str, dict[str, float]] = {}
         self._sums: dict[str, list[float]] = {}  # group -> [N, T, W]
-        self._result: dict[str, torch.Tensor] | None = None
-
-    @property
-    def report(self) -> AggregateReport:
-        return self.inner.report
-
-    @property
-    def norms(self) -> Mapping[str, float]:
-        return self.inner.norms
-
-    @property
-    def num_accepted(self) -> int:
-        return self.inner.num_accepted
 
     def begin_round(self, master: Mapping[str, torch.Tensor], *, heads_only: bool = False) -> None:
-        self.master = master
-        self.inner.begin_round(master, heads_only=heads_only)
-        self._steps, self._sums, self._result = {}, {}, None
+        super().begin_round(master, heads_only=heads_only)
+        self._steps, self._sums = {}, {}
 
     def expect(self, site: str, steps: Mapping[str, float]) -> None:
         """The local steps behind ``site``'s next update (see :func:`steps_of`)."""
@@ -103,30 +88,5 @@ class StepNormalised:
         n, t, w = self._sums.get(group, (0.0, 0.0, 0.0))
         return t * w / (n * n) if n > 0 else 1.0
 
-    def result(self) -> dict[str, torch.Tensor]:
-        if self._result is not None:
-            return self._result
-        aggregate = self.inner.result()
-        kept = set(self.inner.report.kept)
-        out: dict[str, torch.Tensor] = {}
-        for name, ref in self.master.items():
-            if name in kept:
-                out[name] = aggregate[name]
-                continue
-            x = ref.detach().cpu().float()
-            k = self.scale(head_task(name) or SHARED)
-            out[name] = (x + k * (aggregate[name].float() - x)).to(ref.dtype)
-        self._result = out
-        return out
-
-    def apply(self, model: nn.Module) -> None:
-        model.load_state_dict(self.result(), strict=False)
-
-    def nbytes(self) -> int:
-        return self.inner.nbytes()
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.inner.load_state_dict(state)
+    def step(self, name: str, d: torch.Tensor) -> torch.Tensor:
+        return self.scale(head_task(name) or SHARED) * d
