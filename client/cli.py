@@ -166,6 +166,21 @@ def session_wait_s(state_dir: Path, now: float | None = None) -> float:
     return max(0.0, last_alive + window - (time.time() if now is None else now))
 
 
+def supernode_env(state_dir: Path, dep: SiteDeployment) -> dict[str, str]:
+    """The SuperNode's environment: its app bundles in the site's own state dir.
+
+    Never an inherited FLWR_HOME: Flower installs an app bundle without a lock and treats a
+    half-copied one as installed, so two sites sharing a home (two sites on one host, one
+    exported FLWR_HOME) could load an incomplete app. The site lock makes the state dir one
+    SuperNode's alone.
+    """
+    env = procs.child_env()
+    env["FLWR_HOME"] = str(state_dir / "flwr")
+    if dep.gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in dep.gpus)
+    return env
+
+
 def supernode_command(yaml_path: Path, dep: SiteDeployment, key: Path, ca: Path,
                       base: Path) -> list[str]:
     cmd = [procs.flwr_bin("flower-supernode"), "--superlink", dep.server,
@@ -209,11 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                       "s until the server has given up the round message it may have held",
                       flush=True)
                 time.sleep(wait)
-            env = procs.child_env()
-            if not env.get("FLWR_HOME"):  # installed app bundles stay in the site's state dir
-                env["FLWR_HOME"] = str(state_dir / "flwr")
-            if dep.gpus is not None:
-                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in dep.gpus)
+            env = supernode_env(state_dir, dep)
             print(f"[ark-client] site {cfg.name} joining {dep.server}", flush=True)
             session = state_dir / SESSION_FILE
             return run_supernode(supernode_command(path, dep, key, ca, base), env, session,

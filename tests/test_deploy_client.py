@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 from deploy_helpers import NIH, make_keys, write_site
 
+from ark_core.config import load_config
+from ark_core.fed.federation import SiteConfig
 from client import cli
 from ops.procs import free_port
 
@@ -102,6 +105,19 @@ def test_server_with_a_certificate_from_another_ca_is_refused(tmp_path, keys, tm
     finally:
         srv.close()
         t.join(timeout=5)
+
+
+def test_each_site_installs_the_app_in_its_own_state_dir(tmp_path, keys, monkeypatch):
+    # An exported FLWR_HOME shared by two sites on one host would let one SuperNode load the
+    # app bundle the other is still copying (Flower installs without a lock).
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "shared_home"))
+    homes = set()
+    for name in ("site-a", "site-b"):
+        cfg = load_config(write_site(tmp_path, name, keys, free_port()), SiteConfig)
+        env = cli.supernode_env(Path(cfg.state_dir), cfg.deployment)
+        assert Path(env["FLWR_HOME"]) == Path(cfg.state_dir) / "flwr"
+        homes.add(env["FLWR_HOME"])
+    assert len(homes) == 2
 
 
 def test_a_killed_session_delays_the_next_one_until_the_server_gave_it_up(tmp_path):

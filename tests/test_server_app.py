@@ -48,8 +48,8 @@ def _inspect(reply: Message, seen: list, encoding: str = "fp32") -> None:
     for k, v in c.metric_records["metrics"].items():
         assert isinstance(v, float) and math.isfinite(v), (k, v)
         assert k.split(".")[0] in {
-            "num-examples", "loss", "task-loss", "consistency", "momentum", "lam", "bad-files",
-            "lr", "ema-step", "teacher-from-round", "student", "teacher", "teacher-round",
+            "num-examples", "steps", "loss", "task-loss", "consistency", "momentum", "lam",
+            "bad-files", "lr", "ema-step", "teacher-from-round", "student", "teacher", "teacher-round",
         }, k
     if kind in ("evaluate", "query.tasks"):
         assert not c.array_records
