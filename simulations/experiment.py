@@ -13,7 +13,8 @@ centralized teacher). A finished run keeps its predictions and is not run again.
 The grid is site split x arm x seed: ``site_splits`` deal the same tasks to the same sites
 in other ways (the simulation's own, IID, Dirichlet label skew); the train/val/test split
 comes first, so every site split is scored on the same images. Runs live in
-``out_dir/<site split>/<arm>/seed-<n>``.
+``out_dir/<site split>/<arm>/seed-<n>``; centralized trainings, shared by the site splits
+(their pooled data are the same), in ``out_dir/centralized-runs``.
 
 ``out_dir`` receives, per split scored, ``results-<split>.csv`` (site split, arm, seed,
 task, AUC), ``summary-<split>.md`` (per site split: mean ± sd over seeds; each arm's ratio of
@@ -27,6 +28,7 @@ import argparse
 import copy
 import csv
 import hashlib
+import json
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -212,13 +214,20 @@ def held_out(sim: SimulationConfig, base: Path, split: str) -> list[TaskData]:
             for s in sim.task_specs() if s.name in parts]
 
 
-def centralized_dir(run_dir: Path, sim_path: Path) -> Path:
-    """Where a centralized run trains, keyed by its simulation.
+def centralized_dir(run_dir: Path, sim_path: Path, tasks: list[TaskData]) -> Path:
+    """Where a centralized run trains: one training per pooled data, settings and seed.
 
-    Arms that differ only in what they do with the trained model (``calibrate``) share it.
+    The pooled training data do not depend on how the sites are dealt, so every site split
+    shares one training per seed, and arms that differ only in what they do with the trained
+    model (``calibrate``) share it too. The key is the simulation without its sites, and the
+    pooled training images of each task (validation images are only logged: a dealing can
+    leave out the validation share of a site that holds no training image of a task).
     """
-    key = hashlib.sha256(sim_path.read_bytes()).hexdigest()[:12]
-    return run_dir.parent.parent / "centralized-runs" / f"{run_dir.name}-{key}"
+    sim = yaml.safe_load(sim_path.read_text(encoding="utf-8"))
+    settings = {k: v for k, v in sim.items() if k not in ("sites", "run_dir")}
+    pooled = {td.spec.name: sorted(str(td.train.root / p) for p in td.train.paths) for td in tasks}
+    key = hashlib.sha256(json.dumps([settings, pooled], sort_keys=True, default=str).encode())
+    return run_dir.parents[2] / "centralized-runs" / f"{run_dir.name}-{key.hexdigest()[:12]}"
 
 
 def _train(arm: Arm, sim_path: Path, base: Path, run_dir: Path) -> Path:
@@ -226,11 +235,14 @@ def _train(arm: Arm, sim_path: Path, base: Path, run_dir: Path) -> Path:
     sim, _, _ = load_simulation(sim_path, str(base), str(run_dir))
     if arm.centralized:
         tasks = union_tasks(sim, base)
-        trained = centralized_dir(run_dir, sim_path)
+        trained = centralized_dir(run_dir, sim_path, tasks)
         teacher = trained / "teacher.safetensors"
-        if not teacher.exists():  # a finished run is scored on another split without retraining
+        if not teacher.exists():  # trained for another arm or site split: scored, not retrained
             centralized_baseline(sim, tasks, trained)
-        return calibrated_copy(teacher, tasks, sim.train.batch_size) if arm.calibrate else teacher
+        if not arm.calibrate:
+            return teacher
+        done = teacher.with_name("teacher_calibrated.safetensors")
+        return done if done.exists() else calibrated_copy(teacher, tasks, sim.train.batch_size)
     rc = {"sim-config": str(sim_path), "data-root": str(base), "run-dir": str(run_dir / "fed"),
           "fed-config": ""}
     cfg, out = federation_from_run_config(rc)
@@ -257,8 +269,8 @@ def run_experiment(path: Path, *, out_dir: Path | None = None, progress: bool = 
     """Run every (site split, arm, seed) not run yet, then write the tables and the picture.
 
     ``jobs`` runs train side by side in that many processes (each with the simulation's
-    ``train.threads``); arms that calibrate a centralized model go last, so that they reuse
-    the training of their uncalibrated sibling.
+    ``train.threads``); centralized runs that reuse a training (a calibrating arm, another
+    site split) go last, after the run that trains it.
     """
     exp = load_config(path, ExperimentConfig)
     here = Path(path).resolve().parent
@@ -274,10 +286,11 @@ def run_experiment(path: Path, *, out_dir: Path | None = None, progress: bool = 
             encoding="utf-8")
     todo = [(arm, run_dir) for _, arm, _, run_dir in runs
             if not (run_dir / f"predictions-{exp.evaluate_on}.npz").exists()]
+    reusing = _reusing(todo, sim_yaml.parent)
     with tqdm(total=len(todo), desc="experiment", disable=not progress, unit="run") as bar:
-        for calibrating in (False, True):
+        for second in (False, True):
             phase = [(arm, run_dir, sim_yaml.parent, exp.evaluate_on)
-                     for arm, run_dir in todo if arm.calibrate == calibrating]
+                     for arm, run_dir in todo if (run_dir in reusing) == second]
             if jobs == 1 or len(phase) < 2:
                 for job in phase:
                     run_one(*job)
@@ -293,6 +306,23 @@ def run_experiment(path: Path, *, out_dir: Path | None = None, progress: bool = 
         _collect(scored[split.name], run_dir / f"predictions-{exp.evaluate_on}.npz",
                  held_out(sim, sim_yaml.parent, exp.evaluate_on), arm.name, seed)
     return write_summary(exp, scored, out)
+
+
+def _reusing(todo: list[tuple[Arm, Path]], base: Path) -> set[Path]:
+    """The centralized runs that reuse another run's training.
+
+    They go second, never side by side with the run that trains it.
+    """
+    seen, out = set(), set()
+    for arm, run_dir in sorted(todo, key=lambda job: job[0].calibrate):
+        if arm.centralized:
+            sim_path = run_dir / "simulation.yaml"
+            sim, _, _ = load_simulation(sim_path, str(base), str(run_dir))
+            key = centralized_dir(run_dir, sim_path, union_tasks(sim, base))
+            if key in seen:
+                out.add(run_dir)
+            seen.add(key)
+    return out
 
 
 def run_one(arm: Arm, run_dir: Path, base: Path, evaluate_on: str) -> None:

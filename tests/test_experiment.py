@@ -56,7 +56,7 @@ def test_the_harness_scores_every_arm_and_seed_on_the_same_held_out_films(tmp_pa
     assert "| fedavg | nih |" in md and "paired patient-level bootstrap" in md
     assert (out / "summary-test.png").stat().st_size > 0
     # A rerun reads the saved predictions: nothing is trained again, the tables are the same.
-    (trained,) = (out / "natural" / "centralized-runs").glob("seed-0-*")
+    (trained,) = (out / "centralized-runs").glob("seed-0-*")
     model_file = trained / "teacher.safetensors"
     before = model_file.stat().st_mtime_ns
     again = run_experiment(path, progress=False)
@@ -77,7 +77,7 @@ def test_a_calibrated_centralized_arm_refits_only_the_heads_of_the_same_training
             {"name": "central-cal", "centralized": True, "calibrate": True},
             {"name": "central-lr", "centralized": True, "train": {"lr": 0.02}}]
     run_experiment(_write(tmp_path, arms=arms, seeds=[0]), progress=False)
-    runs = sorted((tmp_path / "out" / "natural" / "centralized-runs").iterdir())
+    runs = sorted((tmp_path / "out" / "centralized-runs").iterdir())
     assert len(runs) == 2  # central and central-cal share one training; central-lr has its own
     lrs = {yaml.safe_load((tmp_path / "out" / "natural" / a["name"] / "seed-0" /
                            "simulation.yaml").read_text())["train"]["lr"] for a in arms}
@@ -112,6 +112,8 @@ def test_site_splits_deal_every_task_to_every_site_and_score_the_same_films(tmp_
                                        str(TWO_SITES.parent), str(tmp_path / "x"))
         films[ss] = {td.spec.name: sorted(td.train.paths) for td in held_out(sim, base, "test")}
     assert films["natural"] == films["iid"] == films["skew"] and all(films["iid"].values())
+    # The pooled data are the same whatever the dealing: one centralized training serves all.
+    assert len(list((out / "centralized-runs").iterdir())) == 1
     # The ratio is that of the mean over tasks of the arms' AUCs (one seed here).
     rows = list(csv.DictReader(open(out / "results-test.csv")))
     for ss in ("natural", "iid"):
