@@ -190,6 +190,11 @@ class TaskConfig(Strict):
 
 
 # ----------------------------------------------------------------------------- training
+TRAIN_OPTIONS_ADDED = {"task_order": "fixed", "optimizer_reset": "never"}
+"""Training options added after runs were made, with their defaults: a run's fingerprint
+leaves them out at these values, so that runs made before them resume."""
+
+
 class TrainConfig(Strict):
     """Optimisation and the teacher-student schedule."""
 
@@ -209,6 +214,16 @@ class TrainConfig(Strict):
         "auto", description="'auto' uses bf16 autocast on GPUs that support it."
     )
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm.")
+    task_order: Literal["fixed", "rotating"] = Field(
+        "fixed", description="fixed: every pass trains the tasks in the same order, so the last "
+        "one leaves the strongest mark; rotating: each pass starts one task later than the one "
+        "before (the pass count is the schedule position, so rounds rotate too).",
+    )
+    optimizer_reset: Literal["never", "every_task"] = Field(
+        "never", description="every_task: clear the optimiser's state (momentum, moments) before "
+        "each task-epoch, so that momentum built on one task's loss does not move the shared "
+        "weights while the next task trains; never: one state across tasks.",
+    )
     bad_file_fraction: float = Field(
         0.01, ge=0, le=1, description="Stop when more than this share of files is unreadable."
     )

@@ -10,7 +10,7 @@ from fed_helpers import write_sim
 from test_training import ROOT, pediatric_config
 
 from ark_core.data.loaders import load_task_data
-from ark_core.fed.protocol import Instruction, InstructionError
+from ark_core.fed.protocol import INSTRUCTION_VERSION, Instruction, InstructionError
 from ark_core.model.factory import create_model
 from ark_core.model.network import make_teacher
 from ark_core.train.cyclic import Proximal, train_cyclic
@@ -57,7 +57,7 @@ def test_the_instruction_carries_mu_and_still_reads_version_1():
     ins = Instruction(round=1, num_rounds=2, lr=0.1, local_epochs=1, fingerprint="f",
                       model={"preset": "tiny"}, train={}, catalogue=[], prox_mu=0.01)
     back = Instruction.from_config(ins.to_config())
-    assert back.prox_mu == 0.01 and back.version == 2
+    assert back.prox_mu == 0.01 and back.version == INSTRUCTION_VERSION
     old = json.loads(ins.to_config()["instruction"])
     old.pop("prox_mu")
     old["version"] = 1  # what a server of the previous release sends

@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..config import (
+    TRAIN_OPTIONS_ADDED,
     ModelConfig,
     Strict,
     TaskConfig,
@@ -140,6 +141,15 @@ class FederationConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _kept_optimizer_is_not_reset(self) -> FederationConfig:
+        if self.keep_site_optimizer and self.train.optimizer_reset != "never":
+            raise ValueError(
+                "keep_site_optimizer keeps the optimiser's state from round to round, and "
+                f"train.optimizer_reset: {self.train.optimizer_reset} clears it before every "
+                "task: the kept state would never be used; turn one of them off")
+        return self
+
+    @model_validator(mode="after")
     def _step_normalisation_without_privacy(self) -> FederationConfig:
         if self.privacy is not None and self.step_normalisation:
             raise ValueError(
@@ -250,6 +260,9 @@ def run_fingerprint(cfg: FederationConfig) -> str:
     d["train"].pop("workers", None)
     d["train"].pop("device", None)
     d["train"].pop("threads", None)
+    for option, default in TRAIN_OPTIONS_ADDED.items():
+        if d["train"].get(option) == default:
+            d["train"].pop(option)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -54,7 +54,7 @@ SCALES = "scales"
 TASKS_QUERY = "query.tasks"  # message type: "which tasks do you train?"
 HEADS = "train.heads"  # message type: "fit your tasks' heads on this frozen model"
 INSTRUCTION = "instruction"  # the config record's key holding the Instruction as JSON
-INSTRUCTION_VERSION = 2  # 2: prox_mu, keep_optimizer
+INSTRUCTION_VERSION = 3  # 2: prox_mu, keep_optimizer; 3: train.task_order, optimizer_reset
 
 
 class InstructionError(ValueError):

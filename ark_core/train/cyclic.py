@@ -165,7 +165,7 @@ def train_cyclic(
     Args:
         student: Trained in place.
         teacher: Updated in place by EMA; never receives gradients.
-        tasks: This site's tasks, in training order.
+        tasks: This site's tasks, in training order (``cfg.task_order`` may rotate it).
         cfg: Optimiser, batch size, EMA m0, lam_max, AMP.
         img_size: Network input size.
         work_size: Size images are first resized to.
@@ -190,7 +190,9 @@ def train_cyclic(
     momentum = momentum_schedule(ema_total_steps, cfg.ema_m0)
     tally = _Tally()
     for epoch in range(local_epochs):
-        for td in tasks:
+        for td in pass_order(tasks, ema_step, cfg.task_order):
+            if cfg.optimizer_reset == "every_task":
+                optimizer.state.clear()
             m = float(momentum[ema_step])
             lam = consistency_weight(m, cfg.ema_m0, cfg.lam_max)
             stats, bad = _task_epoch(
@@ -202,6 +204,18 @@ def train_cyclic(
             ema_step += 1
             tally.add(td.spec.name, stats, bad, m, lam)
     return tally.result(lr, ema_step)
+
+
+def pass_order(tasks: Sequence[TaskData], ema_step: int, how: str) -> list[TaskData]:
+    """The tasks of the pass that starts at schedule position ``ema_step``.
+
+    ``rotating`` starts pass ``k = ema_step // len(tasks)`` at task ``k mod len(tasks)``: a
+    site's passes, and so its rounds, each start one task later; ``fixed`` keeps the order.
+    """
+    if how == "fixed" or len(tasks) < 2:
+        return list(tasks)
+    k = (ema_step // len(tasks)) % len(tasks)
+    return [*tasks[k:], *tasks[:k]]
 
 
 def _check_schedule(ema_step: int, local_epochs: int, n_tasks: int, ema_total_steps: int) -> None:
