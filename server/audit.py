@@ -5,7 +5,8 @@ Records (one JSON object a line, append-only, fsynced; read with
 
 - ``{"event": "master", "round", "kind", "sha256", "tasks", "sites"}``: the master sent out
   for a round to ``sites``, the sites that train exactly ``tasks``: its shared tensors and
-  those tasks' heads, which is what ``sha256`` covers.
+  those tasks' heads, which is what ``sha256`` covers; ``kind`` the message type, as the
+  sites' audit logs record it (``train``, ``evaluate``, ``train.heads``).
 - ``{"event": "stranger", "round", "node_id"}``: a connected node that is not enrolled;
   it got no work that round.
 - ``{"event": "update", "round", "kind", "site", "node_id", "arrived", "bytes", "encoding",

@@ -252,7 +252,7 @@ class Exchange:
                     records[ARRAYS] = ArrayRecord(
                         {k: a for k, a in arrays.items() if head_task(k) in (None, *tasks)})
                     shas[tasks] = self.audit.master(
-                        round_, kind.split(".")[0], Tensors(records[ARRAYS]), tasks=list(tasks),
+                        round_, kind, Tensors(records[ARRAYS]), tasks=list(tasks),
                         sites=sorted(self.node_sites[m][0] for m in nodes
                                      if tuple(sorted(self.node_sites[m][1])) == tasks))
                 by_tasks[tasks] = RecordDict(records)

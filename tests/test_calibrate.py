@@ -85,9 +85,11 @@ def test_fit_heads_on_real_films_matches_a_probe_on_the_same_embeddings():
     assert counts["num-examples"] == counts["num-examples.nih"] + counts["num-examples.ped"]
 
 
-def test_calibration_with_privacy_is_refused():
-    base = {"catalogue": [{"name": "a", "labels": ["x"], "task_type": "binary"}], "rounds": 2,
-            "privacy": {"clip_norm": 1.0, "noise_multiplier": 1.0}}
+def test_calibration_is_the_default_but_with_privacy_only_if_not_asked_for():
+    base = {"catalogue": [{"name": "a", "labels": ["x"], "task_type": "binary"}], "rounds": 2}
+    assert parse_config(base, FederationConfig).head_calibration == "final"
+    base["privacy"] = {"clip_norm": 1.0, "noise_multiplier": 1.0}
+    assert parse_config(base, FederationConfig).head_calibration == "off"
     with pytest.raises(ConfigError, match="head_calibration fits heads .* would not be privatised"):
         parse_config({**base, "head_calibration": "final"}, FederationConfig)
 

@@ -114,7 +114,7 @@ def test_federation_lifecycle_over_tls(tmp_path, keys):
                  or server.poll() is not None, 600, "round 2 at site-c")
         procs.kill(site["site-c"])
         wait_for(lambda: not own_processes(str(tmp_path / "site-c.yaml")), 10, "site-c's end")
-        [fp_dir] = [d for d in teachers.iterdir() if d.is_dir()]
+        [fp_dir] = [d for d in teachers.iterdir() if d.is_dir() and d.name != "flwr"]  # app home
         teacher_1 = fp_dir / "teacher_round_001.safetensors"
         sha_before = hashlib.sha256(teacher_1.read_bytes()).hexdigest()
         assert not (fp_dir / "teacher_round_002.safetensors").exists(), "killed too late"

@@ -121,7 +121,8 @@ def test_full_run_layout_provenance_and_reply_contents(tmp_path):
     ev = _lines(run, "evaluate")
     assert len(ev) == 4 and all("student.auc.ped" in x for x in ev)
     assert sorted(k for k, _ in seen) == (
-        ["evaluate"] * 4 + ["query"] * 2 + ["query.tasks"] * 2 + ["train"] * 4)
+        ["evaluate"] * 4 + ["query"] * 2 + ["query.tasks"] * 2 + ["train"] * 4
+        + ["train.heads"] * 4)  # the default head calibration: student, then teacher, per site
     # One reply held at a time, however many are ready: each pull asks for one message id.
     assert grid.pulls and set(grid.pulls) == {1}
     # Each site was asked its tasks once and then sent only its own tasks' heads (ARK_METHOD).
@@ -132,19 +133,22 @@ def test_full_run_layout_provenance_and_reply_contents(tmp_path):
         assert len(got) == 4 and all(r["received_heads"] == sorted(tasks) for r in got)
         assert all(0 < r["received_bytes"] for r in got)
     server = read_audit(run / "audit.jsonl")
-    sent = {(r["round"], r["kind"], s): r["sha256"] for r in server if r["event"] == "master"
-            for s in r["sites"]}
+    sent: dict[tuple, list[str]] = {}  # train.heads goes out twice: the student, the teacher
+    for r in server:
+        if r["event"] == "master":
+            for s in r["sites"]:
+                sent.setdefault((r["round"], r["kind"], s), []).append(r["sha256"])
     assert sorted(k for k in sent if k[1] == "train") == [
         (1, "train", "hosp-a"), (1, "train", "hosp-b"), (2, "train", "hosp-a"),
         (2, "train", "hosp-b")]
     for name in SITE_TASKS:
         for r in read_audit(run / "sites" / name / "audit.jsonl"):
-            if r["kind"] in ("train", "evaluate"):
-                assert r["master_sha256"] == sent[r["round"], r["kind"], name], (name, r["round"])
-    # The master student is the last round's checkpoint.
+            if r["kind"] in ("train", "evaluate", "train.heads"):
+                assert r["master_sha256"] in sent[r["round"], r["kind"], name], (name, r["round"])
+    # The master student is the last round's checkpoint, with its heads calibrated.
     last = load_tensors(run / "rounds" / "round_002.safetensors")
     final = load_tensors(run / "master_student.safetensors")
-    assert all(torch.equal(last[k], final[k]) for k in last)
+    assert all(torch.equal(last[k], final[k]) != k.startswith("heads.") for k in last)
 
 
 def test_rejected_update_leaves_master_unchanged_by_it(tmp_path, caplog):

@@ -13,7 +13,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -113,9 +113,12 @@ class FederationConfig(Strict):
         "replayed; off: a fresh optimiser every round.",
     )
     head_calibration: Literal["off", "final"] = Field(
-        "off", description="final: after the last round, the sites that own each task re-fit "
-        "its head on frozen embeddings of their training images (the master student's and the "
-        "master teacher's), and the server averages them (see ark_core.train.calibrate).",
+        "final", description="final (the default, chosen on validation and confirmed on held-"
+        "out test data, see the README): after the last round, the sites that own each task "
+        "re-fit its head on frozen embeddings of their training images (the master student's "
+        "and the master teacher's), and the server averages them (see "
+        "ark_core.train.calibrate); off: the heads as averaged. With privacy the default is "
+        "off (the fitted heads would not be privatised).",
     )
     server_optimizer: ServerOptConfig | None = Field(
         None, description="fedavgm, fedadam or fedyogi on the aggregate's pseudo-gradient, any "
@@ -131,6 +134,13 @@ class FederationConfig(Strict):
     def _unique_tasks(self) -> FederationConfig:
         require_unique(self.catalogue, "catalogue task")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_default_calibration_with_privacy(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("privacy") is not None:
+            data = {"head_calibration": "off", **data}  # asked for explicitly: refused below
+        return data
 
     @model_validator(mode="after")
     def _calibration_without_privacy(self) -> FederationConfig:
