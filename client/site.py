@@ -172,6 +172,9 @@ class Site:
         tasks, train, device = self._setup(ins)
         seed_everything(train.seed + ins.round)
         student = self._model(ins, tasks, master).to(device)
+        if ins.head_refit:  # heads fitted to the master's features before joint training
+            heads, _ = fit_heads(student, tasks, batch_size=train.batch_size, device=device)
+            student.load_state_dict(heads, strict=False)
         found = self._teacher(ins, tasks, ins.round)
         # Round 1 (or a site without an earlier teacher of this run) starts from the master.
         teacher = (found[0] if found else make_teacher(student)).to(device)

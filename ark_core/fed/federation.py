@@ -120,6 +120,13 @@ class FederationConfig(Strict):
         "ark_core.train.calibrate); off: the heads as averaged. With privacy the default is "
         "off (the fitted heads would not be privatised).",
     )
+    head_refit: bool = Field(
+        False, description="At the start of every round each site re-fits its own tasks' heads "
+        "on the frozen master student's embeddings of its training images, then trains "
+        "jointly from there (the start FedBABU and FedRep give a round: heads that fit the "
+        "shared features); the heads then travel and are averaged as usual. Off: a round "
+        "starts from the averaged heads.",
+    )
     server_optimizer: ServerOptConfig | None = Field(
         None, description="fedavgm, fedadam or fedyogi on the aggregate's pseudo-gradient, any "
         "aggregation (see ark_core.fed.server_opt); none: the aggregate is the new master.",
@@ -263,6 +270,8 @@ def run_fingerprint(cfg: FederationConfig) -> str:
         d.pop("keep_site_optimizer")
     if d.get("step_normalisation") is False:
         d.pop("step_normalisation")
+    if d.get("head_refit") is False:
+        d.pop("head_refit")
     if d.get("aggregation") == AggregationConfig().model_dump(mode="json"):
         d.pop("aggregation", None)
     if d.get("transfer") == TransferConfig().model_dump(mode="json"):

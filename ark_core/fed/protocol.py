@@ -54,7 +54,7 @@ SCALES = "scales"
 TASKS_QUERY = "query.tasks"  # message type: "which tasks do you train?"
 HEADS = "train.heads"  # message type: "fit your tasks' heads on this frozen model"
 INSTRUCTION = "instruction"  # the config record's key holding the Instruction as JSON
-INSTRUCTION_VERSION = 3  # 2: prox_mu, keep_optimizer; 3: train.task_order, optimizer_reset
+INSTRUCTION_VERSION = 3  # 2: prox_mu, keep_optimizer; 3: train.task_order, optimizer_reset, head_refit
 
 
 class InstructionError(ValueError):
@@ -77,6 +77,8 @@ class Instruction(Strict):
         transfer: How the site encodes its train reply.
         prox_mu: FedProx weight of the proximal term at the site (version 2; 0: none).
         keep_optimizer: The site keeps its optimiser state across rounds (version 2).
+        head_refit: The site re-fits its heads on the frozen master before it trains
+            (version 3).
     """
 
     version: int = INSTRUCTION_VERSION
@@ -91,6 +93,7 @@ class Instruction(Strict):
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     prox_mu: float = Field(0.0, ge=0)
     keep_optimizer: bool = False
+    head_refit: bool = False
 
     @property
     def tasks(self) -> list[TaskSpec]:
@@ -103,7 +106,7 @@ class Instruction(Strict):
             round=round_, num_rounds=cfg.rounds, lr=lr, local_epochs=cfg.local_epochs,
             fingerprint=run_fingerprint(cfg), model=cfg.model, train=cfg.train,
             catalogue=cfg.catalogue, transfer=cfg.transfer, prox_mu=cfg.prox_mu,
-            keep_optimizer=cfg.keep_site_optimizer,
+            keep_optimizer=cfg.keep_site_optimizer, head_refit=cfg.head_refit,
         )
 
     def to_config(self) -> dict[str, str | int]:
