@@ -347,7 +347,8 @@ def _run(tmp_path, name, transfer, rounds=1):
                      on_reply=lambda m: _inspect(m, seen, cfg.transfer.encoding))
     ArkFederation(cfg, run_dir, poll_interval=0.0).start(grid)
     assert json.loads((run_dir / "state.json").read_text())["finished"]
-    assert sorted(k for k, _ in seen) == ["query"] * 2 + ["query.tasks"] * 2 + ["train"] * 2 * rounds
+    assert sorted(k for k, _ in seen) == (["query"] * 2 + ["query.tasks"] * 2
+                                          + ["train"] * 2 * rounds + ["train.heads"] * 4)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in lines if x["kind"] == "train"]
     assert all(x["accepted"] and x["encoding"] == cfg.transfer.encoding for x in train)
