@@ -25,6 +25,7 @@ from ark_core.fed.federation import (
     check_site_tasks,
     ema_position,
     load_simulation,
+    round_passes,
     site_train_config,
 )
 from ark_core.fed.protocol import Instruction
@@ -170,6 +171,10 @@ class Site:
             The student's float tensors (shared parts and this site's heads) and metrics.
         """
         tasks, train, device = self._setup(ins)
+        passes, parts = round_passes(ins.local_epochs)
+        if parts > 1:  # a round trains this round's part of an epoch of each task
+            for td in tasks:
+                td.train = td.train.epoch_part(ins.round - 1, parts, train.seed)
         seed_everything(train.seed + ins.round)
         student = self._model(ins, tasks, master).to(device)
         if ins.head_refit:  # heads fitted to the master's features before joint training
@@ -183,7 +188,7 @@ class Site:
         result = train_cyclic(
             student, teacher, tasks, train,
             img_size=ins.model.img_size, work_size=ins.model.resolved_work_size, lr=ins.lr,
-            local_epochs=ins.local_epochs, ema_step=ema_step, ema_total_steps=ema_total,
+            local_epochs=passes, ema_step=ema_step, ema_total_steps=ema_total,
             device=device, optimizer=optimizer, progress=self.progress,
             desc=f"{self.cfg.name} r{ins.round} ", prox_mu=ins.prox_mu,
         )

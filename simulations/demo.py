@@ -72,9 +72,11 @@ def optimiser_steps(sizes: list[int], batch_size: int) -> int:
 def centralized_baseline(sim: SimulationConfig, tasks: list[TaskData], out: Path) -> dict:
     """The centralized run with the federation's budget (see the module docstring)."""
     epochs = sim.rounds * sim.local_epochs
-    train = sim.train.model_copy(
-        update={"epochs": epochs, "warmup_epochs": sim.train.warmup_epochs * sim.local_epochs}
-    )
+    if not float(epochs).is_integer():
+        raise ValueError(f"rounds x local_epochs = {epochs}: the centralized baseline of the "
+                         "same budget needs a whole number of epochs")
+    warmup = round(sim.train.warmup_epochs * sim.local_epochs)  # warm-up rounds -> epochs
+    train = sim.train.model_copy(update={"epochs": int(epochs), "warmup_epochs": warmup})
     return train_tasks(
         tasks, sim.model, train, out, fingerprint="demo-" + run_fingerprint(sim.federation()),
         progress=False,
@@ -151,12 +153,12 @@ def run_demo(sim_yaml: Path = DEMO_YAML, *, run_dir: Path | None = None, fresh: 
     for site in sim.sites:
         root = resolve_path(site.data_root, base) if site.data_root else base
         sizes = [len(td.train) for td in load_task_data(site.tasks, root, splits=("train",))]
-        fed_steps += optimiser_steps(sizes, sim.train.batch_size) * sim.local_epochs * sim.rounds
+        fed_steps += round(optimiser_steps(sizes, sim.train.batch_size) * sim.local_epochs * sim.rounds)
     central_dir = out / "centralized"
     print(f"centralized baseline: {sim.rounds * sim.local_epochs} epochs over the union of the "
           f"sites' data -> {central_dir}", flush=True)
     centralized_baseline(sim, tasks, central_dir)
-    central_steps = optimiser_steps([len(td.train) for td in tasks], sim.train.batch_size) * (
+    central_steps = optimiser_steps([len(td.train) for td in tasks], sim.train.batch_size) * round(
         sim.rounds * sim.local_epochs
     )
 

@@ -154,3 +154,19 @@ def test_the_demo_ratio_is_that_of_the_evaluated_aucs_with_a_paired_ci(tiny_run)
     assert got["ci"][0] < got["ratio"] < got["ci"][1]
     same = ratio_with_ci(files["teacher"], files["teacher"], tasks, **sizes, n_boot=300)
     assert same["ratio"] == 1.0 and same["ci"] == [1.0, 1.0]  # paired: no spread at all
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "simulations"
+                                         / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_experiment_builds_a_valid_simulation_for_each_run(path):
+    from ark_core.config import load_yaml
+    from ark_core.fed.federation import SimulationConfig
+    from simulations.experiment import SiteSplit, simulation_for
+
+    exp = load_config(path, ExperimentConfig)
+    raw, _ = load_yaml(path.parent / exp.simulation)
+    natural = SiteSplit(name="natural")  # dealing reads the data, which may live elsewhere
+    for arm in exp.arms:
+        sim = SimulationConfig.model_validate(
+            simulation_for(exp, raw, natural, arm, exp.seeds[0], path.parent.parent))
+        assert sim.train.seed == exp.seeds[0]

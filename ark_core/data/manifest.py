@@ -73,6 +73,17 @@ class Manifest:
             meta={k: [v[i] for i in idx] for k, v in self.meta.items()},
         )
 
+    def epoch_part(self, index: int, parts: int, seed: int) -> Manifest:
+        """Part ``index mod parts`` of epoch ``index // parts``, cut into ``parts``.
+
+        Each epoch has its own seeded order of the images, cut into ``parts`` near-equal
+        runs: ``parts`` consecutive indices see every image once.
+        """
+        n = len(self.paths)
+        epoch, part = divmod(index, parts)
+        order = np.random.default_rng([seed % 2**32, epoch]).permutation(n)
+        return self.subset(np.sort(order[part * n // parts:(part + 1) * n // parts]))
+
     @staticmethod
     def concat(parts: Sequence[Manifest]) -> Manifest:
         """The union of manifests of one task (e.g. every site's share), rooted in common."""

@@ -75,7 +75,11 @@ class FederationConfig(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     catalogue: list[CatalogueTask] = Field(min_length=1, description="Every task of the run.")
     rounds: int = Field(gt=0, description="Federated rounds.")
-    local_epochs: int = Field(1, gt=0, description="Passes over the site's tasks per round.")
+    local_epochs: int | float = Field(
+        1, gt=0, description="Passes over the site's tasks per round; a fraction 1/k (0.5, "
+        "0.25, ...) trains each task on the k-th part of an epoch each round, so that k rounds "
+        "make one epoch (more, shorter rounds at the same compute).",
+    )
     train: TrainConfig = Field(default_factory=TrainConfig)
     min_sites: int = Field(1, gt=0, description="Valid replies a round needs.")
     round_timeout_s: float = Field(
@@ -136,6 +140,12 @@ class FederationConfig(Strict):
         "and the average steps by the sites' mean step count, so that sites taking more local "
         "steps do not set the direction (see ark_core.fed.step_norm); off: plain FedAvg weights.",
     )
+
+    @field_validator("local_epochs")
+    @classmethod
+    def _whole_or_one_kth(cls, v: int | float) -> int | float:
+        check_local_epochs(v)
+        return v
 
     @model_validator(mode="after")
     def _unique_tasks(self) -> FederationConfig:
@@ -302,9 +312,27 @@ def round_lr(train: TrainConfig, round_: int, num_rounds: int) -> float:
     return lr_at(round_ - 1, num_rounds, train.lr, train.min_lr, train.warmup_epochs)
 
 
-def ema_position(round_: int, num_rounds: int, local_epochs: int, num_tasks: int) -> tuple[int, int]:
-    """A site's (EMA step before ``round_``, total EMA steps) over its own task-epochs."""
-    per_round = local_epochs * num_tasks
+def check_local_epochs(v: float) -> None:
+    """A whole number of passes, or one k-th of an epoch (k rounds tile an epoch)."""
+    whole = v >= 1 and float(v).is_integer()
+    if not whole and not (v < 1 and abs(1 / v - round(1 / v)) < 1e-9):
+        raise ValueError(f"local_epochs {v}: a whole number of passes, or 1/k of an epoch "
+                         "(0.5, 0.25, ...) so that k rounds make one epoch")
+
+
+def round_passes(local_epochs: float) -> tuple[int, int]:
+    """(passes over the tasks per round, rounds per epoch): (n, 1), or (1, k) for 1/k."""
+    if local_epochs >= 1:
+        return int(local_epochs), 1
+    return 1, round(1 / local_epochs)
+
+
+def ema_position(round_: int, num_rounds: int, local_epochs: float, num_tasks: int) -> tuple[int, int]:
+    """A site's (EMA step before ``round_``, total EMA steps) over its own task-epochs.
+
+    With 1/k of an epoch a round, a round's part of a task-epoch takes one EMA step.
+    """
+    per_round = round_passes(local_epochs)[0] * num_tasks
     return (round_ - 1) * per_round, num_rounds * per_round
 
 

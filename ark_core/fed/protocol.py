@@ -38,11 +38,11 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from ..config import ModelConfig, Strict, TrainConfig, format_validation_error
 from ..tasks import TaskSpec
-from .federation import CatalogueTask, FederationConfig, run_fingerprint
+from .federation import CatalogueTask, FederationConfig, check_local_epochs, run_fingerprint
 from .transfer import TransferConfig
 
 ARRAYS = "arrays"
@@ -54,7 +54,8 @@ SCALES = "scales"
 TASKS_QUERY = "query.tasks"  # message type: "which tasks do you train?"
 HEADS = "train.heads"  # message type: "fit your tasks' heads on this frozen model"
 INSTRUCTION = "instruction"  # the config record's key holding the Instruction as JSON
-INSTRUCTION_VERSION = 3  # 2: prox_mu, keep_optimizer; 3: train.task_order, optimizer_reset, head_refit
+INSTRUCTION_VERSION = 3  # 2: prox_mu, keep_optimizer; 3: train.task_order, optimizer_reset,
+# head_refit, fractional local_epochs
 
 
 class InstructionError(ValueError):
@@ -69,7 +70,7 @@ class Instruction(Strict):
         round: Current round (1-based; 0 for messages outside training).
         num_rounds: Rounds of the run.
         lr: This round's learning rate.
-        local_epochs: Passes over the site's tasks per round.
+        local_epochs: Passes over the site's tasks per round, or 1/k of an epoch (version 3).
         fingerprint: The run's fingerprint (keys the site's teacher store).
         model: The architecture.
         train: Training settings (the site applies its overrides).
@@ -85,7 +86,7 @@ class Instruction(Strict):
     round: int = Field(ge=0)
     num_rounds: int = Field(ge=1)
     lr: float = Field(ge=0)
-    local_epochs: int = Field(ge=1)
+    local_epochs: int | float = Field(gt=0)
     fingerprint: str
     model: ModelConfig
     train: TrainConfig
@@ -94,6 +95,12 @@ class Instruction(Strict):
     prox_mu: float = Field(0.0, ge=0)
     keep_optimizer: bool = False
     head_refit: bool = False
+
+    @field_validator("local_epochs")
+    @classmethod
+    def _whole_or_one_kth(cls, v: int | float) -> int | float:
+        check_local_epochs(v)
+        return v
 
     @property
     def tasks(self) -> list[TaskSpec]:
