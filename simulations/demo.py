@@ -69,8 +69,12 @@ def optimiser_steps(sizes: list[int], batch_size: int) -> int:
     return sum(math.ceil(n / batch_size) for n in sizes if n)
 
 
-def centralized_baseline(sim: SimulationConfig, tasks: list[TaskData], out: Path) -> dict:
-    """The centralized run with the federation's budget (see the module docstring)."""
+def centralized_baseline(sim: SimulationConfig, tasks: list[TaskData], out: Path, *,
+                         max_epochs: int | None = None) -> dict:
+    """The centralized run with the federation's budget (see the module docstring).
+
+    It resumes from ``out``'s checkpoint; ``max_epochs`` stops it after that many more.
+    """
     epochs = sim.rounds * sim.local_epochs
     if not float(epochs).is_integer():
         raise ValueError(f"rounds x local_epochs = {epochs}: the centralized baseline of the "
@@ -79,7 +83,7 @@ def centralized_baseline(sim: SimulationConfig, tasks: list[TaskData], out: Path
     train = sim.train.model_copy(update={"epochs": int(epochs), "warmup_epochs": warmup})
     return train_tasks(
         tasks, sim.model, train, out, fingerprint="demo-" + run_fingerprint(sim.federation()),
-        progress=False,
+        progress=False, max_epochs=max_epochs,
     )
 
 

@@ -47,6 +47,7 @@ from ark_core.eval.compare import Scored, paired_difference, paired_ratio, summa
 from ark_core.eval.evaluate import predict
 from ark_core.eval.plots import pyplot, save_figure
 from ark_core.fed.federation import SimulationConfig, load_simulation
+from ark_core.model.checkpoint import read_metadata
 from ark_core.model.factory import load_model
 from client.app import app as client_app
 from server.app import federation_from_run_config
@@ -237,7 +238,10 @@ def _train(arm: Arm, sim_path: Path, base: Path, run_dir: Path) -> Path:
         tasks = union_tasks(sim, base)
         trained = centralized_dir(run_dir, sim_path, tasks)
         teacher = trained / "teacher.safetensors"
-        if not teacher.exists():  # trained for another arm or site split: scored, not retrained
+        # Trained for another arm or site split: scored, not retrained. A training that was
+        # stopped has a teacher too, of fewer epochs: it resumes.
+        epochs = round(sim.rounds * sim.local_epochs)
+        if not teacher.exists() or read_metadata(teacher)["provenance"].get("epochs") != epochs:
             centralized_baseline(sim, tasks, trained)
         if not arm.calibrate:
             return teacher

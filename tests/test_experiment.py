@@ -20,6 +20,7 @@ TWO_SITES = Path(__file__).resolve().parent / "data" / "sim_two_sites.yaml"
 
 
 def _write(tmp_path: Path, **over) -> Path:
+    tmp_path.mkdir(exist_ok=True)
     exp = {"simulation": str(TWO_SITES), "seeds": [0, 1], "rounds": 2, "test_fraction": 0.3,
            "n_boot": 200, "out_dir": str(tmp_path / "out"),
            "arms": [{"name": "fedavg"}, {"name": "central", "centralized": True}], **over}
@@ -89,6 +90,31 @@ def test_a_calibrated_centralized_arm_refits_only_the_heads_of_the_same_training
     for k in plain:
         same = torch.equal(plain[k], calibrated[k])
         assert same if not k.startswith("heads.") else not same, k
+
+
+def test_a_stopped_centralized_training_resumes_instead_of_being_scored(tmp_path):
+    from ark_core.config import load_yaml
+    from simulations.demo import centralized_baseline, union_tasks
+    from simulations.experiment import SiteSplit, centralized_dir, simulation_for
+
+    arms = [{"name": "central", "centralized": True},
+            {"name": "central-cal", "centralized": True, "calibrate": True}]
+    whole = run_experiment(_write(tmp_path / "whole", arms=arms, seeds=[0]), progress=False)
+    # The same training, stopped after its first epoch (what a killed experiment leaves).
+    path = _write(tmp_path, arms=arms, seeds=[0])
+    exp = load_config(path, ExperimentConfig)
+    run_dir = tmp_path / "out" / "natural" / "central" / "seed-0"
+    run_dir.mkdir(parents=True)
+    raw, _ = load_yaml(TWO_SITES)
+    (run_dir / "simulation.yaml").write_text(yaml.safe_dump(simulation_for(
+        exp, raw, SiteSplit(name="natural"), exp.arms[0], 0, TWO_SITES.parent)))
+    sim, base, _ = load_simulation(run_dir / "simulation.yaml", str(TWO_SITES.parent),
+                                   str(tmp_path / "x"))
+    tasks = union_tasks(sim, base)
+    centralized_baseline(sim, tasks, centralized_dir(run_dir, run_dir / "simulation.yaml", tasks),
+                         max_epochs=1)
+    resumed = run_experiment(path, progress=False)
+    assert resumed["site_splits"] == whole["site_splits"]  # as if never stopped
 
 
 def test_site_splits_deal_every_task_to_every_site_and_score_the_same_films(tmp_path):
