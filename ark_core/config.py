@@ -195,6 +195,13 @@ TRAIN_OPTIONS_ADDED = {"task_order": "fixed", "optimizer_reset": "never"}
 leaves them out at these values, so that runs made before them resume."""
 
 
+def drop_added_defaults(train: dict) -> None:
+    """Remove from a dumped TrainConfig the added options that hold their defaults."""
+    for option, default in TRAIN_OPTIONS_ADDED.items():
+        if train.get(option) == default:
+            train.pop(option)
+
+
 class TrainConfig(Strict):
     """Optimisation and the teacher-student schedule."""
 

@@ -18,11 +18,11 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..config import (
-    TRAIN_OPTIONS_ADDED,
     ModelConfig,
     Strict,
     TaskConfig,
     TrainConfig,
+    drop_added_defaults,
     load_config,
     require_unique,
     resolve_path,
@@ -289,9 +289,7 @@ def run_fingerprint(cfg: FederationConfig) -> str:
     d["train"].pop("workers", None)
     d["train"].pop("device", None)
     d["train"].pop("threads", None)
-    for option, default in TRAIN_OPTIONS_ADDED.items():
-        if d["train"].get(option) == default:
-            d["train"].pop(option)
+    drop_added_defaults(d["train"])
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

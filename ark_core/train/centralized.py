@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..config import TRAIN_OPTIONS_ADDED, ArkConfig, ModelConfig, TrainConfig, resolve_path
+from ..config import ArkConfig, ModelConfig, TrainConfig, drop_added_defaults, resolve_path
 from ..data.dataset import check_files
 from ..data.loaders import TaskData, load_task_data
 from ..eval.evaluate import evaluate
@@ -41,9 +41,7 @@ log = logging.getLogger(__name__)
 def config_fingerprint(cfg: ArkConfig) -> str:
     """Hash of what determines the result (not output paths, workers, device)."""
     d = cfg.model_dump(mode="json", exclude={"output_dir": True, "train": {"workers", "device"}})
-    for option, default in TRAIN_OPTIONS_ADDED.items():
-        if d["train"].get(option) == default:
-            d["train"].pop(option)
+    drop_added_defaults(d["train"])
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
