@@ -241,11 +241,12 @@ def _train(arm: Arm, sim_path: Path, base: Path, run_dir: Path) -> Path:
         # Trained for another arm or site split: scored, not retrained. A training that was
         # stopped has a teacher too, of fewer epochs: it resumes.
         epochs = round(sim.rounds * sim.local_epochs)
+        done = teacher.with_name("teacher_calibrated.safetensors")
         if not teacher.exists() or read_metadata(teacher)["provenance"].get("epochs") != epochs:
+            done.unlink(missing_ok=True)  # fitted to a teacher that is now trained further
             centralized_baseline(sim, tasks, trained)
         if not arm.calibrate:
             return teacher
-        done = teacher.with_name("teacher_calibrated.safetensors")
         return done if done.exists() else calibrated_copy(teacher, tasks, sim.train.batch_size)
     rc = {"sim-config": str(sim_path), "data-root": str(base), "run-dir": str(run_dir / "fed"),
           "fed-config": ""}

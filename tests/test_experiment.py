@@ -94,7 +94,7 @@ def test_a_calibrated_centralized_arm_refits_only_the_heads_of_the_same_training
 
 def test_a_stopped_centralized_training_resumes_instead_of_being_scored(tmp_path):
     from ark_core.config import load_yaml
-    from simulations.demo import centralized_baseline, union_tasks
+    from simulations.demo import calibrated_copy, centralized_baseline, union_tasks
     from simulations.experiment import SiteSplit, centralized_dir, simulation_for
 
     arms = [{"name": "central", "centralized": True},
@@ -111,10 +111,14 @@ def test_a_stopped_centralized_training_resumes_instead_of_being_scored(tmp_path
     sim, base, _ = load_simulation(run_dir / "simulation.yaml", str(TWO_SITES.parent),
                                    str(tmp_path / "x"))
     tasks = union_tasks(sim, base)
-    centralized_baseline(sim, tasks, centralized_dir(run_dir, run_dir / "simulation.yaml", tasks),
-                         max_epochs=1)
+    trained = centralized_dir(run_dir, run_dir / "simulation.yaml", tasks)
+    centralized_baseline(sim, tasks, trained, max_epochs=1)
+    # A calibrated copy of the stopped teacher (what the previous version could leave).
+    stale = calibrated_copy(trained / "teacher.safetensors", tasks, sim.train.batch_size)
     resumed = run_experiment(path, progress=False)
     assert resumed["site_splits"] == whole["site_splits"]  # as if never stopped
+    # The calibrated arm was fitted to the finished teacher, not the stopped one.
+    assert stale.stat().st_mtime_ns > (trained / "teacher.safetensors").stat().st_mtime_ns
 
 
 def test_site_splits_deal_every_task_to_every_site_and_score_the_same_films(tmp_path):
