@@ -67,8 +67,13 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query("tasks")
 def site_tasks(msg: Message, context: Context) -> Message:
-    """The site's name and tasks (no data), so the server sends it only its own heads."""
-    return _reply(msg, site_of(msg, context), {})
+    """The site's name and tasks, so the server sends it only its own heads.
+
+    With per-task weighting also its training counts per task (numbers only).
+    """
+    site, ins = site_of(msg, context), instruction_of(msg)
+    counts = site.train_counts(ins) if ins.shared_weighting == "tasks" else {}
+    return _reply(msg, site, counts)
 
 
 @app.query()

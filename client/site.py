@@ -161,7 +161,17 @@ class Site:
             return None
         return make_teacher(self._model(ins, tasks, store.load(prev))), prev
 
-    # -- the three operations ------------------------------------------------------
+    # -- the operations --------------------------------------------------------------
+    def train_counts(self, ins: Instruction) -> dict[str, float]:
+        """Training images per task (one epoch) and their total, as ``num-examples`` keys.
+
+        What per-task weighting needs before the first reply of a round is folded in
+        (:mod:`ark_core.fed.task_weights`); counts only, as every train reply sends.
+        """
+        tasks, _, _ = self._setup(ins, splits=("train",))
+        counts = {f"num-examples.{t.spec.name}": float(len(t.train)) for t in tasks}
+        return {"num-examples": sum(counts.values()), **counts}
+
     def train(
         self, ins: Instruction, master: Mapping[str, torch.Tensor]
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:

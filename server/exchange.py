@@ -116,6 +116,9 @@ class Exchange:
         self.poll_interval, self.node_wait_s = poll_interval, node_wait_s
         # node id -> (site, tasks) as the site said (query.tasks or a reply); sent heads follow
         self.node_sites: dict[int, tuple[str, list[str]]] = {}
+        # node id -> task -> training examples, as stated with its tasks (shared_weighting: tasks)
+        self.train_counts: dict[int, dict[str, float]] = {}
+        self.round_nodes: list[int] = []  # the nodes the last ``send`` went to
         # node id -> (sorted tasks whose heads it was sent, SHA-256 of that master part)
         self.sent: dict[int, tuple[list[str], str]] = {}
         # A deployment: node id -> enrolled site (re-read every exchange).
@@ -210,6 +213,7 @@ class Exchange:
         if state is not None:
             known = self.site_tasks(grid, nodes, round_)
             nodes = [n for n in nodes if n in known]
+        self.round_nodes = list(nodes)
         msgs = self.messages(kind, ins, round_, nodes, state)
         ids = list(grid.push_messages(msgs))  # in order; None (or nothing) where refused
         del msgs
@@ -280,6 +284,8 @@ class Exchange:
                                           norm=None, accepted=False, reason=str(e))
                     return
                 self.node_sites[r.node_id] = (r.site, r.tasks)
+                self.train_counts[r.node_id] = {t: r.metrics[f"num-examples.{t}"] for t in r.tasks
+                                                if f"num-examples.{t}" in r.metrics}
                 log.info("site %s (node %d) trains %s", r.site, r.node_id, ", ".join(r.tasks))
 
             self.send(grid, TASKS_QUERY, Instruction.for_round(self.cfg, round_), round_,

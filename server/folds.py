@@ -41,6 +41,8 @@ class Federation(Protocol):
 
     def capped_weights(self, r: Reply) -> Bounded: ...
 
+    def shared_weight(self, w: Bounded) -> float: ...
+
 
 class Collect:
     """Replies collected once at the end (teachers, calibrated heads).
@@ -100,6 +102,7 @@ class TrainFold:
         self.sketch = UpdateSketch(state, seed=round_)  # how alike the sites' updates are
         self.lines: list[dict] = []
         self.clipped: dict[str, dict] = {}
+        self.weights: dict[str, float] = {}  # site -> shared weight, where not its examples
 
     def __call__(self, msg: Message, node: int) -> None:
         arrived = time.time()
@@ -128,16 +131,22 @@ class TrainFold:
         exchange = self.fed.exchange
         sent_tasks = exchange.sent.get(r.node_id, ([], ""))[0]
         if sorted(r.tasks) != sent_tasks:
-            exchange.node_sites[r.node_id] = (r.site, r.tasks)  # next round sends those heads
+            if self.fed.cfg.shared_weighting == "tasks":  # asked again, with its counts
+                exchange.node_sites.pop(r.node_id, None)
+            else:
+                exchange.node_sites[r.node_id] = (r.site, r.tasks)  # next round sends those heads
             raise UpdateRejected(f"declares tasks {r.tasks}, but was sent the heads of "
                                  f"{sent_tasks}")
         missing = [t for t in r.tasks if f"num-examples.{t}" not in r.metrics]
         if missing:
             raise UpdateRejected(f"no example counts for tasks {missing}")
         w = self.fed.capped_weights(r)
+        shared = self.fed.shared_weight(w)
         if self.fed.normaliser is not None:
             self.fed.normaliser.expect(r.site, steps_of(r.metrics, r.tasks))
-        self.agg.add(r.site, update, w.num_examples, w.task_examples)
+        self.agg.add(r.site, update, shared, w.task_examples)
+        if shared != w.num_examples:
+            self.weights[r.site] = shared
         self.sketch.add(r.site, update)
         if self.fed.caps is not None:
             self.fed.caps.accept(r.site, w)
@@ -163,6 +172,8 @@ class TrainFold:
                            "node_id": r.node_id, "accepted": accepted,
                            **({"reason": reason} if reason else {}), "bytes": r.nbytes,
                            **({"update_norm": norm} if norm is not None else {}),
+                           **({"shared_weight": self.weights[r.site]}
+                              if r.site in self.weights else {}),
                            "encoding": encoding, **r.metrics})
 
 

@@ -53,6 +53,7 @@ from ark_core.fed.protocol import (
 from ark_core.fed.robust import make_aggregator
 from ark_core.fed.server_opt import ServerOptimizer
 from ark_core.fed.step_norm import StepNormalised
+from ark_core.fed.task_weights import shared_weight, task_totals
 from ark_core.model.factory import create_model
 from ark_core.model.network import ArkModel, make_teacher
 from ark_core.train.cyclic import seed_everything
@@ -115,6 +116,25 @@ class ArkFederation:
         tasks = {t: r.metrics.get(f"num-examples.{t}", 0.0) for t in r.tasks}
         num = r.metrics.get("num-examples", 0.0)
         return Bounded(num, tasks) if self.caps is None else self.caps.bound(r.site, num, tasks)
+
+    def shared_weight(self, w: Bounded) -> float:
+        """The weight of a reply's shared tensors: its examples, or its per-task weight.
+
+        Per-task weighting (:mod:`ark_core.fed.task_weights`) sums each task's training
+        counts over the round's sites, as they stated them with their tasks (capped like
+        the replies' counts in a deployment).
+        """
+        if self.cfg.shared_weighting == "examples":
+            return w.num_examples
+        ex = self.exchange
+        stated = []
+        for node in ex.round_nodes:
+            counts = ex.train_counts.get(node, {})
+            if self.caps is not None and node in ex.node_sites:
+                counts = self.caps.bound(ex.node_sites[node][0], sum(counts.values()),
+                                         counts).task_examples
+            stated.append(counts)
+        return shared_weight(w.task_examples, task_totals(stated))
 
     # -- one training round ----------------------------------------------------------
     def train_round(self, grid: Grid, master: ArkModel, round_: int) -> dict | None:

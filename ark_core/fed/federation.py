@@ -135,6 +135,13 @@ class FederationConfig(Strict):
         None, description="fedavgm, fedadam or fedyogi on the aggregate's pseudo-gradient, any "
         "aggregation (see ark_core.fed.server_opt); none: the aggregate is the new master.",
     )
+    shared_weighting: Literal["examples", "tasks"] = Field(
+        "examples", description="How the sites' backbone and projector are weighted in the "
+        "average. examples: by each site's examples this round; tasks: every task carries the "
+        "same total weight, shared among its sites by their examples of it (see "
+        "ark_core.fed.task_weights), so that the tasks with the most images do not set the "
+        "shared features alone. Heads are weighted by their task's examples either way.",
+    )
     step_normalisation: bool = Field(
         False, description="FedNova-style: each site's update counts per local optimiser step, "
         "and the average steps by the sites' mean step count, so that sites taking more local "
@@ -182,6 +189,21 @@ class FederationConfig(Strict):
             raise ValueError(
                 "step_normalisation reweighs and rescales the sites' updates after they are "
                 "clipped, which the privacy accountant does not model: turn one of them off")
+        return self
+
+    @model_validator(mode="after")
+    def _task_weights_are_used(self) -> FederationConfig:
+        if self.shared_weighting == "tasks" and self.privacy is not None:
+            raise ValueError(
+                "shared_weighting: tasks weighs the sites' updates, but privacy averages the "
+                "clipped updates with equal weights (what its accountant models): turn one of "
+                "them off")
+        if self.shared_weighting == "tasks" and self.aggregation.method in ("median",
+                                                                               "trimmed_mean"):
+            raise ValueError(
+                f"shared_weighting: tasks weighs the sites' updates, but aggregation "
+                f"{self.aggregation.method!r} is coordinate-wise and unweighted: use mean or "
+                "norm_bounded, or weigh by examples")
         return self
 
     @model_validator(mode="after")
@@ -282,6 +304,8 @@ def run_fingerprint(cfg: FederationConfig) -> str:
         d.pop("step_normalisation")
     if d.get("head_refit") is False:
         d.pop("head_refit")
+    if d.get("shared_weighting") == "examples":
+        d.pop("shared_weighting")
     if d.get("aggregation") == AggregationConfig().model_dump(mode="json"):
         d.pop("aggregation", None)
     if d.get("transfer") == TransferConfig().model_dump(mode="json"):

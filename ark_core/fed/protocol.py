@@ -8,11 +8,12 @@ messages)
     ``arrays`` (ArrayRecord): the master student's shared float tensors (backbone,
     projector) and the heads of the receiving site's own tasks, no other head; absent in
     ``query`` and ``query.tasks``. The server learns a site's tasks from a ``query.tasks``
-    message (answered with the ``site`` record alone) before it first sends it a master.
+    message (answered with the ``site`` record and, for per-task weighting, its training
+    counts) before it first sends it a master.
     ``config`` (ConfigRecord): ``instruction``, the :class:`Instruction` as one JSON value
     (``version``, ``round``, ``num_rounds``, ``lr``, ``local_epochs``, ``fingerprint``,
     ``model``, ``train``, ``catalogue``, ``transfer``, ``prox_mu``,
-    ``keep_optimizer``), and ``round`` again as a plain
+    ``keep_optimizer``, ``head_refit``, ``shared_weighting``), and ``round`` again as a plain
     number for logs and audit lines.
 
 Site -> server (replies)
@@ -25,7 +26,9 @@ Site -> server (replies)
     ``<student|teacher>.auc.<task>`` (mean AUC),
     ``<student|teacher>.auc.<task>.<label>`` and ``num-examples.<task>`` (evaluate);
     ``teacher-round``, ``num-examples``, ``num-examples.<task>`` (query);
-    ``num-examples``, ``num-examples.<task>`` (train.heads).
+    ``num-examples``, ``num-examples.<task>`` (train.heads); ``query.tasks``: none, or with
+    ``shared_weighting: tasks`` the training split's ``num-examples`` and
+    ``num-examples.<task>`` (one epoch).
     ``site`` (ConfigRecord): ``name`` (str) and ``tasks`` (list of task names).
     ``encoding`` (ConfigRecord, train replies of a run whose transfer is not fp32 weights):
     ``{"arrays": <encoding>}``; ``scales`` (ArrayRecord, int8 only): tensor name -> float32
@@ -36,7 +39,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
@@ -54,8 +57,8 @@ SCALES = "scales"
 TASKS_QUERY = "query.tasks"  # message type: "which tasks do you train?"
 HEADS = "train.heads"  # message type: "fit your tasks' heads on this frozen model"
 INSTRUCTION = "instruction"  # the config record's key holding the Instruction as JSON
-INSTRUCTION_VERSION = 3  # 2: prox_mu, keep_optimizer; 3: train.task_order, optimizer_reset,
-# head_refit, fractional local_epochs
+INSTRUCTION_VERSION = 4  # 2: prox_mu, keep_optimizer; 3: train.task_order, optimizer_reset,
+# head_refit, fractional local_epochs; 4: shared_weighting
 
 
 class InstructionError(ValueError):
@@ -80,6 +83,8 @@ class Instruction(Strict):
         keep_optimizer: The site keeps its optimiser state across rounds (version 2).
         head_refit: The site re-fits its heads on the frozen master before it trains
             (version 3).
+        shared_weighting: ``tasks``: the site states its training counts per task when
+            asked its tasks (version 4; see :mod:`ark_core.fed.task_weights`).
     """
 
     version: int = INSTRUCTION_VERSION
@@ -95,6 +100,7 @@ class Instruction(Strict):
     prox_mu: float = Field(0.0, ge=0)
     keep_optimizer: bool = False
     head_refit: bool = False
+    shared_weighting: Literal["examples", "tasks"] = "examples"
 
     @field_validator("local_epochs")
     @classmethod
@@ -114,6 +120,7 @@ class Instruction(Strict):
             fingerprint=run_fingerprint(cfg), model=cfg.model, train=cfg.train,
             catalogue=cfg.catalogue, transfer=cfg.transfer, prox_mu=cfg.prox_mu,
             keep_optimizer=cfg.keep_site_optimizer, head_refit=cfg.head_refit,
+            shared_weighting=cfg.shared_weighting,
         )
 
     def to_config(self) -> dict[str, str | int]:
