@@ -10,7 +10,7 @@ from __future__ import annotations
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ark_core.fed.protocol import ARRAYS, ENCODING, METRICS, SCALES, SITE
+from ark_core.fed.protocol import ARRAYS, ENCODING, METRICS, SCALES, SITE, TEACHER
 from client.audit import audit_mod
 from client.egress import egress_guard
 from client.message import instruction_of, site_of
@@ -38,7 +38,8 @@ def train(msg: Message, context: Context) -> Message:
     """One round: the master student in, this site's student (run's encoding) and metrics out."""
     site, ins = site_of(msg, context), instruction_of(msg)
     master = Tensors(msg.content[ARRAYS])
-    student, metrics = site.train(ins, master)
+    teacher = msg.content.array_records.get(TEACHER)
+    student, metrics = site.train(ins, master, None if teacher is None else Tensors(teacher))
     payload = site.encode(ins, master, student)
     del student
     if not payload.manifest:  # plain fp32 weights: numpy Arrays, as Flower makes them

@@ -173,13 +173,21 @@ class Site:
         return {"num-examples": sum(counts.values()), **counts}
 
     def train(
-        self, ins: Instruction, master: Mapping[str, torch.Tensor]
+        self, ins: Instruction, master: Mapping[str, torch.Tensor],
+        server_teacher: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """One federated round: master student + the site's teacher -> cyclic training.
+
+        With ``teacher: server`` the teacher is ``server_teacher``, the round's fixed
+        consistency target, and the site stores none.
 
         Returns:
             The student's float tensors (shared parts and this site's heads) and metrics.
         """
+        on_site = ins.teacher == "sites"
+        if not on_site and server_teacher is None:
+            raise ValueError(f"site {self.cfg.name!r}: the run's teacher is the server's, but "
+                             "the train message carries none")
         tasks, train, device = self._setup(ins)
         passes, parts = round_passes(ins.local_epochs)
         if parts > 1:  # a round trains this round's part of an epoch of each task
@@ -190,9 +198,13 @@ class Site:
         if ins.head_refit:  # heads fitted to the master's features before joint training
             heads, _ = fit_heads(student, tasks, batch_size=train.batch_size, device=device)
             student.load_state_dict(heads, strict=False)
-        found = self._teacher(ins, tasks, ins.round)
-        # Round 1 (or a site without an earlier teacher of this run) starts from the master.
-        teacher = (found[0] if found else make_teacher(student)).to(device)
+        if on_site:
+            found = self._teacher(ins, tasks, ins.round)
+            # Round 1 (or a site without an earlier teacher of this run) starts from the master.
+            teacher = found[0] if found else make_teacher(student)
+        else:
+            teacher, found = make_teacher(self._model(ins, tasks, server_teacher)), None
+        teacher = teacher.to(device)
         ema_step, ema_total = ema_position(ins.round, ins.num_rounds, ins.local_epochs, len(tasks))
         optimizer, opt_round = self._optimizer(ins, student, train, found[1] if found else None)
         result = train_cyclic(
@@ -200,15 +212,17 @@ class Site:
             img_size=ins.model.img_size, work_size=ins.model.resolved_work_size, lr=ins.lr,
             local_epochs=passes, ema_step=ema_step, ema_total_steps=ema_total,
             device=device, optimizer=optimizer, progress=self.progress,
-            desc=f"{self.cfg.name} r{ins.round} ", prox_mu=ins.prox_mu,
+            desc=f"{self.cfg.name} r{ins.round} ", prox_mu=ins.prox_mu, teacher_ema=on_site,
         )
-        self._store(ins).save(ins.round, float_state(teacher))
+        if on_site:
+            self._store(ins).save(ins.round, float_state(teacher))
         if optimizer is not None:
             OptimizerStore(self.state_dir, ins.fingerprint).save(
                 ins.round, optimizer_state(optimizer, student))
         metrics = dict(result.metrics)
         metrics["ema-step"] = float(result.ema_step)
-        metrics["teacher-from-round"] = float(found[1] if found else 0)
+        teacher_round = (found[1] if found else 0) if on_site else ins.round - 1
+        metrics["teacher-from-round"] = float(teacher_round)
         if optimizer is not None:
             metrics["optimizer-from-round"] = float(opt_round)
         return float_state(student.cpu()), metrics

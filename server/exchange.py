@@ -30,6 +30,7 @@ from ark_core.fed.protocol import (
     SCALES,
     SITE,
     TASKS_QUERY,
+    TEACHER,
     Instruction,
 )
 from ark_core.fed.transfer import as_update
@@ -196,12 +197,14 @@ class Exchange:
         state: Mapping[str, torch.Tensor] | None = None,
         nodes: list[int] | None = None,
         timeout: float | None = None,
+        teacher: Mapping[str, torch.Tensor] | None = None,
     ) -> int:
         """Send the instruction (and ``state``) to every site; ``handle(reply, node)`` each reply.
 
         With ``state``, each site gets the shared tensors and its own tasks' heads only (the
         method's rule); a site whose tasks are not known yet is asked first
-        (:meth:`_site_tasks`). Memory stays flat in the number of sites: every tensor is
+        (:meth:`site_tasks`). ``teacher`` (a server-side teacher) travels beside ``state``,
+        cut the same way. Memory stays flat in the number of sites: every tensor is
         serialised once and shared by all messages, released once pushed, and replies are
         pulled one message id at a time, so at most one is held while ``handle`` folds it in.
 
@@ -214,7 +217,7 @@ class Exchange:
             known = self.site_tasks(grid, nodes, round_)
             nodes = [n for n in nodes if n in known]
         self.round_nodes = list(nodes)
-        msgs = self.messages(kind, ins, round_, nodes, state)
+        msgs = self.messages(kind, ins, round_, nodes, state, teacher)
         ids = list(grid.push_messages(msgs))  # in order; None (or nothing) where refused
         del msgs
         if len(ids) != len(nodes) or None in ids:
@@ -241,10 +244,13 @@ class Exchange:
         return len(nodes)
 
     def messages(self, kind: str, ins: Instruction, round_: int, nodes: list[int],
-                  state: Mapping[str, torch.Tensor] | None) -> list[Message]:
+                 state: Mapping[str, torch.Tensor] | None,
+                 teacher: Mapping[str, torch.Tensor] | None = None) -> list[Message]:
         """One message per node; with ``state``, its shared tensors and the node's heads."""
         config = ins.to_config()
         arrays = {k: Array(v) for k, v in state.items()} if state is not None else None
+        teacher_arrays = ({k: Array(v) for k, v in teacher.items()}
+                          if teacher is not None and arrays is not None else None)
         by_tasks: dict[tuple[str, ...], RecordDict] = {}
         shas: dict[tuple[str, ...], str] = {}
         msgs = []
@@ -253,12 +259,17 @@ class Exchange:
             if tasks not in by_tasks:
                 records: dict[str, Any] = {CONFIG: ConfigRecord(config)}
                 if arrays is not None:
+                    sites = sorted(self.node_sites[m][0] for m in nodes
+                                   if tuple(sorted(self.node_sites[m][1])) == tasks)
                     records[ARRAYS] = ArrayRecord(
                         {k: a for k, a in arrays.items() if head_task(k) in (None, *tasks)})
-                    shas[tasks] = self.audit.master(
-                        round_, kind, Tensors(records[ARRAYS]), tasks=list(tasks),
-                        sites=sorted(self.node_sites[m][0] for m in nodes
-                                     if tuple(sorted(self.node_sites[m][1])) == tasks))
+                    shas[tasks] = self.audit.master(round_, kind, Tensors(records[ARRAYS]),
+                                                    tasks=list(tasks), sites=sites)
+                if teacher_arrays is not None:
+                    records[TEACHER] = ArrayRecord(
+                        {k: a for k, a in teacher_arrays.items() if head_task(k) in (None, *tasks)})
+                    self.audit.master(round_, f"{kind}.{TEACHER}", Tensors(records[TEACHER]),
+                                      tasks=list(tasks), sites=sites)
                 by_tasks[tasks] = RecordDict(records)
             if arrays is not None:
                 self.sent[n] = (list(tasks), shas[tasks])

@@ -26,7 +26,10 @@ valid replies within ``round_timeout_s``; otherwise it is retried ``retries`` ti
 the run stops (:class:`FederationStopped`), the last master intact in the run directory.
 After the last round the server asks every site once for its teacher (``query``) and averages
 the teachers it receives into the master teacher; with ``privacy`` on it does not (the
-teachers are not privatised) and writes ``privacy.json`` instead.
+teachers are not privatised) and writes ``privacy.json`` instead. With ``teacher: server``
+the server keeps the teacher itself, an EMA of the masters
+(:mod:`ark_core.fed.server_teacher`), sends it with every train message, checkpoints it with
+the round, and delivers it as the master teacher.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from ark_core.fed.protocol import (
 )
 from ark_core.fed.robust import make_aggregator
 from ark_core.fed.server_opt import ServerOptimizer
+from ark_core.fed.server_teacher import ServerTeacher, split_state
 from ark_core.fed.step_norm import StepNormalised
 from ark_core.fed.task_weights import shared_weight, task_totals
 from ark_core.model.factory import create_model
@@ -106,6 +110,7 @@ class ArkFederation:
             self.aggregator = self.normaliser
         if cfg.server_optimizer is not None:
             self.aggregator = ServerOptimizer(self.aggregator, cfg.server_optimizer)
+        self.teacher: ServerTeacher | None = None  # teacher: server, made with the master
         dep = cfg.deployment
         self.caps = ExampleCaps({s.name: s.max_examples for s in dep.sites},
                                 self.run.state.get("example_caps")) if dep else None
@@ -118,7 +123,7 @@ class ArkFederation:
         return Bounded(num, tasks) if self.caps is None else self.caps.bound(r.site, num, tasks)
 
     def shared_weight(self, w: Bounded) -> float:
-        """The weight of a reply's shared tensors: its examples, or its per-task weight.
+        """The weight of a reply's shared tensors: its examples, its per-task weight, or 1.
 
         Per-task weighting (:mod:`ark_core.fed.task_weights`) sums each task's training
         counts over the round's sites, as they stated them with their tasks (capped like
@@ -126,6 +131,8 @@ class ArkFederation:
         """
         if self.cfg.shared_weighting == "examples":
             return w.num_examples
+        if self.cfg.shared_weighting == "sites":
+            return 1.0
         ex = self.exchange
         stated = []
         for node in ex.round_nodes:
@@ -148,13 +155,16 @@ class ArkFederation:
         agg = self.aggregator
         agg.begin_round(state)
         fold = TrainFold(self, round_, state, agg)
-        sent = self.exchange.send(grid, MessageType.TRAIN, ins, round_, fold, state=state)
+        sent = self.exchange.send(grid, MessageType.TRAIN, ins, round_, fold, state=state,
+                                  teacher=self.teacher.tensors if self.teacher else None)
         lines, clipped = fold.lines, fold.clipped
         if agg.num_accepted < self.cfg.min_sites:
             log.warning("round %d: %d valid update(s) from %d site(s) asked, %d needed",
                         round_, agg.num_accepted, sent, self.cfg.min_sites)
             return None
         agg.apply(master)
+        if self.teacher is not None:
+            self.teacher.update(float_state(master), round_)
         self.run.append_metrics(lines)
         rep = agg.report
         record = {"sites": rep.sites, "contributors": rep.contributors, "weights": rep.weights,
@@ -233,12 +243,25 @@ class ArkFederation:
     def _initial_master(self) -> ArkModel:
         if self.run.last_round >= 0:
             log.info("resuming %s after round %d", self.run.path, self.run.last_round)
-            self.aggregator.load_state_dict(self.run.load_server_state())
-            return self.run.load_master()
-        seed_everything(self.cfg.train.seed)
-        master = create_model(self.cfg.model, self.cfg.task_specs())
-        self.run.commit_round(0, master, {"initial": True})
+            agg_state, teacher = split_state(self.run.load_server_state())
+            self.aggregator.load_state_dict(agg_state)
+            master = self.run.load_master()
+        else:
+            seed_everything(self.cfg.train.seed)
+            master = create_model(self.cfg.model, self.cfg.task_specs())
+            self.run.commit_round(0, master, {"initial": True})
+            teacher = {}
+        if self.cfg.teacher == "server":  # it starts from the initial master (round 0)
+            self.teacher = ServerTeacher(float_state(master), self.cfg.rounds,
+                                         self.cfg.local_epochs, self.cfg.train.ema_m0)
+            if self.run.last_round > 0:
+                self.teacher.load(teacher)
         return master
+
+    def _server_state(self) -> dict:
+        """What the server carries to the next round: the aggregator's and the teacher's."""
+        return {**self.aggregator.state_dict(),
+                **(self.teacher.state_dict() if self.teacher is not None else {})}
 
     def start(self, grid: Grid, *, max_rounds: int | None = None) -> RunDir:
         """Run (or continue) the federation to the end, or for ``max_rounds`` rounds more.
@@ -275,7 +298,7 @@ class ArkFederation:
             record["superlink_retries"] = grid.retries - retries
             if self.caps is not None:
                 self.run.state["example_caps"] = self.caps.pinned
-            self.run.commit_round(r, master, record, self.aggregator.state_dict())
+            self.run.commit_round(r, master, record, self._server_state())
             cosines = {f"cosine.{k}": v for k, v in record.get("cosine", {}).items()}
             self.run.append_metrics([{"round": r, "kind": "round", "seconds": record["seconds"],
                                       "sites": len(record["sites"]), **cosines}])
@@ -289,10 +312,14 @@ class ArkFederation:
         return self.run
 
     def _finish(self, grid: Grid, master: ArkModel) -> None:
-        if self.cfg.privacy is None:
+        teacher: ArkModel | None = None
+        teacher_sites: list[str] = []
+        if self.teacher is not None:  # an EMA of the (noised, where DP) masters: post-processing
+            teacher = make_teacher(master)
+            teacher.load_state_dict(self.teacher.tensors, strict=False)
+        elif self.cfg.privacy is None:
             teacher, teacher_sites = self.query_teachers(grid, master)
-        else:  # teachers are not privatised: the noised master student is the delivered model
-            teacher, teacher_sites = None, []
+        if self.cfg.privacy is not None:  # the sites' teachers are not privatised
             write_privacy(self.run.path, {**privacy_report(self.cfg.privacy, self.cfg.rounds),
                                           "teachers_collected": False})
         calibrated = {}
@@ -310,11 +337,14 @@ class ArkFederation:
                     tasks[group] += [s for s in who if s not in tasks[group]]
         provenance = {"rounds": self.cfg.rounds, "sites": sites, "tasks": tasks,
                       "fingerprint": self.run.fingerprint, "teacher_sites": teacher_sites}
+        if self.teacher is not None:
+            provenance["teacher"] = "server EMA of the masters"
         if calibrated:
             provenance["heads_calibrated_at"] = calibrated
         self.run.finish(master, teacher, provenance)
-        log.info("federation finished: %s (teachers of %s)", self.run.path,
-                 ", ".join(teacher_sites) or "no site")
+        log.info("federation finished: %s (teacher: %s)", self.run.path,
+                 "the server's EMA of the masters" if self.teacher is not None
+                 else "average of the teachers of " + (", ".join(teacher_sites) or "no site"))
 
 
 def _fmt(v: float | None) -> str:

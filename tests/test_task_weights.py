@@ -98,3 +98,17 @@ def test_a_federation_weighs_the_shared_tensors_per_task(tmp_path):
             assert x["shared_weight"] != pytest.approx(x["num-examples"])
     shared = [k for k in masters["tasks"] if not k.startswith("heads.")]
     assert any(not torch.equal(masters["tasks"][k], masters["examples"][k]) for k in shared)
+
+
+def test_equal_site_weights_ignore_the_counts(tmp_path):
+    """shared_weighting: sites: every accepted site weighs 1 in the shared tensors."""
+    rc = write_sim(tmp_path, rounds=1, evaluate_every=0, head_calibration="off",
+                   shared_weighting="sites")
+    cfg, run_dir = federation_from_run_config(rc)
+    ArkFederation(cfg, run_dir, poll_interval=0.01).start(InProcessGrid(client_app, 2, rc))
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x.get("kind") == "train"]
+    assert len(train) == 2 and {x["shared_weight"] for x in train} == {1.0}
+    assert len({x["num-examples"] for x in train}) == 2  # the counts differ; the weights do not
+    record = json.loads((run_dir / "state.json").read_text())["rounds"]["1"]
+    assert record["weights"]["shared"] == 2.0

@@ -135,12 +135,20 @@ class FederationConfig(Strict):
         None, description="fedavgm, fedadam or fedyogi on the aggregate's pseudo-gradient, any "
         "aggregation (see ark_core.fed.server_opt); none: the aggregate is the new master.",
     )
-    shared_weighting: Literal["examples", "tasks"] = Field(
+    teacher: Literal["sites", "server"] = Field(
+        "sites", description="sites (the published method): each site keeps its own EMA "
+        "teacher on its disk, and the master teacher is the average of the sites' teachers, "
+        "collected once at the end. server: the server keeps an EMA of the master students "
+        "(see ark_core.fed.server_teacher), sends it with every train message as the round's "
+        "fixed consistency target, and delivers it as the master teacher; the sites keep none.",
+    )
+    shared_weighting: Literal["examples", "tasks", "sites"] = Field(
         "examples", description="How the sites' backbone and projector are weighted in the "
         "average. examples: by each site's examples this round; tasks: every task carries the "
         "same total weight, shared among its sites by their examples of it (see "
         "ark_core.fed.task_weights), so that the tasks with the most images do not set the "
-        "shared features alone. Heads are weighted by their task's examples either way.",
+        "shared features alone; sites: every site the same (1/K, as FedArk averages). Heads "
+        "are weighted by their task's examples either way.",
     )
     step_normalisation: bool = Field(
         False, description="FedNova-style: each site's update counts per local optimiser step, "
@@ -189,6 +197,15 @@ class FederationConfig(Strict):
             raise ValueError(
                 "step_normalisation reweighs and rescales the sites' updates after they are "
                 "clipped, which the privacy accountant does not model: turn one of them off")
+        return self
+
+    @model_validator(mode="after")
+    def _server_teacher_without_kept_optimizer(self) -> FederationConfig:
+        if self.teacher == "server" and self.keep_site_optimizer:
+            raise ValueError(
+                "keep_site_optimizer stores the site's optimiser beside its teacher and rolls "
+                "both back together when a round is replayed; with teacher: server the site "
+                "keeps no teacher: turn one of them off")
         return self
 
     @model_validator(mode="after")
@@ -306,6 +323,8 @@ def run_fingerprint(cfg: FederationConfig) -> str:
         d.pop("head_refit")
     if d.get("shared_weighting") == "examples":
         d.pop("shared_weighting")
+    if d.get("teacher") == "sites":
+        d.pop("teacher")
     if d.get("aggregation") == AggregationConfig().model_dump(mode="json"):
         d.pop("aggregation", None)
     if d.get("transfer") == TransferConfig().model_dump(mode="json"):

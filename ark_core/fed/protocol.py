@@ -7,13 +7,14 @@ Server -> site (``train``, ``train.heads``, ``evaluate``, ``query`` and ``query.
 messages)
     ``arrays`` (ArrayRecord): the master student's shared float tensors (backbone,
     projector) and the heads of the receiving site's own tasks, no other head; absent in
-    ``query`` and ``query.tasks``. The server learns a site's tasks from a ``query.tasks``
-    message (answered with the ``site`` record and, for per-task weighting, its training
-    counts) before it first sends it a master.
+    ``query`` and ``query.tasks``. ``teacher`` (ArrayRecord, ``train`` of a run with
+    ``teacher: server`` only): the server's teacher, the same tensors. The server learns a
+    site's tasks from a ``query.tasks`` message (answered with the ``site`` record and, for
+    per-task weighting, its training counts) before it first sends it a master.
     ``config`` (ConfigRecord): ``instruction``, the :class:`Instruction` as one JSON value
     (``version``, ``round``, ``num_rounds``, ``lr``, ``local_epochs``, ``fingerprint``,
-    ``model``, ``train``, ``catalogue``, ``transfer``, ``prox_mu``,
-    ``keep_optimizer``, ``head_refit``, ``shared_weighting``), and ``round`` again as a plain
+    ``model``, ``train``, ``catalogue``, ``transfer``, ``prox_mu``, ``keep_optimizer``,
+    ``head_refit``, ``shared_weighting``, ``teacher``), and ``round`` again as a plain
     number for logs and audit lines.
 
 Site -> server (replies)
@@ -54,11 +55,12 @@ METRICS = "metrics"
 SITE = "site"
 ENCODING = "encoding"
 SCALES = "scales"
+TEACHER = "teacher"  # the server's teacher in a train message (teacher: server)
 TASKS_QUERY = "query.tasks"  # message type: "which tasks do you train?"
 HEADS = "train.heads"  # message type: "fit your tasks' heads on this frozen model"
 INSTRUCTION = "instruction"  # the config record's key holding the Instruction as JSON
 INSTRUCTION_VERSION = 4  # 2: prox_mu, keep_optimizer; 3: train.task_order, optimizer_reset,
-# head_refit, fractional local_epochs; 4: shared_weighting
+# head_refit, fractional local_epochs; 4: shared_weighting, teacher
 
 
 class InstructionError(ValueError):
@@ -85,6 +87,8 @@ class Instruction(Strict):
             (version 3).
         shared_weighting: ``tasks``: the site states its training counts per task when
             asked its tasks (version 4; see :mod:`ark_core.fed.task_weights`).
+        teacher: ``server``: the message carries the round's teacher (``teacher`` record),
+            the fixed consistency target; the site keeps none (version 4).
     """
 
     version: int = INSTRUCTION_VERSION
@@ -100,7 +104,8 @@ class Instruction(Strict):
     prox_mu: float = Field(0.0, ge=0)
     keep_optimizer: bool = False
     head_refit: bool = False
-    shared_weighting: Literal["examples", "tasks"] = "examples"
+    shared_weighting: Literal["examples", "tasks", "sites"] = "examples"
+    teacher: Literal["sites", "server"] = "sites"
 
     @field_validator("local_epochs")
     @classmethod
@@ -120,7 +125,7 @@ class Instruction(Strict):
             fingerprint=run_fingerprint(cfg), model=cfg.model, train=cfg.train,
             catalogue=cfg.catalogue, transfer=cfg.transfer, prox_mu=cfg.prox_mu,
             keep_optimizer=cfg.keep_site_optimizer, head_refit=cfg.head_refit,
-            shared_weighting=cfg.shared_weighting,
+            shared_weighting=cfg.shared_weighting, teacher=cfg.teacher,
         )
 
     def to_config(self) -> dict[str, str | int]:

@@ -159,6 +159,7 @@ def train_cyclic(
     progress: bool = True,
     desc: str = "",
     prox_mu: float = 0.0,
+    teacher_ema: bool = True,
 ) -> RoundResult:
     """Cyclic Ark+ training: ``local_epochs`` passes, each task in turn, EMA after each.
 
@@ -179,6 +180,9 @@ def train_cyclic(
         progress: Show progress bars.
         desc: Prefix of the progress-bar labels.
         prox_mu: FedProx weight of the pull towards the student as it starts (0: none).
+        teacher_ema: The teacher follows the student after each task-epoch; False: it is a
+            fixed target (a server-side teacher, :mod:`ark_core.fed.server_teacher`). The
+            momentum schedule still sets the consistency weight.
 
     Returns:
         Metrics (mean losses per task, examples per task), and the new schedule position.
@@ -200,7 +204,8 @@ def train_cyclic(
                 img_size=img_size, work_size=work_size, device=device, progress=progress,
                 desc=f"{desc}{td.spec.name} [{epoch + 1}/{local_epochs}]", prox=prox,
             )
-            ema_update(teacher, student, m)
+            if teacher_ema:
+                ema_update(teacher, student, m)
             ema_step += 1
             tally.add(td.spec.name, stats, bad, m, lam)
     return tally.result(lr, ema_step)
