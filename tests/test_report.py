@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import numpy as np
 import yaml
@@ -45,6 +46,18 @@ def test_report_reads_federated_lines_beside_centralized(tiny_run, tmp_path):
     assert main(["report", str(fed), "--compare", str(tiny_run)]) == 0
     _check_png(fed / "report.png", 1100, 800)
     assert "site-a" in (fed / "report.md").read_text()
+
+
+def test_report_of_a_run_without_validation_lines(tmp_path):
+    """evaluate_every: 0 (as the experiments run): AUC panels say so, no empty legend."""
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for r in (1, 2):
+            f.write(json.dumps({"round": r, "kind": "train", "site": "site-a",
+                                "loss.nih": 0.7 / r}) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["report", str(tmp_path)]) == 0
+    _check_png(tmp_path / "report.png", 550, 800)
 
 
 def test_model_card(tiny_run):

@@ -154,7 +154,7 @@ def plot_report(rows: list[Row], path: Path, title: str = "") -> Path:
         for ax in (ax_auc, ax_loss):
             ax.grid(alpha=0.3)
             ax.xaxis.get_major_locator().set_params(integer=True)
-            if ax.has_data():
+            if ax.get_legend_handles_labels()[0]:  # the chance line alone is no data
                 ax.legend(fontsize=8, loc="best")
             else:
                 ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
