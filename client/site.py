@@ -19,7 +19,7 @@ import torch
 from ark_core.config import TrainConfig, load_config, resolve_path
 from ark_core.data.loaders import TaskData, load_task_data
 from ark_core.eval.evaluate import evaluate
-from ark_core.fed.aggregate import float_state
+from ark_core.fed.aggregate import float_state, head_task
 from ark_core.fed.federation import (
     SiteConfig,
     check_site_tasks,
@@ -36,7 +36,7 @@ from ark_core.model.runtime import resolve_device
 from ark_core.train.calibrate import fit_heads
 from ark_core.train.cyclic import build_optimizer, seed_everything, train_cyclic
 from ark_core.train.optim_state import load_optimizer_state, optimizer_state
-from client.state import OptimizerStore, ResidualStore, TeacherStore
+from client.state import HeadStore, OptimizerStore, ResidualStore, TeacherStore
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,19 @@ class Site:
         load_optimizer_state(optimizer, student, store.load(teacher_round))
         return optimizer, teacher_round
 
+    def _own_heads(self, ins: Instruction, model: ArkModel, round_: int) -> ArkModel:
+        """``model``, with ``heads: per_site`` holding this site's own heads.
+
+        Those of the latest round before ``round_``; before the site's first round, the
+        master's as initialised.
+        """
+        if ins.heads == "per_site":
+            store = HeadStore(self.state_dir, ins.fingerprint)
+            prev = store.latest_before(round_)
+            if prev is not None:
+                model.load_state_dict(store.load(prev), strict=False)
+        return model
+
     def _store(self, ins: Instruction) -> TeacherStore:
         return TeacherStore(self.state_dir, ins.fingerprint)
 
@@ -194,7 +207,7 @@ class Site:
             for td in tasks:
                 td.train = td.train.epoch_part(ins.round - 1, parts, train.seed)
         seed_everything(train.seed + ins.round)
-        student = self._model(ins, tasks, master).to(device)
+        student = self._own_heads(ins, self._model(ins, tasks, master), ins.round).to(device)
         if ins.head_refit:  # heads fitted to the master's features before joint training
             heads, _ = fit_heads(student, tasks, batch_size=train.batch_size, device=device)
             student.load_state_dict(heads, strict=False)
@@ -219,13 +232,17 @@ class Site:
         if optimizer is not None:
             OptimizerStore(self.state_dir, ins.fingerprint).save(
                 ins.round, optimizer_state(optimizer, student))
+        trained = float_state(student.cpu())
+        if ins.heads == "per_site":  # the heads stay here; only the shared parts travel
+            HeadStore(self.state_dir, ins.fingerprint).save(ins.round, _heads(trained))
+            trained = _shared(trained)
         metrics = dict(result.metrics)
         metrics["ema-step"] = float(result.ema_step)
         teacher_round = (found[1] if found else 0) if on_site else ins.round - 1
         metrics["teacher-from-round"] = float(teacher_round)
         if optimizer is not None:
             metrics["optimizer-from-round"] = float(opt_round)
-        return float_state(student.cpu()), metrics
+        return trained, metrics
 
     def encode(
         self, ins: Instruction, master: Mapping[str, torch.Tensor],
@@ -249,7 +266,7 @@ class Site:
     def evaluate(self, ins: Instruction, master: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Validation AUC per task (mean and per label) of the master student and the teacher."""
         tasks, train, device = self._setup(ins)
-        models = {"student": self._model(ins, tasks, master)}
+        models = {"student": self._own_heads(ins, self._model(ins, tasks, master), ins.round + 1)}
         found = self._teacher(ins, tasks, ins.round + 1)
         if found:
             models["teacher"] = found[0]
@@ -292,4 +309,13 @@ class Site:
         metrics = {f"num-examples.{t.spec.name}": float(len(t.train)) for t in tasks}
         metrics["num-examples"] = float(sum(len(t.train) for t in tasks))
         metrics["teacher-round"] = float(rounds[-1])
-        return store.load(rounds[-1]), metrics
+        teacher = store.load(rounds[-1])
+        return (_shared(teacher) if ins.heads == "per_site" else teacher), metrics
+
+
+def _heads(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in tensors.items() if head_task(k) is not None}
+
+
+def _shared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in tensors.items() if head_task(k) is None}

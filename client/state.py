@@ -5,6 +5,7 @@ Layout::
     <state_dir>/<run fingerprint>/teacher_round_NNN.safetensors
     <state_dir>/<run fingerprint>/optimizer_round_NNN.safetensors   (keep_site_optimizer)
     <state_dir>/<run fingerprint>/residual_round_NNN.safetensors    (error feedback)
+    <state_dir>/<run fingerprint>/heads_round_NNN.safetensors       (heads: per_site)
 
 Round r trains from the teacher saved after the latest round before r (the master in round
 1), so a round the server replays starts again from the teacher before it, and a state
@@ -91,3 +92,13 @@ class ResidualStore(TeacherStore):
     """
 
     prefix = "residual"
+
+
+class HeadStore(TeacherStore):
+    """The site's own heads of its tasks for one run (``heads: per_site``).
+
+    ``heads_round_NNN.safetensors`` holds the student's heads after round NNN; a round starts
+    from those of the latest round before it, so a replayed round rolls them back too.
+    """
+
+    prefix = "heads"

@@ -43,6 +43,8 @@ class Federation(Protocol):
 
     def shared_weight(self, w: Bounded) -> float: ...
 
+    def head_weights(self, w: Bounded) -> dict[str, float]: ...
+
 
 class Collect:
     """Replies collected once at the end (teachers, calibrated heads).
@@ -74,7 +76,8 @@ class Collect:
             if r.arrays is None:
                 raise ValueError(f"node {r.node_id}: {self.kind} reply without '{ARRAYS}'")
             w = fed.capped_weights(r)  # these travel once, as fp32, whatever the transfer
-            self.agg.add(r.site, r.update(self.state, "fp32"), w.num_examples, w.task_examples)
+            self.agg.add(r.site, r.update(self.state, "fp32"), w.num_examples,
+                         fed.head_weights(w))
         except (ValueError, UpdateRejected) as e:
             log.warning("%s not used: %s", self.what, e)
             fed.audit.update(rounds, self.kind, site=r.site if r else fed.exchange.site_of(node),
@@ -144,7 +147,7 @@ class TrainFold:
         shared = self.fed.shared_weight(w)
         if self.fed.normaliser is not None:
             self.fed.normaliser.expect(r.site, steps_of(r.metrics, r.tasks))
-        self.agg.add(r.site, update, shared, w.task_examples)
+        self.agg.add(r.site, update, shared, self.fed.head_weights(w))
         if shared != w.num_examples:
             self.weights[r.site] = shared
         self.sketch.add(r.site, update)

@@ -122,6 +122,10 @@ class ArkFederation:
         num = r.metrics.get("num-examples", 0.0)
         return Bounded(num, tasks) if self.caps is None else self.caps.bound(r.site, num, tasks)
 
+    def head_weights(self, w: Bounded) -> dict[str, float]:
+        """Task -> weight of the reply's head; none with ``heads: per_site`` (not sent)."""
+        return {} if self.cfg.heads == "per_site" else w.task_examples
+
     def shared_weight(self, w: Bounded) -> float:
         """The weight of a reply's shared tensors: its examples, its per-task weight, or 1.
 

@@ -8,7 +8,9 @@ baseline of equal budget, as ``ark demo`` runs it), the seeds, and the split it 
 (:mod:`simulations.inprocess`). A seed sets ``train.seed`` (initialisation, data order),
 never the splits, so every run is scored on the same images: the union of the sites'
 split of each task, predicted once by the delivered model (the master teacher, or the
-centralized teacher). A finished run keeps its predictions and is not run again.
+centralized teacher; an arm whose sites keep their heads, ``heads: per_site``, is scored
+site by site with their own heads, :mod:`simulations.site_heads`). A finished run keeps
+its predictions and is not run again.
 
 The grid is site split x arm x seed: ``site_splits`` deal the same tasks to the same sites
 in other ways (the simulation's own, IID, Dirichlet label skew); the train/val/test split
@@ -54,6 +56,7 @@ from server.app import federation_from_run_config
 from server.loop import ArkFederation
 from simulations.demo import calibrated_copy, centralized_baseline, union_tasks
 from simulations.inprocess import InProcessGrid
+from simulations.site_heads import site_head_predictions
 
 
 class Arm(Strict):
@@ -337,7 +340,11 @@ def run_one(arm: Arm, run_dir: Path, base: Path, evaluate_on: str) -> None:
     if sim.train.threads:
         torch.set_num_threads(sim.train.threads)
     tasks = held_out(sim, base, evaluate_on)
-    preds = _predictions(_train(arm, sim_path, base, run_dir), tasks, sim)
+    model = _train(arm, sim_path, base, run_dir)
+    if not arm.centralized and sim.heads == "per_site":  # each site scores with its own heads
+        preds = site_head_predictions(model, run_dir / "fed", tasks, sim, base, evaluate_on)
+    else:
+        preds = _predictions(model, tasks, sim)
     partial = run_dir / f"predictions-{evaluate_on}.partial.npz"
     np.savez(partial, **preds)
     partial.replace(run_dir / f"predictions-{evaluate_on}.npz")  # whole, or not there at all

@@ -200,3 +200,36 @@ def test_every_shipped_experiment_builds_a_valid_simulation_for_each_run(path):
         sim = SimulationConfig.model_validate(
             simulation_for(exp, raw, natural, arm, exp.seeds[0], path.parent.parent))
         assert sim.train.seed == exp.seeds[0]
+
+
+def test_an_arm_with_site_heads_scores_each_sites_share_with_its_own_heads(tmp_path):
+    """heads: per_site (FedArk's reference): the union over sites of each site's held-out
+    share, scored with the delivered model and that site's own heads."""
+    arms = [{"name": "fedark", "federation": {"heads": "per_site", "shared_weighting": "sites"}},
+            {"name": "central", "centralized": True}]
+    path = _write(tmp_path, arms=arms, seeds=[0], reference="central",
+                  site_splits=[{"name": "natural"}, {"name": "iid", "method": "iid"}])
+    run_experiment(path, progress=False)
+    out = tmp_path / "out"
+    rows = [r for r in csv.DictReader(open(out / "results-test.csv")) if r["arm"] == "fedark"]
+    assert sorted((r["site_split"], r["task"]) for r in rows) == [
+        ("iid", "nih"), ("iid", "pediatric"), ("natural", "nih"), ("natural", "pediatric")]
+    # Oracle (natural split: each site holds one task whole): the master teacher with the
+    # heads of that site's own teacher, evaluated on the task's held-out films.
+    run = out / "natural" / "fedark" / "seed-0"
+    sim, base, _ = load_simulation(run / "simulation.yaml", str(TWO_SITES.parent),
+                                   str(tmp_path / "x"))
+    tasks = {td.spec.name: td for td in held_out(sim, base, "test")}
+    fingerprint = yaml.safe_load((run / "fed" / "state.json").read_text())["fingerprint"]
+    auc = {r["task"]: float(r["auc"]) for r in rows if r["site_split"] == "natural"}
+    for site, task in (("site-a", "pediatric"), ("site-b", "nih")):
+        model = load_model(run / "fed" / "master_teacher.safetensors")
+        untrained = evaluate(model, [tasks[task]], img_size=32, work_size=40, batch_size=16,
+                             split="train")[task]["auc_mean"]
+        (teacher,) = sorted((run / "fed" / "sites" / site / fingerprint).glob("teacher_round_002*"))
+        model.load_state_dict({k: v for k, v in load_tensors(teacher).items()
+                               if k.startswith("heads.")}, strict=False)
+        res = evaluate(model, [tasks[task]], img_size=32, work_size=40, batch_size=16,
+                       split="train")
+        assert auc[task] == pytest.approx(res[task]["auc_mean"], abs=1e-6)
+        assert untrained != pytest.approx(res[task]["auc_mean"], abs=1e-6)

@@ -135,6 +135,13 @@ class FederationConfig(Strict):
         None, description="fedavgm, fedadam or fedyogi on the aggregate's pseudo-gradient, any "
         "aggregation (see ark_core.fed.server_opt); none: the aggregate is the new master.",
     )
+    heads: Literal["averaged", "per_site"] = Field(
+        "averaged", description="averaged (the published method): each task's head is "
+        "averaged over the sites that train it. per_site: every site keeps its own head of "
+        "each of its tasks in its state directory, trained on from round to round and never "
+        "sent (FedArk's heads); only the shared backbone and projector are averaged, and a "
+        "site scores its own tasks with its own heads. The master's heads stay as initialised.",
+    )
     teacher: Literal["sites", "server"] = Field(
         "sites", description="sites (the published method): each site keeps its own EMA "
         "teacher on its disk, and the master teacher is the average of the sites' teachers, "
@@ -170,7 +177,8 @@ class FederationConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _no_default_calibration_with_privacy(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("privacy") is not None:
+        if isinstance(data, dict) and (data.get("privacy") is not None
+                                       or data.get("heads") == "per_site"):
             data = {"head_calibration": "off", **data}  # asked for explicitly: refused below
         return data
 
@@ -197,6 +205,14 @@ class FederationConfig(Strict):
             raise ValueError(
                 "step_normalisation reweighs and rescales the sites' updates after they are "
                 "clipped, which the privacy accountant does not model: turn one of them off")
+        return self
+
+    @model_validator(mode="after")
+    def _site_heads_are_not_averaged(self) -> FederationConfig:
+        if self.heads == "per_site" and self.head_calibration != "off":
+            raise ValueError(
+                "head_calibration averages heads fitted at the sites into the master; with "
+                "heads: per_site every site keeps its own: turn one of them off")
         return self
 
     @model_validator(mode="after")
@@ -325,6 +341,8 @@ def run_fingerprint(cfg: FederationConfig) -> str:
         d.pop("shared_weighting")
     if d.get("teacher") == "sites":
         d.pop("teacher")
+    if d.get("heads") == "averaged":
+        d.pop("heads")
     if d.get("aggregation") == AggregationConfig().model_dump(mode="json"):
         d.pop("aggregation", None)
     if d.get("transfer") == TransferConfig().model_dump(mode="json"):

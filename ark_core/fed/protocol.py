@@ -14,12 +14,13 @@ messages)
     ``config`` (ConfigRecord): ``instruction``, the :class:`Instruction` as one JSON value
     (``version``, ``round``, ``num_rounds``, ``lr``, ``local_epochs``, ``fingerprint``,
     ``model``, ``train``, ``catalogue``, ``transfer``, ``prox_mu``, ``keep_optimizer``,
-    ``head_refit``, ``shared_weighting``, ``teacher``), and ``round`` again as a plain
+    ``head_refit``, ``shared_weighting``, ``teacher``, ``heads``), and ``round`` again as a plain
     number for logs and audit lines.
 
 Site -> server (replies)
     ``arrays`` (ArrayRecord): ``train``: the student's float tensors, shared parts and this
-    site's heads only; ``query``: the site's teacher, same tensors; ``train.heads`` (head
+    site's heads only (shared parts alone with ``heads: per_site``); ``query``: the site's
+    teacher, same tensors; ``train.heads`` (head
     calibration, :mod:`ark_core.train.calibrate`): this site's heads re-fitted on the frozen
     model it was sent, and nothing else, fp32. ``evaluate``: none.
     ``metrics`` (MetricRecord, numbers only): ``num-examples``, ``num-examples.<task>``,
@@ -60,7 +61,7 @@ TASKS_QUERY = "query.tasks"  # message type: "which tasks do you train?"
 HEADS = "train.heads"  # message type: "fit your tasks' heads on this frozen model"
 INSTRUCTION = "instruction"  # the config record's key holding the Instruction as JSON
 INSTRUCTION_VERSION = 4  # 2: prox_mu, keep_optimizer; 3: train.task_order, optimizer_reset,
-# head_refit, fractional local_epochs; 4: shared_weighting, teacher
+# head_refit, fractional local_epochs; 4: shared_weighting, teacher, heads
 
 
 class InstructionError(ValueError):
@@ -89,6 +90,8 @@ class Instruction(Strict):
             asked its tasks (version 4; see :mod:`ark_core.fed.task_weights`).
         teacher: ``server``: the message carries the round's teacher (``teacher`` record),
             the fixed consistency target; the site keeps none (version 4).
+        heads: ``per_site``: the site trains its own heads, kept in its state directory,
+            and sends the shared tensors only (version 4).
     """
 
     version: int = INSTRUCTION_VERSION
@@ -106,6 +109,7 @@ class Instruction(Strict):
     head_refit: bool = False
     shared_weighting: Literal["examples", "tasks", "sites"] = "examples"
     teacher: Literal["sites", "server"] = "sites"
+    heads: Literal["averaged", "per_site"] = "averaged"
 
     @field_validator("local_epochs")
     @classmethod
@@ -125,7 +129,7 @@ class Instruction(Strict):
             fingerprint=run_fingerprint(cfg), model=cfg.model, train=cfg.train,
             catalogue=cfg.catalogue, transfer=cfg.transfer, prox_mu=cfg.prox_mu,
             keep_optimizer=cfg.keep_site_optimizer, head_refit=cfg.head_refit,
-            shared_weighting=cfg.shared_weighting, teacher=cfg.teacher,
+            shared_weighting=cfg.shared_weighting, teacher=cfg.teacher, heads=cfg.heads,
         )
 
     def to_config(self) -> dict[str, str | int]:
