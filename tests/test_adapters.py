@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import re
 import shutil
 from pathlib import Path
@@ -424,3 +425,49 @@ def test_error_missing_root_and_bad_options(tmp_path):
         get_adapter("shenzhen").parse_options({"colour": 1})
     with pytest.raises(ValueError, match="unknown dataset"):
         task_spec_for(task("padchest", tmp_path))
+
+
+# ------------------------------------------------------------- defects found on the real files
+def test_a_label_file_that_is_not_utf8_names_its_line(tmp_path):
+    d = copy("chestxray14", tmp_path)
+    label = d / "Data_Entry_2017_v2020.csv"
+    lines = label.read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b"Pneumonia", b"Pneumonia\xe9", 1)  # a Latin-1 e-acute
+    label.write_bytes(b"\n".join(lines))
+    with pytest.raises(DatasetError, match=r"Data_Entry_2017_v2020\.csv:3: not UTF-8 \(byte "
+                                           r"0xe9 .*\): re-save as UTF-8"):
+        build_manifest(task("chestxray14", d), "all", tmp_path)
+    label.write_bytes(label.read_bytes().replace(b"\xe9", b"").decode().encode("utf-16"))
+    with pytest.raises(DatasetError, match=r"v2020\.csv: not UTF-8 \(it is UTF-16.*re-save"):
+        build_manifest(task("chestxray14", d), "all", tmp_path)
+    c = copy("covidx", tmp_path)
+    listing = sorted(c.glob("*.txt"))[0]
+    listing.write_bytes(listing.read_bytes() + b"\xff\n")
+    n = listing.read_bytes().count(b"\n")
+    with pytest.raises(DatasetError, match=rf"{listing.name}:{n}: not UTF-8"):
+        build_manifest(task("covidx", c), "all", tmp_path)
+
+
+def test_chestxray14_reads_a_gzipped_label_file(tmp_path):
+    d = copy("chestxray14", tmp_path)
+    plain = build_manifest(task("chestxray14", d), "all", tmp_path)
+    label = d / "Data_Entry_2017_v2020.csv"
+    (d / "Data_Entry_2017.csv.gz").write_bytes(gzip.compress(label.read_bytes()))
+    label.unlink()
+    zipped = build_manifest(task("chestxray14", d), "all", tmp_path)
+    assert zipped.paths == plain.paths and np.array_equal(zipped.targets, plain.targets)
+
+
+def test_the_kaggle_val_folder_does_not_become_the_validation_split(tmp_path):
+    d = copy("pediatric_pneumonia", tmp_path)
+    (d / "val" / "NORMAL").mkdir(parents=True)
+    moved = sorted((d / "train" / "NORMAL").glob("*.jpeg"))[:1]
+    for f in moved:
+        f.rename(d / "val" / "NORMAL" / f.name)
+    cfg = task("pediatric_pneumonia", d, split=SplitConfig(val_fraction=0.5))
+    parts = build_manifests(cfg, tmp_path)
+    n_train_patients = len(set(build_manifest(cfg, "all", tmp_path).patient_ids)) - len(
+        set(parts["test"].patient_ids))
+    # Half of the training patients validate, carved by val_fraction (not the 1 val/ image).
+    assert len(set(parts["val"].patient_ids)) == pytest.approx(n_train_patients / 2, abs=1.5)
+    assert any(p.startswith("val/") for p in parts["train"].paths + parts["val"].paths)

@@ -41,6 +41,40 @@ def where(path: Path, line: int | None = None) -> str:
     return f"{path}:{line}" if line else str(path)
 
 
+def not_utf8(path: Path) -> DatasetError:
+    """The error for a label file that is not UTF-8, naming its first bad line and byte."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return DatasetError(f"{path}: not UTF-8 (it is UTF-16, by its byte-order mark): "
+                            "re-save as UTF-8")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        return DatasetError(f"{where(path, line)}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte "
+                            f"{column} of the line): re-save as UTF-8")
+    return DatasetError(f"{path}: not UTF-8: re-save as UTF-8")
+
+
+def read_text(path: Path) -> str:
+    """A text label file (UTF-8, optionally gzipped); any other encoding raises naming the line.
+
+    Raises:
+        DatasetError: The file is missing or not UTF-8.
+    """
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8-sig") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+
+
 def read_csv(
     path: Path, required: list[str] | tuple[str, ...] = (), delimiter: str = ","
 ) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
@@ -55,12 +89,20 @@ def read_csv(
         The header and each row with its 1-based line number.
 
     Raises:
-        DatasetError: When the file is missing, a column is missing or a row has fewer
-            fields than the header (or extra non-empty ones).
+        DatasetError: When the file is missing or not UTF-8, a column is missing or a row
+            has fewer fields than the header (or extra non-empty ones).
     """
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
     opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        return _read_csv(path, opener, required, delimiter)
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+
+
+def _read_csv(path: Path, opener, required: list[str] | tuple[str, ...], delimiter: str
+              ) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     rows: list[tuple[int, dict[str, str]]] = []
     with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)

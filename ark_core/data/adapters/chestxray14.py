@@ -4,9 +4,19 @@ import numpy as np
 from pydantic import Field
 
 from ...tasks import CHESTXRAY14_LABELS
-from .base import Adapter, AdapterOptions, DatasetError, find_file, read_csv, safe_relpath, where
+from .base import (
+    Adapter,
+    AdapterOptions,
+    DatasetError,
+    find_file,
+    read_csv,
+    read_text,
+    safe_relpath,
+    where,
+)
 
-LABEL_FILES = ["Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv"]
+LABEL_FILES = ["Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv",
+               "Data_Entry_2017_v2020.csv.gz", "Data_Entry_2017.csv.gz"]
 OFFICIAL_LISTS = {"train": "train_val_list.txt", "test": "test_list.txt"}
 
 
@@ -14,7 +24,7 @@ class ChestXray14Options(AdapterOptions):
     label_file: str | None = Field(
         None,
         description="Label CSV relative to the root (default: Data_Entry_2017_v2020.csv, "
-        "else Data_Entry_2017.csv).",
+        "else Data_Entry_2017.csv, either of them gzipped).",
     )
 
 
@@ -25,7 +35,7 @@ class ChestXray14(Adapter):
     X-ray Database and Benchmarks on Weakly-Supervised Classification and Localization of
     Common Thorax Diseases", CVPR 2017. https://nihcc.app.box.com/v/ChestXray-NIHCC
 
-    Files: ``Data_Entry_2017_v2020.csv`` or ``Data_Entry_2017.csv`` (``Image Index``,
+    Files: ``Data_Entry_2017_v2020.csv`` or ``Data_Entry_2017.csv``, or either ``.gz`` (``Image Index``,
     ``Finding Labels`` pipe-separated, ``Patient ID``, ``Patient Age``, ``Patient Gender``,
     ``View Position``, ...), images under ``images/`` or the release's
     ``images_NNN/images/``; the official ``train_val_list.txt``/``test_list.txt`` when
@@ -59,7 +69,7 @@ class ChestXray14(Adapter):
         for name, fname in OFFICIAL_LISTS.items():
             path = self.root / fname
             if path.is_file():
-                for line in path.read_text(encoding="utf-8").split():
+                for line in read_text(path).split():
                     split[line.strip()] = name
         return split
 

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import AdapterOptions, DatasetError, TwoOrThreeClasses, safe_relpath, where
+from .base import AdapterOptions, DatasetError, TwoOrThreeClasses, read_text, safe_relpath, where
 
 COVIDX_3CLASS_LABELS = ("normal", "pneumonia", "COVID-19")
 COVIDX_BINARY_LABELS = ("COVID-19",)
@@ -75,9 +75,7 @@ class Covidx(TwoOrThreeClasses):
         self.paths, self.patient_ids, labels = [], [], []
         meta: dict[str, list] = {"source": [], "split": []}
         for split, path in self._lists().items():
-            if not path.is_file():
-                raise DatasetError(f"{path}: file not found")
-            for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for line, text in enumerate(read_text(path).splitlines(), 1):
                 tokens = text.split()
                 if not tokens:
                     continue

@@ -9,7 +9,9 @@ from .base import AdapterOptions, DatasetError, TwoOrThreeClasses
 
 PEDIATRIC_BINARY_LABELS = ("Pneumonia",)
 PEDIATRIC_3CLASS_LABELS = ("Normal", "Bacterial pneumonia", "Viral pneumonia")
-SPLITS = {"train": "train", "val": "val", "test": "test"}
+# The Kaggle copy's val/ holds 16 images (8 per class): too few to validate on, so they
+# join train and validation is carved by the task's val_fraction like any other dataset's.
+SPLITS = {"train": "train", "val": "train", "test": "test"}
 SUFFIXES = {".jpeg", ".jpg", ".png"}
 # person1234_bacteria_5678.jpeg -> person1234; IM-0123-0001.jpeg -> IM-0123;
 # NORMAL2-IM-0123-0001.jpeg -> NORMAL2-IM-0123 (a separate numbering series).
@@ -30,8 +32,9 @@ class PediatricPneumonia(TwoOrThreeClasses):
     (CC BY 4.0); Kermany et al., Cell 2018.
 
     Files: ``train/NORMAL/*.jpeg`` and ``train/PNEUMONIA/*.jpeg`` (5,232 images), ``test/``
-    (624) and, in the Kaggle copy, ``val/`` laid out the same; the folders are the official
-    split. A pneumonia file name says ``bacteria`` or ``virus``
+    (624) and, in the Kaggle copy, ``val/`` laid out the same. ``test/`` is the official test
+    split; the Kaggle ``val/`` (16 images) is read as training data, so that validation is
+    carved from the training patients by ``val_fraction`` instead of being those 16. A pneumonia file name says ``bacteria`` or ``virus``
     (``person1234_bacteria_5678.jpeg``); normal ones are ``IM-0123-0001.jpeg`` or
     ``NORMAL2-IM-0123-0001.jpeg``.
 
