@@ -34,9 +34,9 @@ class PediatricPneumonia(TwoOrThreeClasses):
     Files: ``train/NORMAL/*.jpeg`` and ``train/PNEUMONIA/*.jpeg`` (5,232 images), ``test/``
     (624) and, in the Kaggle copy, ``val/`` laid out the same. ``test/`` is the official test
     split; the Kaggle ``val/`` (16 images) is read as training data, so that validation is
-    carved from the training patients by ``val_fraction`` instead of being those 16. A pneumonia file name says ``bacteria`` or ``virus``
-    (``person1234_bacteria_5678.jpeg``); normal ones are ``IM-0123-0001.jpeg`` or
-    ``NORMAL2-IM-0123-0001.jpeg``.
+    carved from the training patients by ``val_fraction`` instead of being those 16. A
+    pneumonia file name says ``bacteria`` or ``virus`` (``person1234_bacteria_5678.jpeg``);
+    normal ones are ``IM-0123-0001.jpeg`` or ``NORMAL2-IM-0123-0001.jpeg``.
 
     Labels: ``classes: 2`` -> binary "Pneumonia" (the folder); ``classes: 3`` -> multi-class
     ``PEDIATRIC_3CLASS_LABELS`` (normal from the folder, bacterial/viral from the name).
