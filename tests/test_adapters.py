@@ -471,3 +471,39 @@ def test_the_kaggle_val_folder_does_not_become_the_validation_split(tmp_path):
     # Half of the training patients validate, carved by val_fraction (not the 1 val/ image).
     assert len(set(parts["val"].patient_ids)) == pytest.approx(n_train_patients / 2, abs=1.5)
     assert any(p.startswith("val/") for p in parts["train"].paths + parts["val"].paths)
+
+
+def test_vindr_majority_no_finding_is_its_own_vote(tmp_path):
+    """Three radiologists, three different findings: no finding has a majority, and the
+    image is not "No finding" either (no one said so)."""
+    d = copy("vindr_cxr_kaggle", tmp_path)
+    iid = "f" * 32
+    with open(d / "train.csv", "a") as f:
+        for rad, (name, cid) in zip(("R1", "R2", "R3"), (("Cardiomegaly", 3), ("ILD", 5),
+                                                          ("Nodule/Mass", 8)), strict=True):
+            f.write(f"{iid},{name},{cid},{rad},1.0,1.0,9.0,9.0\n")
+    opts = {"label_set": "full", "vote": "majority"}
+    m = build_manifest(task("vindr_cxr", d, options=opts), "all", tmp_path)
+    k, nf = m.patient_ids.index(iid), m.task.labels.index("No finding")
+    assert m.targets[k, nf] == 0 and np.nansum(m.targets[k]) == 0
+    # An image two of whose three radiologists said "No finding" is "No finding".
+    votes: dict[str, dict[str, set]] = {}
+    for x in rows(d / "train.csv"):
+        votes.setdefault(x["image_id"], {}).setdefault(x["class_name"], set()).add(x["rad_id"])
+    for j, image in enumerate(m.patient_ids):
+        n = len(set().union(*votes[image].values()))
+        assert m.targets[j, nf] == (len(votes[image].get("No finding", ())) * 2 > n)
+    anyvote = build_manifest(task("vindr_cxr", d, options={**opts, "vote": "any"}), "all", tmp_path)
+    assert anyvote.targets[anyvote.patient_ids.index(iid), nf] == 0
+
+
+@pytest.mark.parametrize(("old", "new", "match"), [
+    (",3,R10,", ",5,R10,", r"train\.csv:4: class_id 5 contradicts class_name 'Cardiomegaly'"),
+    (",3,R10,", ",3,,", r"train\.csv:4: empty radiologist id"),
+])
+def test_vindr_refuses_a_contradicting_class_id_and_an_empty_radiologist(tmp_path, old, new,
+                                                                           match):
+    d = copy("vindr_cxr_kaggle", tmp_path)
+    edit_line(d / "train.csv", 4, old, new)
+    with pytest.raises(DatasetError, match=match):
+        build_manifest(task("vindr_cxr", d), "all", tmp_path)

@@ -56,7 +56,12 @@ class VinDrCxr(Adapter):
 
     Votes: per image, a finding's count is the number of radiologists marking it; ``any``
     makes it positive at one, ``majority`` at more than half of that image's radiologists.
-    "No finding" is then derived: 1 when no other known finding is positive, else 0.
+    With ``any`` "No finding" is derived: 1 when no other known finding is positive, else
+    0. With ``majority`` it takes its own vote (a majority of radiologists marked "No
+    finding"), where the release records it (Kaggle: a class; PhysioNet: a column): three
+    radiologists who each mark a different finding make no finding positive, but the image
+    is not normal. A ``class_id`` must be the release's id of its ``class_name``, and every
+    row needs a radiologist id.
 
     Labels: ``label_set: full`` gives the 28 PhysioNet labels (``VINDR_FULL_LABELS``);
     ``ark6`` gives ``VINDR_ARK_LABELS``: Pleural effusion, Lung tumor, Pneumonia and
@@ -85,6 +90,7 @@ class VinDrCxr(Adapter):
         use_physionet = opts.release == "physionet" or (opts.release == "auto" and any(physionet))
         # image id -> (split, rater -> set of full-label indices, list file, first line)
         images: dict[str, tuple[str, dict[str, set[int]], Path, int]] = {}
+        self._no_finding_voted = False  # a release whose radiologists mark "No finding" too
         known = np.ones(len(VINDR_FULL_LABELS), dtype=bool)
         if use_physionet:
             if not any(physionet):
@@ -108,8 +114,11 @@ class VinDrCxr(Adapter):
             full[i] = counts >= 1 if opts.vote == "any" else counts * 2 > n
             raters.append(n)
         nf = VINDR_FULL_LABELS.index("No finding")
-        full[:, nf] = 0
-        full[:, nf] = ~(full[:, known] > 0).any(1)
+        if opts.vote == "any" or not self._no_finding_voted:
+            full[:, nf] = 0
+            full[:, nf] = ~(full[:, known] > 0).any(1)
+        # else "No finding" keeps its own majority: three radiologists who each mark a
+        # different finding leave no finding with a majority, yet none of them said "none".
         full[:, ~known] = np.nan
         if opts.label_set == "ark6":
             col = {n: i for i, n in enumerate(VINDR_FULL_LABELS)}
@@ -132,6 +141,9 @@ class VinDrCxr(Adapter):
     def _add(images, iid: str, split: str, rater: str, marks: set[int], path: Path, line: int):
         if not iid:
             raise DatasetError(f"{where(path, line)}: empty image_id")
+        if not rater:
+            raise DatasetError(f"{where(path, line)}: empty radiologist id (rad_id): the "
+                               "votes of one radiologist could not be told from another's")
         entry = images.setdefault(iid, (split, {}, path, line))
         if entry[0] != split:
             raise DatasetError(f"{where(path, line)}: image {iid} is also in the {entry[0]} set")
@@ -148,6 +160,7 @@ class VinDrCxr(Adapter):
             if name not in VINDR_FULL_LABELS:
                 raise DatasetError(f"{where(path, 1)}: unknown finding column {h!r}")
             cols[h] = VINDR_FULL_LABELS.index(name)
+        self._no_finding_voted = "No finding" in cols
         for line, r in rows:
             marks = set()
             for h, c in cols.items():
@@ -160,11 +173,17 @@ class VinDrCxr(Adapter):
             self._add(images, r["image_id"], split, rater, marks, path, line)
 
     def _read_kaggle(self, path: Path, images) -> None:
-        _, rows = read_csv(path, ["image_id", "class_name", "rad_id"])
+        header, rows = read_csv(path, ["image_id", "class_name", "rad_id"])
+        self._no_finding_voted = True  # "No finding" is a class a radiologist marks
         for line, r in rows:
             name = r["class_name"]
             if name not in VINDR_KAGGLE_CLASSES:
                 raise DatasetError(f"{where(path, line)}: unknown class_name {name!r}")
+            class_id = r["class_id"] if "class_id" in header else ""
+            if class_id and class_id != str(VINDR_KAGGLE_CLASSES.index(name)):
+                raise DatasetError(
+                    f"{where(path, line)}: class_id {class_id} contradicts class_name {name!r} "
+                    f"(class_id {VINDR_KAGGLE_CLASSES.index(name)} in the release)")
             self._add(
                 images, r["image_id"], "train", r["rad_id"],
                 {VINDR_FULL_LABELS.index(name)}, path, line,
