@@ -400,7 +400,7 @@ def test_error_names_file_and_line(tmp_path, dataset, file, line, old, new, matc
 def test_error_path_outside_root(tmp_path, bad):
     d = copy("csv", tmp_path)
     edit_line(d / "labels.csv", 5, "images/c1.png", bad)
-    opts = {"label_columns": ["Effusion"]}
+    opts = {"label_columns": ["Effusion"], "patient_column": "patient"}
     with pytest.raises(DatasetError, match=r"labels\.csv:5: image path .* leaves the dataset root"):
         build_manifest(task("csv", d, options=opts), "all", tmp_path)
 
@@ -507,3 +507,18 @@ def test_vindr_refuses_a_contradicting_class_id_and_an_empty_radiologist(tmp_pat
     edit_line(d / "train.csv", 4, old, new)
     with pytest.raises(DatasetError, match=match):
         build_manifest(task("vindr_cxr", d), "all", tmp_path)
+
+
+def test_generic_csv_needs_a_patient_column_unless_told_none(tmp_path, caplog):
+    """Without patients, CheXpert-like files (many films per patient) leak across splits."""
+    d = copy("csv", tmp_path)
+    with pytest.raises(ConfigError, match=r"patient_column: .*required.*'patient_column: none'"):
+        build_manifest(task("csv", d, options={"label_columns": ["Effusion"]}), "all", tmp_path)
+    opts = {"label_columns": ["Effusion"], "patient_column": "none"}
+    with caplog.at_level("WARNING"):
+        m = build_manifest(task("csv", d, options=opts), "all", tmp_path)
+    assert "labels.csv: patient_column: none: every image is its own patient" in caplog.text
+    assert m.patient_ids == m.paths  # P1's two films are two patients now
+    named = build_manifest(task("csv", d, options={**opts, "patient_column": "patient"}),
+                           "all", tmp_path)
+    assert named.patient_ids[:2] == ["P1", "P1"]

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import logging
+
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ...tasks import TaskType
 from .base import Adapter, AdapterOptions, DatasetError, parse_label_value, read_csv, safe_relpath, where
 
+log = logging.getLogger(__name__)
+NO_PATIENTS = "none"  # patient_column value that makes each image its own patient
 SPLIT_VALUES = {"train": "train", "val": "val", "valid": "val", "validate": "val", "test": "test"}
 
 
@@ -16,12 +20,24 @@ class CsvOptions(AdapterOptions):
         min_length=1, description="Label columns (values 1/0/-1/blank), in output order."
     )
     patient_column: str | None = Field(
-        None, description="Column with patient ids (default: each image is its own patient)."
+        None, validate_default=True,
+        description="Column with patient ids (required; 'none': each image is its own "
+        "patient, and splits can then hold one patient on both sides).",
     )
     split_column: str | None = Field(
         None, description="Column with an official split (train/val/test; blank for none)."
     )
     delimiter: str = Field(",", min_length=1, max_length=1, description="Field separator.")
+
+    @field_validator("patient_column")
+    @classmethod
+    def _patients_named(cls, v: str | None) -> str:
+        if v is None:
+            raise ValueError(
+                "required, so that splits keep each patient on one side: name the column of "
+                "patient ids, or write 'patient_column: none' to treat every image as its "
+                "own patient")
+        return v
 
 
 class CsvDataset(Adapter):
@@ -29,12 +45,14 @@ class CsvDataset(Adapter):
 
     Files: ``options.file`` with ``path_column`` (paths relative to the root, never leaving
     it), ``label_columns`` (1, 0, -1 = uncertain, blank = unknown), and optionally
-    ``patient_column`` and ``split_column``.
+    ``patient_column`` (required: without it a patient's films could land in train and test
+    alike; ``none`` opts out with a warning, each image its own patient) and optionally
+    ``split_column``.
 
     Labels: the ``label_columns``, multi-label (binary when there is one). Set ``task_type:
     multiclass`` in the task to read one-hot columns as classes (rows without exactly one
     1 are ignored). Uncertain (-1) default ``ignore``; blank -> NaN (ignored). Patient:
-    ``patient_column``, else the path. Meta: ``split``.
+    ``patient_column`` (the path with ``none``). Meta: ``split``.
     """
 
     name = "csv"
@@ -51,13 +69,17 @@ class CsvDataset(Adapter):
     def _read(self) -> None:
         o: CsvOptions = self.options  # type: ignore[assignment]
         path = self.root / safe_relpath(o.file, self.root, None)
-        extra = [c for c in (o.patient_column, o.split_column) if c]
+        per_image = o.patient_column.lower() == NO_PATIENTS
+        if per_image:
+            log.warning("%s: patient_column: none: every image is its own patient, so a "
+                        "patient with several films can be in train and test alike", path)
+        extra = [c for c in (None if per_image else o.patient_column, o.split_column) if c]
         _, rows = read_csv(path, [o.path_column, *o.label_columns, *extra], o.delimiter)
         values, self.paths, self.patient_ids, split = [], [], [], []
         for line, r in rows:
             rel = safe_relpath(r[o.path_column], path, line)
             values.append([parse_label_value(r[c], c, path, line) for c in o.label_columns])
-            pid = r[o.patient_column] if o.patient_column else rel
+            pid = rel if per_image else r[o.patient_column]
             if not pid:
                 raise DatasetError(f"{where(path, line)}: empty {o.patient_column!r}")
             s = r[o.split_column].lower() if o.split_column else ""
