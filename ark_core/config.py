@@ -144,6 +144,10 @@ class SplitConfig(Strict):
         "from this release): its patients never go to test, and test takes a larger share of the "
         "other patients so that it still holds test_fraction of all of them.",
     )
+    official_conflicts: Literal["error", "drop"] = Field(
+        "error", description="A patient whose images the official split puts in more than one "
+        "split: 'error' names them; 'drop' leaves them out and logs how many.",
+    )
 
 
 class PartitionConfig(Strict):

@@ -522,3 +522,53 @@ def test_generic_csv_needs_a_patient_column_unless_told_none(tmp_path, caplog):
     named = build_manifest(task("csv", d, options={**opts, "patient_column": "patient"}),
                            "all", tmp_path)
     assert named.patient_ids[:2] == ["P1", "P1"]
+
+
+def _move_line(src: Path, dst: Path, line: int) -> None:
+    """Move one line of an official list into another."""
+    lines = src.read_text().splitlines(keepends=True)
+    moved = lines.pop(line - 1)
+    src.write_text("".join(lines))
+    with open(dst, "a") as f:
+        f.write(moved if moved.endswith("\n") else moved + "\n")
+
+
+def _nih_patient_split_across_lists(d: Path) -> str:
+    """Move one film of a train_val patient with several films into test_list.txt."""
+    films: dict[str, list[str]] = {}
+    for x in rows(d / "Data_Entry_2017_v2020.csv"):
+        films.setdefault(x["Patient ID"], []).append(x["Image Index"])
+    train_val = (d / "train_val_list.txt").read_text().split()
+    pid = next(p for p, f in films.items() if len(f) > 1 and set(f) <= set(train_val))
+    _move_line(d / "train_val_list.txt", d / "test_list.txt", train_val.index(films[pid][0]) + 1)
+    return pid
+
+
+@pytest.mark.parametrize(("dataset", "folder", "edit", "patient"), [
+    ("chestxray14", "chestxray14", _nih_patient_split_across_lists, None),
+    ("mimic_cxr", "mimic_cxr", lambda d: edit_line(
+        d / "mimic-cxr-2.0.0-split.csv", 3, ",train", ",test"), "10000032"),
+    ("chexpert", "chexpert", lambda d: edit_line(
+        d / "valid.csv", 2, "patient64541", "patient00001"), "patient00001"),
+    ("covidx", "covidx", lambda d: _move_line(
+        d / "train_COVIDx9A.txt", d / "test_COVIDx9A.txt", 2), "3"),
+])
+def test_a_patient_in_two_official_splits_is_named_or_dropped(tmp_path, caplog, dataset, folder,
+                                                               edit, patient):
+    d = copy(folder, tmp_path)
+    patient = edit(d) or patient
+    # Without official splits every patient is carved whole: nothing to refuse.
+    before = build_manifest(task(dataset, d, split=SplitConfig(use_official=False)), "all",
+                            tmp_path)
+    with pytest.raises(DatasetError, match=rf"official split puts 1 patient\(s\) .* patient "
+                                           rf"{re.escape(patient)}: .*split.official_conflicts"):
+        build_manifests(task(dataset, d), tmp_path)
+    with caplog.at_level("WARNING"):
+        parts = build_manifests(task(dataset, d, split=SplitConfig(official_conflicts="drop")),
+                                tmp_path)
+    n = before.patient_ids.count(patient)
+    assert f"dropped 1 patient(s) ({n} images)" in caplog.text
+    assert patient not in parts["all"].patient_ids
+    assert len(parts["all"]) == len(before) - n
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not set(parts[a].patient_ids) & set(parts[b].patient_ids)

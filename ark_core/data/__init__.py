@@ -7,13 +7,16 @@ task's public release with its adapter, applies the label policies and overrides
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ..config import ConfigError, TaskConfig, resolve_path, task_spec_of
 from ..tasks import TaskSpec
 from .adapters import ADAPTERS, Adapter, DatasetError, get_adapter
 from .manifest import Manifest
-from .splits import Split, assign_splits, cap_images
+from .splits import Split, assign_splits, cap_images, official_conflicts
+
+log = logging.getLogger(__name__)
 
 
 def task_spec_for(cfg: TaskConfig) -> TaskSpec:
@@ -33,6 +36,8 @@ def _full(cfg: TaskConfig, base_dir: str | Path) -> tuple[Manifest, list[str]]:
     """Every row of a task (capped) and each row's split."""
     spec = task_spec_for(cfg)
     full = load_adapter(cfg, base_dir).to_manifest(spec)
+    if cfg.split.use_official:
+        full = _without_conflicts(full, cfg)
     if cfg.max_images:
         full = cap_images(full, cfg.max_images, cfg.split.seed)
     never_test: set[str] = set()
@@ -43,6 +48,29 @@ def _full(cfg: TaskConfig, base_dir: str | Path) -> tuple[Manifest, list[str]]:
         return full, assign_splits(full, cfg.split, never_test)
     except ValueError as e:
         raise ConfigError(f"task {cfg.name!r}: split.exclude_from_test: {e}") from None
+
+
+def _without_conflicts(full: Manifest, cfg: TaskConfig) -> Manifest:
+    """``full`` with no patient in two official splits: refused, or such patients dropped."""
+    conflicts = official_conflicts(full)
+    if not conflicts:
+        return full
+    rows = sum(len(r) for r in conflicts.values())
+    if cfg.split.official_conflicts == "drop":
+        log.warning("task %r: dropped %d patient(s) (%d images) that the official split of %s "
+                    "puts in more than one split", cfg.name, len(conflicts), rows, full.root)
+        gone = {i for r in conflicts.values() for i in r}
+        return full.subset([i for i in range(len(full)) if i not in gone])
+    split = full.meta["split"]
+    shown = "; ".join(
+        f"patient {pid}: " + ", ".join(f"{full.paths[i]} ({split[i] or 'no official split'})"
+                                       for i in r)
+        for pid, r in list(conflicts.items())[:5])
+    more = f"; and {len(conflicts) - 5} more" if len(conflicts) > 5 else ""
+    raise DatasetError(
+        f"{full.root}: the official split puts {len(conflicts)} patient(s) ({rows} images) in "
+        f"more than one split, so they would be trained on and tested alike: {shown}{more}. "
+        f"Fix the split files, or set split.official_conflicts: drop in task {cfg.name!r}")
 
 
 def build_manifests(cfg: TaskConfig, base_dir: str | Path) -> dict[str, Manifest]:

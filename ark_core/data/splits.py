@@ -79,6 +79,21 @@ def assign_splits(manifest: Manifest, cfg: SplitConfig,
     return out
 
 
+def official_conflicts(manifest: Manifest) -> dict[str, list[int]]:
+    """Patients whose rows the official split puts on both sides of a line, with their rows.
+
+    Rows officially in ``val`` or ``test`` stay there; every other row is carved by patient
+    hash. A patient with rows in two of {val, test, carved} would sit in two splits.
+    """
+    sides: dict[str, set[str]] = {}
+    rows: dict[str, list[int]] = {}
+    for i, (pid, off) in enumerate(zip(manifest.patient_ids, manifest.meta.get("split") or
+                                       [""] * len(manifest), strict=True)):
+        sides.setdefault(pid, set()).add(off if off in ("val", "test") else "carved")
+        rows.setdefault(pid, []).append(i)
+    return {pid: rows[pid] for pid, s in sides.items() if len(s) > 1}
+
+
 def cap_images(manifest: Manifest, max_images: int, seed: int) -> Manifest:
     """At most ``max_images`` rows, whole patients chosen in a seeded order; row order kept."""
     if len(manifest) <= max_images:
