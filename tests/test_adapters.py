@@ -572,3 +572,17 @@ def test_a_patient_in_two_official_splits_is_named_or_dropped(tmp_path, caplog, 
     assert len(parts["all"]) == len(before) - n
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         assert not set(parts[a].patient_ids) & set(parts[b].patient_ids)
+
+
+def test_mimic_counts_the_images_of_unlabelled_studies_it_leaves_out(tmp_path, caplog):
+    d = copy("mimic_cxr", tmp_path)
+    labelled = {(x["subject_id"], x["study_id"]) for x in rows(d / "mimic-cxr-2.0.0-chexpert.csv")}
+    split = rows(d / "mimic-cxr-2.0.0-split.csv")
+    out = [x for x in split if (x["subject_id"], x["study_id"]) not in labelled]
+    assert out  # the fixture holds a study without labels
+    with caplog.at_level("WARNING"):
+        m = build_manifest(task("mimic_cxr", d), "all", tmp_path)
+    studies = len({x["study_id"] for x in out})
+    assert (f"mimic-cxr-2.0.0-split.csv: {len(out)} image(s) of {studies} study(ies) have no "
+            "row in mimic-cxr-2.0.0-chexpert.csv: left out") in caplog.text
+    assert len(m) == len(split) - len(out)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+
 from pydantic import Field
 
 from ...tasks import CHEXPERT_LABELS
@@ -15,6 +17,7 @@ from .base import (
     where,
 )
 
+log = logging.getLogger(__name__)
 PREFIX = "mimic-cxr-2.0.0-"
 SPLITS = {"train": "train", "validate": "val", "test": "test"}
 
@@ -39,7 +42,8 @@ class MimicCxr(Adapter):
     study_id`` then the 14 CheXpert labels, 1.0/0.0/-1.0/blank, one row per study),
     ``-split.csv`` (``dicom_id,study_id,subject_id,split`` with train/validate/test, one row
     per image) and optionally ``-metadata.csv`` (``ViewPosition``). Images:
-    ``files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg``. Images of studies without labels are dropped.
+    ``files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg``. Images of studies without labels are dropped,
+    and a warning counts them.
 
     Labels: ``CHEXPERT_LABELS`` (the CheXpert labeler's output, "No Finding" as written).
     Uncertain (-1) default ``ones`` (U-Ones); blank -> 0. Official split: train/val/test.
@@ -76,6 +80,8 @@ class MimicCxr(Adapter):
         _, rows = read_csv(split_path, ["dicom_id", "study_id", "subject_id", "split"])
         values, self.paths, self.patient_ids = [], [], []
         meta: dict[str, list] = {"view": [], "study": [], "split": []}
+        unlabelled: set[tuple[str, str]] = set()
+        n_unlabelled = 0
         for line, r in rows:
             subject, study, dicom = r["subject_id"], r["study_id"], r["dicom_id"]
             if r["split"] not in SPLITS:
@@ -86,7 +92,11 @@ class MimicCxr(Adapter):
                 raise DatasetError(f"{where(split_path, line)}: malformed ids {subject!r}, {study!r}")
             key = (subject, study)
             view = views.get(dicom, "")
-            if key not in studies or (self.options.frontal_only and view not in ("PA", "AP")):
+            if key not in studies:
+                unlabelled.add(key)
+                n_unlabelled += 1
+                continue
+            if self.options.frontal_only and view not in ("PA", "AP"):
                 continue
             values.append(studies[key])
             rel = f"files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg"
@@ -95,5 +105,8 @@ class MimicCxr(Adapter):
             meta["view"].append(view)
             meta["study"].append(study)
             meta["split"].append(SPLITS[r["split"]])
+        if n_unlabelled:
+            log.warning("%s: %d image(s) of %d study(ies) have no row in %s: left out",
+                        split_path, n_unlabelled, len(unlabelled), lab_path.name)
         self.labels = labeler_targets(values, len(self.pathologies))
         self.meta = meta
