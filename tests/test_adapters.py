@@ -586,3 +586,34 @@ def test_mimic_counts_the_images_of_unlabelled_studies_it_leaves_out(tmp_path, c
     assert (f"mimic-cxr-2.0.0-split.csv: {len(out)} image(s) of {studies} study(ies) have no "
             "row in mimic-cxr-2.0.0-chexpert.csv: left out") in caplog.text
     assert len(m) == len(split) - len(out)
+
+
+def test_rsna_binary_needs_only_the_box_labels_and_reads_views_from_the_header_dump(tmp_path):
+    d = copy("rsna_pneumonia", tmp_path)
+    three = build_manifest(task("rsna_pneumonia", d), "all", tmp_path)
+    (d / "stage_2_detailed_class_info.csv").unlink()
+    with pytest.raises(DatasetError, match=r"stage_2_detailed_class_info\.csv: file not found.*"
+                                           r"options\.classes: 2"):
+        build_manifest(task("rsna_pneumonia", d), "all", tmp_path)
+    two = build_manifest(task("rsna_pneumonia", d, options={"classes": 2}), "all", tmp_path)
+    target = {x["patientId"]: float(x["Target"]) for x in rows(d / "stage_2_train_labels.csv")}
+    assert two.task.labels == ("Lung Opacity",) and two.task.task_type is TaskType.BINARY
+    assert two.targets[:, 0].tolist() == [target[p] for p in two.patient_ids]
+    assert two.meta["boxes"] == [sum(x["patientId"] == p and x["Target"] == "1"
+                                     for x in rows(d / "stage_2_train_labels.csv"))
+                                 for p in two.patient_ids]
+    # The same patients and films as the 3-class task, Lung Opacity where it is the class.
+    assert sorted(two.paths) == sorted(three.paths)
+    opacity = three.task.labels.index("Lung Opacity")
+    assert {p: float(c == opacity) for p, c in zip(three.patient_ids, three.targets,
+                                                   strict=True)} == target
+    header = {x["PatientID"]: x for x in rows(d / "kaggle_stage_2_train_images_dicom_headers.csv")}
+    for m in (two, three):
+        assert m.meta["view"] == [header[p]["ViewPosition"] for p in m.patient_ids]
+        assert m.meta["sex"] == [header[p]["PatientSex"] for p in m.patient_ids]
+        assert m.meta["age"] == [int(header[p]["PatientAge"]) for p in m.patient_ids]
+    assert {"PA", "AP"} <= set(two.meta["view"])
+    edit_line(d / "stage_2_train_labels.csv", 7, ",1\n", ",0\n")  # 2nd box row of a patient
+    with pytest.raises(DatasetError, match=r"labels\.csv:7: 00436515-\S+ has Target 0 here but "
+                                           r"not on line 6"):
+        build_manifest(task("rsna_pneumonia", d, options={"classes": 2}), "all", tmp_path)

@@ -1,74 +1,135 @@
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
+from typing import Literal
 
-from ...tasks import RSNA_LABELS, TaskType
-from .base import Adapter, DatasetError, read_csv, safe_relpath, where
+from pydantic import Field
+
+from ...tasks import RSNA_LABELS
+from .base import (
+    AdapterOptions,
+    DatasetError,
+    TwoOrThreeClasses,
+    find_file,
+    read_csv,
+    safe_relpath,
+    where,
+)
 
 LABELS_CSV = "stage_2_train_labels.csv"
 CLASSES_CSV = "stage_2_detailed_class_info.csv"
 IMAGE_DIR = "stage_2_train_images"
+# A dump of the images' DICOM headers (the torchxrayvision wheel ships the second name).
+HEADER_CSVS = [f"{p}stage_2_train_images_dicom_headers.csv{z}"
+               for p in ("", "kaggle_") for z in ("", ".gz")]
 
 
-class RsnaPneumonia(Adapter):
-    """RSNA Pneumonia Detection Challenge (stage 2): 26,684 frontal radiographs, 3 classes.
+class RsnaOptions(AdapterOptions):
+    classes: Literal[2, 3] = Field(
+        3, description="3: Normal / No Lung Opacity / Lung Opacity (needs the detailed class "
+        "info); 2: binary 'Lung Opacity' (needs only stage_2_train_labels.csv)."
+    )
+
+
+class RsnaPneumonia(TwoOrThreeClasses):
+    """RSNA Pneumonia Detection Challenge (stage 2): 26,684 frontal radiographs.
 
     Shih G, Wu CC, et al. "Augmenting the National Institutes of Health Chest Radiograph
     Dataset with Expert Annotations of Possible Pneumonia", Radiology: AI 2019.
     https://www.kaggle.com/c/rsna-pneumonia-detection-challenge
 
-    Files: ``stage_2_detailed_class_info.csv`` (``patientId,class``; class is 'Normal', 'No
-    Lung Opacity / Not Normal' or 'Lung Opacity'; repeated once per box) and, when present,
-    ``stage_2_train_labels.csv`` (``patientId,x,y,width,height,Target``; one row per box, or
-    one row with Target 0), checked against the classes (Target 1 iff 'Lung Opacity'). Images:
-    ``stage_2_train_images/ID.dcm``. Only the stage-2 train set is labelled: no official split.
+    Files: ``stage_2_train_labels.csv`` (``patientId,x,y,width,height,Target``; one row per
+    box, or one row with Target 0) and ``stage_2_detailed_class_info.csv`` (``patientId,
+    class``; class is 'Normal', 'No Lung Opacity / Not Normal' or 'Lung Opacity'; repeated
+    once per box). ``classes: 3`` needs the class info; ``classes: 2`` needs only the labels.
+    Where both exist they must agree (Target 1 iff 'Lung Opacity'). Optionally a CSV dump of
+    the DICOM headers (``HEADER_CSVS``: ``PatientID``, ``ViewPosition``, ``PatientSex``,
+    ``PatientAge``). Images: ``stage_2_train_images/ID.dcm``. Only the stage-2 train set is
+    labelled: no official split.
 
-    Labels: ``RSNA_LABELS``, multi-class; nothing is uncertain. Patient: ``patientId`` (one
-    image per patient). Meta: ``boxes`` (number of opacity boxes), ``split``.
+    Labels: ``RSNA_LABELS``, multi-class (3), or 'Lung Opacity', binary (2); nothing is
+    uncertain. Patient: ``patientId`` (one image per patient). Meta: ``boxes`` (opacity
+    boxes; None without the labels file), ``view``, ``sex``, ``age`` (from the header dump;
+    "" / None without it), ``split``.
     """
 
     name = "rsna_pneumonia"
-    fixed_labels = RSNA_LABELS
-    fixed_task_type = TaskType.MULTICLASS
+    Options = RsnaOptions
+    binary_labels = ("Lung Opacity",)
+    three_class_labels = RSNA_LABELS
 
     def _read(self) -> None:
-        path = self.root / CLASSES_CSV
+        classes_path, box_path = self.root / CLASSES_CSV, self.root / LABELS_CSV
+        three = self.options.classes == 3
+        if three and not classes_path.is_file():
+            raise DatasetError(f"{classes_path}: file not found; it gives the 3 classes. For "
+                               "the binary Lung Opacity task set options.classes: 2, which "
+                               f"needs only {LABELS_CSV}")
+        classes = self._classes(classes_path) if classes_path.is_file() else {}
+        boxes, box_lines = self._boxes(box_path, classes) if box_path.is_file() or not three \
+            else ({}, {})
+        source, first = ((classes_path, {p: line for p, (_, line) in classes.items()}) if three
+                         else (box_path, box_lines))
+        order = list(first)
+        self.paths = [safe_relpath(f"{IMAGE_DIR}/{p}.dcm", source, first[p]) for p in order]
+        self.patient_ids = order
+        self._set_labels([classes[p][0] for p in order] if three
+                         else [float(boxes[p] > 0) for p in order])
+        self.meta = {"boxes": [boxes.get(p) for p in order], **self._headers(order)}
+
+    def _classes(self, path: Path) -> dict[str, tuple[int, int]]:
+        """patientId -> (class index, first line), in file order."""
         _, rows = read_csv(path, ["patientId", "class"])
-        order: list[str] = []
-        classes: dict[str, tuple[int, int]] = {}  # id -> (class index, first line)
+        classes: dict[str, tuple[int, int]] = {}
         for line, r in rows:
             pid, name = r["patientId"], r["class"]
-            if name not in self.pathologies:
+            if name not in RSNA_LABELS:
                 raise DatasetError(
-                    f"{where(path, line)}: class {name!r} is not one of {list(self.pathologies)}"
-                )
-            c = self.pathologies.index(name)
+                    f"{where(path, line)}: class {name!r} is not one of {list(RSNA_LABELS)}")
+            c = RSNA_LABELS.index(name)
             if pid in classes and classes[pid][0] != c:
                 raise DatasetError(
                     f"{where(path, line)}: {pid} has class {name!r} here but "
-                    f"{self.pathologies[classes[pid][0]]!r} on line {classes[pid][1]}"
-                )
-            if pid not in classes:
-                classes[pid] = (c, line)
-                order.append(pid)
-        boxes = dict.fromkeys(order, 0)
-        box_path = self.root / LABELS_CSV
-        if box_path.is_file():
-            opacity = self.pathologies.index("Lung Opacity")
-            _, box_rows = read_csv(box_path, ["patientId", "Target"])
-            for line, r in box_rows:
-                pid, target = r["patientId"], r["Target"]
-                if target not in ("0", "1"):
-                    raise DatasetError(f"{where(box_path, line)}: Target {target!r} is not 0 or 1")
+                    f"{RSNA_LABELS[classes[pid][0]]!r} on line {classes[pid][1]}")
+            classes.setdefault(pid, (c, line))
+        return classes
+
+    def _boxes(self, path: Path, classes: dict[str, tuple[int, int]]
+               ) -> tuple[dict[str, int], dict[str, int]]:
+        """Opacity boxes and first line per patientId, in file order; checked against ``classes``."""
+        opacity = RSNA_LABELS.index("Lung Opacity")
+        _, rows = read_csv(path, ["patientId", "Target"])
+        boxes: dict[str, int] = {}
+        lines: dict[str, int] = {}
+        for line, r in rows:
+            pid, target = r["patientId"], r["Target"]
+            if target not in ("0", "1"):
+                raise DatasetError(f"{where(path, line)}: Target {target!r} is not 0 or 1")
+            if classes:
                 if pid not in classes:
-                    raise DatasetError(f"{where(box_path, line)}: {pid} is not in {CLASSES_CSV}")
+                    raise DatasetError(f"{where(path, line)}: {pid} is not in {CLASSES_CSV}")
                 if (target == "1") != (classes[pid][0] == opacity):
                     raise DatasetError(
-                        f"{where(box_path, line)}: Target {target} disagrees with class "
-                        f"{self.pathologies[classes[pid][0]]!r} in {CLASSES_CSV}"
-                    )
-                boxes[pid] += target == "1"
-        self.paths = [safe_relpath(f"{IMAGE_DIR}/{pid}.dcm", path, classes[pid][1]) for pid in order]
-        self.patient_ids = order
-        self.labels = np.array([classes[pid][0] for pid in order], dtype=np.int64)
-        self.meta = {"boxes": [boxes[pid] for pid in order]}
+                        f"{where(path, line)}: Target {target} disagrees with class "
+                        f"{RSNA_LABELS[classes[pid][0]]!r} in {CLASSES_CSV}")
+            if pid in boxes and (boxes[pid] > 0) != (target == "1"):
+                raise DatasetError(f"{where(path, line)}: {pid} has Target {target} here but "
+                                   f"not on line {lines[pid]}")
+            lines.setdefault(pid, line)
+            boxes[pid] = boxes.get(pid, 0) + (target == "1")
+        return boxes, lines
+
+    def _headers(self, order: list[str]) -> dict[str, list]:
+        """View, sex and age per patient from the DICOM header dump, where there is one."""
+        path = find_file(self.root, HEADER_CSVS)
+        if path is None:
+            return {"view": [""] * len(order), "sex": [""] * len(order),
+                    "age": [None] * len(order)}
+        _, rows = read_csv(path, ["PatientID", "ViewPosition", "PatientSex", "PatientAge"])
+        found = {r["PatientID"]: r for _, r in rows}
+        get = [found.get(p, {}) for p in order]
+        return {"view": [r.get("ViewPosition", "") for r in get],
+                "sex": [r.get("PatientSex", "") for r in get],
+                "age": [int(r["PatientAge"]) if r.get("PatientAge", "").isdigit() else None
+                        for r in get]}
+
