@@ -11,8 +11,8 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_data_layer_imports_without_torch():
-    # Blocked modules raise ImportError on import: any torch or timm import fails the run.
-    r = _run("import sys; sys.modules['torch'] = sys.modules['timm'] = None\n"
+    # Blocked modules raise ImportError on import: any torch, timm or Flower import fails it.
+    r = _run("import sys; sys.modules['torch'] = sys.modules['timm'] = sys.modules['flwr'] = None\n"
              "import ark_core, ark_core.data, ark_core.config, ark_core.tasks\n"
              "print(sorted(ark_core.data.ADAPTERS)[:1])")
     assert r.returncode == 0, r.stderr
