@@ -191,6 +191,11 @@ class TaskConfig(Strict):
     partition: PartitionConfig | None = Field(
         None, description="Simulations: hold only this site's patient-disjoint share of the task."
     )
+    views: list[Literal["PA", "AP", "LATERAL"]] | None = Field(
+        None, min_length=1, description="Keep only films of these views (datasets that "
+        "record the view: chestxray14, chexpert, mimic_cxr, rsna_pneumonia with its DICOM "
+        "header dump, pediatric_pneumonia, csv with view_column).",
+    )
 
 
 # ----------------------------------------------------------------------------- training
@@ -204,6 +209,14 @@ def drop_added_defaults(train: dict) -> None:
     for option, default in TRAIN_OPTIONS_ADDED.items():
         if train.get(option) == default:
             train.pop(option)
+
+
+def drop_added_task_defaults(task: dict) -> None:
+    """Remove from a dumped TaskConfig the added options that hold their defaults."""
+    if task.get("views", 0) is None:
+        task.pop("views")
+    if task.get("split", {}).get("official_conflicts") == "error":
+        task["split"].pop("official_conflicts")
 
 
 class TrainConfig(Strict):

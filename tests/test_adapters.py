@@ -199,7 +199,7 @@ def test_mimic_defaults_to_ones_and_drops_unlabelled_studies():
 def test_chexpert_frontal_only_and_valid_is_official_test():
     cfg = task("chexpert", FX / "chexpert", options={"frontal_only": True})
     m = build_manifest(cfg, "all", FX)
-    assert set(m.meta["view"]) == {"Frontal"}
+    assert set(m.meta["view"]) <= {"PA", "AP"} and "LATERAL" not in m.meta["view"]
     test = build_manifest(cfg, "test", FX)
     assert test.paths and all(p.startswith("valid/") for p in test.paths)
 
@@ -617,3 +617,84 @@ def test_rsna_binary_needs_only_the_box_labels_and_reads_views_from_the_header_d
     with pytest.raises(DatasetError, match=r"labels\.csv:7: 00436515-\S+ has Target 0 here but "
                                            r"not on line 6"):
         build_manifest(task("rsna_pneumonia", d, options={"classes": 2}), "all", tmp_path)
+
+
+def _raw_views(dataset: str, d: Path) -> dict[str, str]:
+    """Each film's view as its release writes it, read here without the adapter."""
+    if dataset == "chestxray14":
+        return {f"images/{x['Image Index']}": x["View Position"]
+                for x in rows(d / "Data_Entry_2017_v2020.csv")}
+    if dataset == "chexpert":
+        return {x["Path"].split("/", 1)[1]: x["AP/PA"] if x["Frontal/Lateral"] == "Frontal"
+                else "LATERAL" for x in rows(d / "train.csv") + rows(d / "valid.csv")}
+    if dataset == "mimic_cxr":
+        return {x["dicom_id"]: x["ViewPosition"] for x in rows(d / "mimic-cxr-2.0.0-metadata.csv")}
+    return {f"stage_2_train_images/{x['PatientID']}.dcm": x["ViewPosition"]
+            for x in rows(d / "kaggle_stage_2_train_images_dicom_headers.csv")}
+
+
+@pytest.mark.parametrize("dataset", ["chestxray14", "chexpert", "mimic_cxr", "rsna_pneumonia"])
+@pytest.mark.parametrize("views", [["PA"], ["AP"], ["PA", "AP"], ["LATERAL"]])
+def test_views_keep_the_films_of_those_views(tmp_path, dataset, views):
+    d = copy(dataset, tmp_path)
+    raw = _raw_views(dataset, d)
+    every = build_manifest(task(dataset, d), "all", tmp_path)
+    key = (lambda p: Path(p).stem) if dataset == "mimic_cxr" else (lambda p: p)
+    want = [p for p in every.paths
+            if {"LL": "LATERAL", "RL": "LATERAL"}.get(raw[key(p)], raw[key(p)]) in views]
+    if not want:
+        return  # no film of this view in the fixture (NIH and RSNA have no laterals)
+    m = build_manifest(task(dataset, d, views=views), "all", tmp_path)
+    assert m.paths == want
+    assert set(m.meta["view"]) <= set(views)
+
+
+def test_views_need_a_dataset_that_records_them(tmp_path):
+    d = copy("vindr_cxr_kaggle", tmp_path)
+    with pytest.raises(ConfigError, match=r"views: dataset 'vindr_cxr' at .* records no view"):
+        build_manifest(task("vindr_cxr", d, views=["PA"]), "all", tmp_path)
+    with pytest.raises(ValueError, match="views"):
+        task("chestxray14", d, views=["Frontal"])  # not a shared view name
+
+
+def test_metadata_uses_one_spelling_for_sex_and_view(tmp_path):
+    spelled = {x["Sex"] for x in rows(FX / "chexpert" / "train.csv")}
+    assert {"Male", "Female"} <= spelled  # the release spells them out
+    for dataset, folder in (("chexpert", "chexpert"), ("chestxray14", "chestxray14"),
+                            ("rsna_pneumonia", "rsna_pneumonia")):
+        m = build_manifest(task(dataset, FX / folder), "all", FX)
+        assert set(m.meta["sex"]) == {"M", "F"}
+        assert set(m.meta["view"]) <= {"PA", "AP", "LATERAL"}
+        assert all(a is None or 0 < a < 120 for a in m.meta["age"])
+    d = copy("csv", tmp_path)
+    lines = (d / "labels.csv").read_text().splitlines()
+    extra = ["view,sex,age", "PA,Male,51", "ap,F,", "LL,female,7", "PA,M,33", "AP,,60"]
+    (d / "labels.csv").write_text("\n".join(f"{a},{b}" for a, b in zip(lines, extra,
+                                                                         strict=True)) + "\n")
+    opts = {"label_columns": ["Effusion"], "patient_column": "patient", "view_column": "view",
+            "sex_column": "sex", "age_column": "age"}
+    m = build_manifest(task("csv", d, options=opts), "all", tmp_path)
+    assert m.meta["view"] == ["PA", "AP", "LATERAL", "PA", "AP"]
+    assert m.meta["sex"] == ["M", "F", "F", "M", ""]
+    assert m.meta["age"] == [51, None, 7, 33, 60]
+
+
+def test_a_centralized_runs_fingerprint_ignores_the_added_task_options_at_their_defaults():
+    """Runs made before views and official_conflicts existed must still resume."""
+    import hashlib
+    import json
+
+    from ark_core.config import ArkConfig
+    from ark_core.train.centralized import config_fingerprint
+
+    cfg = ArkConfig.model_validate({"model": {"preset": "tiny"}, "tasks": [
+        {"name": "nih", "dataset": "chestxray14", "root": "nih"}]})
+    old = cfg.model_dump(mode="json", exclude={"output_dir": True, "train": {"workers", "device"}})
+    del old["tasks"][0]["views"], old["tasks"][0]["split"]["official_conflicts"]
+    for option in ("task_order", "optimizer_reset"):  # the training options added before
+        old["train"].pop(option)
+    assert config_fingerprint(cfg) == hashlib.sha256(
+        json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    for change in ({"views": ["PA"]}, {"split": SplitConfig(official_conflicts="drop")}):
+        other = cfg.model_copy(update={"tasks": [cfg.tasks[0].model_copy(update=change)]})
+        assert config_fingerprint(other) != config_fingerprint(cfg)

@@ -140,3 +140,43 @@ def test_subgroups_command(tiny_run, tmp_path):
     r = json.loads(out.read_text())["subgroups"]
     assert set(r) == {"sex", "age_band", "view"} and set(r["view"]["groups"]) <= {"AP", "PA"}
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_evaluate_scores_another_datasets_films_through_the_shared_names(tiny_run, tmp_path,
+                                                                         capsys):
+    """The nih head (Pneumonia) on the demo films relabelled in another release's spelling."""
+    import csv
+
+    from conftest import DEMO
+
+    with open(DEMO / "nih" / "Data_Entry_2017.csv", newline="") as f:
+        entries = list(csv.DictReader(f))[:160]
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "patient", "pneumonia", "Edema"])  # COVIDx spells it lower case
+        for e in entries:
+            found = e["Finding Labels"].split("|")
+            w.writerow([f"images/{e['Image Index']}", e["Patient ID"],
+                        int("Pneumonia" in found), int("Edema" in found)])
+    (tmp_path / "images").symlink_to(DEMO / "nih" / "images")
+    task = {"name": "other", "dataset": "csv", "root": str(tmp_path),
+            "options": {"label_columns": ["pneumonia", "Edema"], "patient_column": "patient"},
+            "split": {"val_fraction": 0.25, "test_fraction": 0.4}}
+    data = tmp_path / "other.yaml"
+    data.write_text(json.dumps(task))
+    model = str(tiny_run / "teacher.safetensors")
+    common = [model, "--data", str(data), "--n-boot", "20"]
+    assert main(["evaluate", *common, "--head", "nih", "--out", str(tmp_path / "ev.json")]) == 0
+    assert "no counterpart in head 'nih' (undefined, not in the mean): ['Edema']" in \
+        capsys.readouterr().out
+    mapping = tmp_path / "map.yaml"
+    mapping.write_text(json.dumps({"pneumonia": {"task": "nih", "label": "Pneumonia"}}))
+    assert main(["zero-shot", *common, "--mapping", str(mapping),
+                 "--out", str(tmp_path / "zs.json")]) == 0
+    ev, zs = (json.loads((tmp_path / f).read_text()) for f in ("ev.json", "zs.json"))
+    assert ev["classes"]["pneumonia"]["auc"] == zs["classes"]["pneumonia"]["auc"] is not None
+    assert ev["classes"]["Edema"]["auc"] is None and ev["auc_mean"] == ev["classes"]["pneumonia"]["auc"]
+    # The pediatric head scores Pneumonia too; without --head the data's task must be a head.
+    assert main(["evaluate", *common, "--head", "pediatric"]) == 0
+    assert main(["evaluate", *common]) == 2
+    assert "the model has no head 'other'" in capsys.readouterr().err

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("ark_core.commands.embed", "teacher projector embeddings to .npy + index CSV"),
     "linear-probe": ("ark_core.commands.linear_probe", "logistic regression on frozen embeddings"),
     "few-shot": ("ark_core.commands.few_shot", "linear probe on k images per class, over seeds"),
+    "evaluate": ("ark_core.commands.evaluate", "a head as shipped on a task's films, across datasets"),
     "zero-shot": ("ark_core.commands.zero_shot", "score a target label with existing head outputs"),
     "finetune": ("ark_core.commands.finetune", "new head on pooled features, full fine-tuning"),
     "tsne": ("ark_core.commands.tsne", "t-SNE picture of embeddings coloured by label"),

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..config import ConfigError, TaskConfig, resolve_path, task_spec_of
 from ..tasks import TaskSpec
 from .adapters import ADAPTERS, Adapter, DatasetError, get_adapter
+from .harmonise import keep_views
 from .manifest import Manifest
 from .splits import Split, assign_splits, cap_images, official_conflicts
 
@@ -36,6 +37,8 @@ def _full(cfg: TaskConfig, base_dir: str | Path) -> tuple[Manifest, list[str]]:
     """Every row of a task (capped) and each row's split."""
     spec = task_spec_for(cfg)
     full = load_adapter(cfg, base_dir).to_manifest(spec)
+    if cfg.views:
+        full = _of_views(full, cfg)
     if cfg.split.use_official:
         full = _without_conflicts(full, cfg)
     if cfg.max_images:
@@ -48,6 +51,17 @@ def _full(cfg: TaskConfig, base_dir: str | Path) -> tuple[Manifest, list[str]]:
         return full, assign_splits(full, cfg.split, never_test)
     except ValueError as e:
         raise ConfigError(f"task {cfg.name!r}: split.exclude_from_test: {e}") from None
+
+
+def _of_views(full: Manifest, cfg: TaskConfig) -> Manifest:
+    """The films of ``cfg.views``; a dataset that records no view is an error."""
+    views = full.meta.get("view")
+    if views is None or not any(views):
+        raise ConfigError(f"task {cfg.name!r}: views: dataset {cfg.dataset!r} at {full.root} "
+                          "records no view; remove views")
+    kept = full.subset(keep_views(views, cfg.views))
+    log.info("task %r: %d of %d films are %s", cfg.name, len(kept), len(full), "/".join(cfg.views))
+    return kept
 
 
 def _without_conflicts(full: Manifest, cfg: TaskConfig) -> Manifest:

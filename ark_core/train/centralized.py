@@ -20,7 +20,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..config import ArkConfig, ModelConfig, TrainConfig, drop_added_defaults, resolve_path
+from ..config import (
+    ArkConfig,
+    ModelConfig,
+    TrainConfig,
+    drop_added_defaults,
+    drop_added_task_defaults,
+    resolve_path,
+)
 from ..data.dataset import check_files
 from ..data.loaders import TaskData, load_task_data
 from ..eval.evaluate import evaluate
@@ -42,6 +49,8 @@ def config_fingerprint(cfg: ArkConfig) -> str:
     """Hash of what determines the result (not output paths, workers, device)."""
     d = cfg.model_dump(mode="json", exclude={"output_dir": True, "train": {"workers", "device"}})
     drop_added_defaults(d["train"])
+    for task in d["tasks"]:
+        drop_added_task_defaults(task)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -3,13 +3,16 @@
 An adapter reads one public release in its own layout and exposes, like TorchXRayVision's
 datasets, ``pathologies`` (its label names), ``labels`` (targets before any override) and
 row-aligned ``paths``, ``patient_ids`` and ``meta``. ``meta["split"]`` holds the release's
-official split per image (``train``/``val``/``test``, or ``""`` where it has none).
+official split per image (``train``/``val``/``test``, or ``""`` where it has none); where a
+release records them, ``meta`` has ``view`` (PA/AP/LATERAL), ``sex`` (M/F) and ``age``
+in those shared spellings (:mod:`..harmonise`).
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
+import io
 import posixpath
 import zlib
 from pathlib import Path
@@ -20,7 +23,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ...config import ConfigError, format_validation_error
 from ...tasks import TaskSpec, TaskType
+from ..harmonise import normalise_meta
 from ..manifest import Manifest
+from .table import Table, TableBuilder, read_columns
 
 Uncertain = Literal["lsr-ones", "ones", "zeros", "ignore"]
 LSR_ONES_RANGE = (0.55, 0.85)
@@ -77,8 +82,12 @@ def read_text(path: Path) -> str:
 
 def read_csv(
     path: Path, required: list[str] | tuple[str, ...] = (), delimiter: str = ","
-) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """Read a CSV (optionally gzipped) into ``(header, [(line, row), ...])``.
+) -> tuple[list[str], Table]:
+    """Read a CSV (optionally gzipped) into ``(header, table)``, held as columns.
+
+    Iterating the table yields ``(line, row)`` with the record's 1-based line number and a
+    read-only mapping of stripped values, as the dict-per-row reader did. Blank lines are
+    skipped; fields past the header's count must be empty.
 
     Args:
         path: The file.
@@ -86,7 +95,7 @@ def read_csv(
         delimiter: Field separator.
 
     Returns:
-        The header and each row with its 1-based line number.
+        The header and its :class:`~.table.Table`.
 
     Raises:
         DatasetError: When the file is missing or not UTF-8, a column is missing or a row
@@ -95,32 +104,46 @@ def read_csv(
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
     opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
     try:
-        return _read_csv(path, opener, required, delimiter)
+        parsed = read_columns(raw, delimiter)
+        if parsed is None:
+            return _read_rows(path, raw, required, delimiter)
     except UnicodeDecodeError:
         raise not_utf8(path) from None
+    _check_columns(path, parsed[0], required)
+    return parsed
 
 
-def _read_csv(path: Path, opener, required: list[str] | tuple[str, ...], delimiter: str
-              ) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    rows: list[tuple[int, dict[str, str]]] = []
-    with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
+def _check_columns(path: Path, header: list[str], required: list[str] | tuple[str, ...]) -> None:
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DatasetError(f"{where(path, 1)}: missing column(s) {missing}; the header has {header}")
+
+
+def _read_rows(path: Path, raw: bytes, required: list[str] | tuple[str, ...], delimiter: str
+               ) -> tuple[list[str], Table]:
+    """Python's csv module reads the files Arrow does not take (see :func:`.table.read_columns`)."""
+    reader = csv.reader(io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig", newline=""),
+                        delimiter=delimiter)
+    try:
         header = [h.strip() for h in next(reader, [])]
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise DatasetError(f"{where(path, 1)}: missing column(s) {missing}; the header has {header}")
+        _check_columns(path, header, required)
         n = len(header)
+        rows = TableBuilder(header)
         for fields in reader:
-            line = reader.line_num
             if not fields:
                 continue
             if len(fields) < n or any(x.strip() for x in fields[n:]):
                 raise DatasetError(
-                    f"{where(path, line)}: expected {n} fields as in the header, got {len(fields)}"
+                    f"{where(path, reader.line_num)}: expected {n} fields as in the header, "
+                    f"got {len(fields)}"
                 )
-            rows.append((line, dict(zip(header, map(str.strip, fields), strict=False))))
-    return header, rows
+            rows.append(reader.line_num, [x.strip() for x in fields[:n]])
+    except csv.Error as e:
+        raise DatasetError(f"{where(path, reader.line_num)}: {e}") from None
+    return header, rows.finish()
 
 
 def find_file(root: Path, names: list[str]) -> Path | None:
@@ -245,6 +268,7 @@ class Adapter:
         if self.task_type is not TaskType.MULTICLASS:
             self.labels = apply_uncertain(self.labels, self.uncertain, seed, self.name)
         self.meta.setdefault("split", [""] * len(self.paths))
+        normalise_meta(self.meta)
 
     @classmethod
     def parse_options(cls, options: dict[str, Any] | AdapterOptions | None) -> AdapterOptions:

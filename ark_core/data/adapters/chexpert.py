@@ -42,7 +42,8 @@ class CheXpert(Adapter):
     Labels: ``CHEXPERT_LABELS`` including "No Finding" as written by the CheXpert labeler.
     Uncertain (-1) default ``lsr-ones`` (one value per cell drawn once, uniformly in
     [0.55, 0.85], seeded); blank (not mentioned) -> 0. Patient: ``patientNNNNN`` from
-    ``Path``. Meta: ``sex``, ``age``, ``view`` (Frontal/Lateral), ``ap_pa``, ``split``.
+    ``Path``. Meta: ``sex``, ``age``, ``view`` (the AP/PA column for frontal films,
+    LATERAL otherwise), ``ap_pa``, ``split``.
     """
 
     name = "chexpert"
@@ -84,7 +85,8 @@ class CheXpert(Adapter):
                 meta["sex"].append(r.get("Sex", ""))
                 age = r.get("Age", "")
                 meta["age"].append(int(age) if age.isdigit() else None)
-                meta["view"].append(r["Frontal/Lateral"])
+                frontal = r["Frontal/Lateral"] == "Frontal"
+                meta["view"].append(r.get("AP/PA", "") if frontal else "LATERAL")
                 meta["ap_pa"].append(r.get("AP/PA", ""))
                 meta["split"].append(split)
         self.labels = labeler_targets(values, len(self.pathologies))

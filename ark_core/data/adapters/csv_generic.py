@@ -27,6 +27,9 @@ class CsvOptions(AdapterOptions):
     split_column: str | None = Field(
         None, description="Column with an official split (train/val/test; blank for none)."
     )
+    view_column: str | None = Field(None, description="Column with the view (PA, AP, LATERAL).")
+    sex_column: str | None = Field(None, description="Column with the patient's sex (M/F).")
+    age_column: str | None = Field(None, description="Column with the age in years.")
     delimiter: str = Field(",", min_length=1, max_length=1, description="Field separator.")
 
     @field_validator("patient_column")
@@ -47,12 +50,13 @@ class CsvDataset(Adapter):
     it), ``label_columns`` (1, 0, -1 = uncertain, blank = unknown), and optionally
     ``patient_column`` (required: without it a patient's films could land in train and test
     alike; ``none`` opts out with a warning, each image its own patient) and optionally
-    ``split_column``.
+    ``split_column``, ``view_column``, ``sex_column`` and ``age_column``.
 
     Labels: the ``label_columns``, multi-label (binary when there is one). Set ``task_type:
     multiclass`` in the task to read one-hot columns as classes (rows without exactly one
     1 are ignored). Uncertain (-1) default ``ignore``; blank -> NaN (ignored). Patient:
-    ``patient_column`` (the path with ``none``). Meta: ``split``.
+    ``patient_column`` (the path with ``none``). Meta: ``split`` and, where their columns
+    are named, ``view``, ``sex`` and ``age``.
     """
 
     name = "csv"
@@ -73,9 +77,13 @@ class CsvDataset(Adapter):
         if per_image:
             log.warning("%s: patient_column: none: every image is its own patient, so a "
                         "patient with several films can be in train and test alike", path)
-        extra = [c for c in (None if per_image else o.patient_column, o.split_column) if c]
+        described = {"view": o.view_column, "sex": o.sex_column, "age": o.age_column}
+        described = {k: c for k, c in described.items() if c}
+        extra = [c for c in (None if per_image else o.patient_column, o.split_column,
+                             *described.values()) if c]
         _, rows = read_csv(path, [o.path_column, *o.label_columns, *extra], o.delimiter)
         values, self.paths, self.patient_ids, split = [], [], [], []
+        meta: dict[str, list] = {k: [] for k in described}
         for line, r in rows:
             rel = safe_relpath(r[o.path_column], path, line)
             values.append([parse_label_value(r[c], c, path, line) for c in o.label_columns])
@@ -90,5 +98,18 @@ class CsvDataset(Adapter):
             self.paths.append(rel)
             self.patient_ids.append(pid)
             split.append(SPLIT_VALUES.get(s, ""))
+            for k, c in described.items():
+                meta[k].append(_age(r[c], c, path, line) if k == "age" else r[c])
         self.labels = np.array(values, dtype=np.float32).reshape(-1, len(o.label_columns))
-        self.meta = {"split": split}
+        self.meta = {"split": split, **meta}
+
+
+def _age(value: str, column: str, path, line: int) -> float | None:
+    """Age in years; blank is unknown."""
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise DatasetError(f"{where(path, line)}: {column!r} value {value!r} is not an age "
+                           "in years") from None

@@ -41,7 +41,7 @@ class PediatricPneumonia(TwoOrThreeClasses):
     Labels: ``classes: 2`` -> binary "Pneumonia" (the folder); ``classes: 3`` -> multi-class
     ``PEDIATRIC_3CLASS_LABELS`` (normal from the folder, bacterial/viral from the name).
     Nothing is uncertain. Patient: ``personNNNN`` or ``[NORMAL2-]IM-NNNN`` from the name.
-    Meta: ``split``.
+    Meta: ``split``, ``view`` (AP: the release selected anterior-posterior films).
     """
 
     name = "pediatric_pneumonia"
@@ -78,4 +78,4 @@ class PediatricPneumonia(TwoOrThreeClasses):
         if not self.paths:
             raise DatasetError(f"{self.root}: no images in train|val|test/NORMAL|PNEUMONIA")
         self._set_labels(labels)
-        self.meta = {"split": split}
+        self.meta = {"split": split, "view": ["AP"] * len(split)}
