@@ -177,6 +177,7 @@ def test_evaluate_scores_another_datasets_films_through_the_shared_names(tiny_ru
     assert ev["classes"]["pneumonia"]["auc"] == zs["classes"]["pneumonia"]["auc"] is not None
     assert ev["classes"]["Edema"]["auc"] is None and ev["auc_mean"] == ev["classes"]["pneumonia"]["auc"]
     # The pediatric head scores Pneumonia too; without --head the data's task must be a head.
-    assert main(["evaluate", *common, "--head", "pediatric"]) == 0
-    assert main(["evaluate", *common]) == 2
+    assert main(["evaluate", *common, "--head", "pediatric", "--out",
+                 str(tmp_path / "ped.json")]) == 0
+    assert main(["evaluate", *common, "--out", str(tmp_path / "x.json")]) == 2
     assert "the model has no head 'other'" in capsys.readouterr().err
