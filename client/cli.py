@@ -91,7 +91,7 @@ def check_data(yaml_path: Path) -> str:
     site = Site.from_yaml(yaml_path)
     lines = [f"site {site.cfg.name}: data under {site.data_root}, state in {site.state_dir}"]
     try:
-        tasks = load_task_data(site.cfg.tasks, site.data_root)
+        tasks = load_task_data(site.cfg.tasks, site.data_root, twin_tasks=site.cfg.twin_tasks)
     except (ValueError, OSError) as e:
         raise SiteError(f"task data: {e}", EXIT_DATA) from None
     bad_fraction = TrainConfig().bad_file_fraction  # the trainer's own stop rule

@@ -80,6 +80,8 @@ class Site:
                 "sites; run with as many supernodes (--federation-config num-supernodes=N)"
             )
         cfg = sim.sites[partition_id]
+        cfg = cfg.model_copy(update={"twin_tasks": [*cfg.twin_tasks,
+                                                    *sim.tasks_beside(partition_id, base)]})
         root = resolve_path(cfg.data_root, base) if cfg.data_root else base
         state = resolve_path(cfg.state_dir, base) if cfg.state_dir else out / "sites" / cfg.name
         return cls(cfg, root, state)
@@ -111,7 +113,8 @@ class Site:
         train = site_train_config(ins.train, self.cfg.train).with_paths_under(self.data_root)
         if train.threads:
             torch.set_num_threads(train.threads)
-        tasks = load_task_data(self.cfg.tasks, self.data_root, splits=splits)
+        tasks = load_task_data(self.cfg.tasks, self.data_root, splits=splits,
+                               twin_tasks=self.cfg.twin_tasks)
         check_site_tasks(self.cfg.name, [t.spec for t in tasks], ins.tasks)
         empty = [t.spec.name for t in tasks if "train" in splits and not len(t.train)]
         if empty:
@@ -304,7 +307,8 @@ class Site:
         rounds = store.rounds()
         if not rounds:
             raise RuntimeError(f"site {self.cfg.name!r} holds no teacher of run {ins.fingerprint}")
-        tasks = load_task_data(self.cfg.tasks, self.data_root, splits=("train",))
+        tasks = load_task_data(self.cfg.tasks, self.data_root, splits=("train",),
+                               twin_tasks=self.cfg.twin_tasks)
         check_site_tasks(self.cfg.name, [t.spec for t in tasks], ins.tasks)
         metrics = {f"num-examples.{t.spec.name}": float(len(t.train)) for t in tasks}
         metrics["num-examples"] = float(sum(len(t.train) for t in tasks))

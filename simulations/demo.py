@@ -46,9 +46,10 @@ DEMO_YAML = Path(__file__).resolve().parent / "demo.yaml"
 def union_tasks(sim: SimulationConfig, base: Path) -> list[TaskData]:
     """Every catalogue task with the union of all sites' train and val data."""
     parts: dict[str, list[TaskData]] = defaultdict(list)
-    for site in sim.sites:
+    for i, site in enumerate(sim.sites):
         root = resolve_path(site.data_root, base) if site.data_root else base
-        for td in load_task_data(site.tasks, root):
+        beside = [*site.twin_tasks, *sim.tasks_beside(i, base)]
+        for td in load_task_data(site.tasks, root, twin_tasks=beside):
             parts[td.spec.name].append(td)
     out = []
     for spec in sim.task_specs():

@@ -8,6 +8,7 @@ task's public release with its adapter, applies the label policies and overrides
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import ConfigError, TaskConfig, resolve_path, task_spec_of
@@ -16,6 +17,7 @@ from .adapters import ADAPTERS, Adapter, DatasetError, get_adapter
 from .harmonise import keep_views
 from .manifest import Manifest
 from .splits import Split, assign_splits, cap_images, official_conflicts
+from .twins import separate_twins
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,36 @@ def build_manifests(cfg: TaskConfig, base_dir: str | Path) -> dict[str, Manifest
     return {**out, "all": full}
 
 
+def build_task_splits(cfgs: Sequence[TaskConfig], base_dir: str | Path,
+                      twin_tasks: Sequence[TaskConfig] = ()) -> list[dict[str, Manifest]]:
+    """Every split of each task, with no training film that is a test film anywhere.
+
+    Releases that share films (ChestX-ray14, RSNA, COVIDx: :mod:`.twins`) are read
+    together: a train or val film whose film or patient is a test film of another of
+    ``cfgs``, or of ``twin_tasks`` (releases read beside them, e.g. at other sites), is dropped.
+
+    Returns:
+        Per task of ``cfgs``, in order: ``train``, ``val``, ``test`` and ``all`` (unchanged).
+    """
+    out = [build_manifests(cfg, base_dir) for cfg in cfgs]
+    if not any(get_adapter(c.dataset).shares_films for c in cfgs):
+        return out
+    own = {_release(c) for c in cfgs}
+    beside = [c for c in twin_tasks
+              if get_adapter(c.dataset).shares_films and _release(c) not in own]
+    tests = [build_manifests(c.model_copy(update={"partition": None}), base_dir)["test"]
+             for c in beside]
+    separate_twins({f"{i}:{c.name}": parts for i, (c, parts) in enumerate(zip(cfgs, out,
+                                                                              strict=True))},
+                   tests)
+    return out
+
+
+def _release(cfg: TaskConfig) -> str:
+    """What identifies a task's whole data (its site share aside)."""
+    return cfg.model_copy(update={"partition": None, "name": ""}).model_dump_json()
+
+
 def build_manifest(cfg: TaskConfig, split: Split, base_dir: str | Path) -> Manifest:
     """The rows of one split of a task.
 
@@ -121,6 +153,7 @@ __all__ = [
     "Manifest",
     "build_manifest",
     "build_manifests",
+    "build_task_splits",
     "get_adapter",
     "load_adapter",
     "task_spec_for",

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from ..config import TaskConfig, TrainConfig
 from ..tasks import TaskSpec
-from . import build_manifests, task_spec_for
+from . import build_task_splits, task_spec_for
 from .cache import ImageCache, cache_dir_for
 from .dataset import ArkDataset, collate
 from .manifest import Manifest
@@ -38,12 +38,17 @@ class TaskData:
 
 
 def load_task_data(
-    task_cfgs: Sequence[TaskConfig], base_dir: Path, splits: Sequence[str] = ("train", "val")
+    task_cfgs: Sequence[TaskConfig], base_dir: Path, splits: Sequence[str] = ("train", "val"),
+    twin_tasks: Sequence[TaskConfig] = (),
 ) -> list[TaskData]:
-    """Build each task's manifests (patient-disjoint splits, then the site's partition)."""
+    """Each task's manifests: patient-disjoint splits, then the site's partition.
+
+    Training films that are test films of a release read beside them (``twin_tasks``, see
+    ``build_task_splits``) are dropped before the partition.
+    """
     out = []
-    for cfg in task_cfgs:
-        every = build_manifests(cfg, base_dir)  # reads the release's label files once
+    for cfg, every in zip(task_cfgs, build_task_splits(task_cfgs, base_dir, twin_tasks),
+                          strict=True):
         per_split = {s: every[s] for s in splits}
         if cfg.partition is not None:
             per_split = {s: apply_partition(m, cfg.partition) for s, m in per_split.items()}

@@ -278,6 +278,11 @@ class SiteConfig(Strict):
     deployment: SiteDeployment | None = Field(
         None, description="ark-client: server address, CA certificate, private key, GPUs."
     )
+    twin_tasks: list[TaskConfig] = Field(
+        default_factory=list, description="Releases that share films with this site's tasks "
+        "(e.g. ChestX-ray14 beside RSNA): no film or patient of their test splits is trained "
+        "on here. A simulation adds the other sites' tasks itself.",
+    )
 
     @field_validator("tasks")
     @classmethod
@@ -307,6 +312,19 @@ class SimulationConfig(FederationConfig):
                     got = TaskSpec(task.name, tuple(task.labels), task.task_type or cat.task_type)
                     check_same_labels(cat.spec(), got, f"site {site.name!r}")
         return self
+
+    def tasks_beside(self, index: int, base: Path) -> list[TaskConfig]:
+        """The other sites' tasks, whole, roots absolute: site ``index``'s ``twin_tasks``."""
+        out: dict[str, TaskConfig] = {}
+        for i, site in enumerate(self.sites):
+            if i == index:
+                continue
+            root = resolve_path(site.data_root, base) if site.data_root else base
+            for t in site.tasks:
+                whole = t.model_copy(update={"partition": None,
+                                             "root": resolve_path(t.root, root)})
+                out.setdefault(whole.model_dump_json(), whole)
+        return list(out.values())
 
     def federation(self) -> FederationConfig:
         """The federation part (what the server fingerprints)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import posixpath
 import zlib
 from pathlib import Path
@@ -103,13 +102,10 @@ def read_csv(
     """
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
     try:
-        parsed = read_columns(raw, delimiter)
+        parsed = read_columns(path, delimiter)
         if parsed is None:
-            return _read_rows(path, raw, required, delimiter)
+            return _read_rows(path, required, delimiter)
     except UnicodeDecodeError:
         raise not_utf8(path) from None
     _check_columns(path, parsed[0], required)
@@ -122,27 +118,28 @@ def _check_columns(path: Path, header: list[str], required: list[str] | tuple[st
         raise DatasetError(f"{where(path, 1)}: missing column(s) {missing}; the header has {header}")
 
 
-def _read_rows(path: Path, raw: bytes, required: list[str] | tuple[str, ...], delimiter: str
+def _read_rows(path: Path, required: list[str] | tuple[str, ...], delimiter: str
                ) -> tuple[list[str], Table]:
     """Python's csv module reads the files Arrow does not take (see :func:`.table.read_columns`)."""
-    reader = csv.reader(io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig", newline=""),
-                        delimiter=delimiter)
-    try:
-        header = [h.strip() for h in next(reader, [])]
-        _check_columns(path, header, required)
-        n = len(header)
-        rows = TableBuilder(header)
-        for fields in reader:
-            if not fields:
-                continue
-            if len(fields) < n or any(x.strip() for x in fields[n:]):
-                raise DatasetError(
-                    f"{where(path, reader.line_num)}: expected {n} fields as in the header, "
-                    f"got {len(fields)}"
-                )
-            rows.append(reader.line_num, [x.strip() for x in fields[:n]])
-    except csv.Error as e:
-        raise DatasetError(f"{where(path, reader.line_num)}: {e}") from None
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            header = [h.strip() for h in next(reader, [])]
+            _check_columns(path, header, required)
+            n = len(header)
+            rows = TableBuilder(header)
+            for fields in reader:
+                if not fields:
+                    continue
+                if len(fields) < n or any(x.strip() for x in fields[n:]):
+                    raise DatasetError(
+                        f"{where(path, reader.line_num)}: expected {n} fields as in the header, "
+                        f"got {len(fields)}"
+                    )
+                rows.append(reader.line_num, [x.strip() for x in fields[:n]])
+        except csv.Error as e:
+            raise DatasetError(f"{where(path, reader.line_num)}: {e}") from None
     return header, rows.finish()
 
 
@@ -241,6 +238,7 @@ class Adapter:
     default_uncertain: ClassVar[Uncertain] = "ignore"
     fixed_labels: ClassVar[tuple[str, ...]] = ()
     fixed_task_type: ClassVar[TaskType] = TaskType.MULTILABEL
+    shares_films: ClassVar[bool] = False  # rows carry meta["twins"] keys (..twins)
 
     pathologies: tuple[str, ...]
     labels: np.ndarray

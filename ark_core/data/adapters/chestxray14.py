@@ -4,6 +4,7 @@ import numpy as np
 from pydantic import Field
 
 from ...tasks import CHESTXRAY14_LABELS
+from ..twins import nih_keys
 from .base import (
     Adapter,
     AdapterOptions,
@@ -44,10 +45,12 @@ class ChestXray14(Adapter):
     Labels: ``CHESTXRAY14_LABELS``, multi-label. The labels are text-mined: there is no
     uncertain value, so the uncertainty policy never applies. "No Finding" -> all 14 are 0;
     "No Finding" together with a finding, or an unknown finding name, is an error.
-    Patient: ``Patient ID``. Meta: ``sex``, ``age``, ``view``, ``split``.
+    Patient: ``Patient ID``. Meta: ``sex``, ``age``, ``view``, ``split``, ``twins`` (the
+    film and patient keys RSNA and COVIDx rows meet, :mod:`..twins`).
     """
 
     name = "chestxray14"
+    shares_films = True
     Options = ChestXray14Options
 
     @classmethod
@@ -113,4 +116,5 @@ class ChestXray14(Adapter):
             view.append(r.get("View Position", ""))
             split.append(official.get(name, ""))
         self.labels = labels
-        self.meta = {"sex": sex, "age": age, "view": view, "split": split}
+        self.meta = {"sex": sex, "age": age, "view": view, "split": split,
+                     "twins": [nih_keys(r, p) for r, p in zip(seen, self.patient_ids, strict=True)]}

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from pydantic import Field
@@ -46,10 +46,12 @@ class Covidx(TwoOrThreeClasses):
 
     Labels: ``classes: 3`` -> ``COVIDX_3CLASS_LABELS`` (a 2-way list is then an error);
     ``classes: 2`` -> binary "COVID-19" (3-way COVID-19 is positive, others negative).
-    Nothing is uncertain. Patient: the list's ``patient_id``. Meta: ``source``, ``split``.
+    Nothing is uncertain. Patient: the list's ``patient_id``. Meta: ``source``, ``split``,
+    ``twins`` (``rsna:<id>`` for films whose source is RSNA, :mod:`..twins`).
     """
 
     name = "covidx"
+    shares_films = True
     Options = CovidxOptions
     binary_labels = COVIDX_BINARY_LABELS
     three_class_labels = COVIDX_3CLASS_LABELS
@@ -98,4 +100,7 @@ class Covidx(TwoOrThreeClasses):
                 meta["source"].append(" ".join(tokens[c + 1 :]))
                 meta["split"].append(split)
         self._set_labels(labels)
+        # COVIDx took its RSNA films whole: the file is named after the RSNA patientId.
+        meta["twins"] = [(f"rsna:{PurePosixPath(p).stem}",) if s.lower() == "rsna" else ()
+                         for p, s in zip(self.paths, meta["source"], strict=True)]
         self.meta = meta

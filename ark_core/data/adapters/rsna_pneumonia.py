@@ -1,17 +1,20 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from ...tasks import RSNA_LABELS
+from ..twins import nih_keys
 from .base import (
     AdapterOptions,
     DatasetError,
     TwoOrThreeClasses,
     find_file,
     read_csv,
+    read_text,
     safe_relpath,
     where,
 )
@@ -29,6 +32,12 @@ class RsnaOptions(AdapterOptions):
         3, description="3: Normal / No Lung Opacity / Lung Opacity (needs the detailed class "
         "info); 2: binary 'Lung Opacity' (needs only stage_2_train_labels.csv)."
     )
+    nih_mapping: str | None = Field(
+        None, description="RSNA's map of its ids to ChestX-ray14 films, relative to the root "
+        "(the JSON list published with the challenge, or a CSV), with subset_img_id (the "
+        "patientId) and img_id (the ChestX-ray14 file name): keeps a film and its patient off "
+        "the training side of ChestX-ray14's test line, and the reverse.",
+    )
 
 
 class RsnaPneumonia(TwoOrThreeClasses):
@@ -44,16 +53,19 @@ class RsnaPneumonia(TwoOrThreeClasses):
     once per box). ``classes: 3`` needs the class info; ``classes: 2`` needs only the labels.
     Where both exist they must agree (Target 1 iff 'Lung Opacity'). Optionally a CSV dump of
     the DICOM headers (``HEADER_CSVS``: ``PatientID``, ``ViewPosition``, ``PatientSex``,
-    ``PatientAge``). Images: ``stage_2_train_images/ID.dcm``. Only the stage-2 train set is
+    ``PatientAge``) and RSNA's map of its ids to ChestX-ray14 films (``nih_mapping``). Images:
+    ``stage_2_train_images/ID.dcm``. Only the stage-2 train set is
     labelled: no official split.
 
     Labels: ``RSNA_LABELS``, multi-class (3), or 'Lung Opacity', binary (2); nothing is
     uncertain. Patient: ``patientId`` (one image per patient). Meta: ``boxes`` (opacity
     boxes; None without the labels file), ``view``, ``sex``, ``age`` (from the header dump;
-    "" / None without it), ``split``.
+    "" / None without it), ``split``, ``twins`` (``rsna:<patientId>`` and, with the map,
+    the ChestX-ray14 film and patient, :mod:`..twins`).
     """
 
     name = "rsna_pneumonia"
+    shares_films = True
     Options = RsnaOptions
     binary_labels = ("Lung Opacity",)
     three_class_labels = RSNA_LABELS
@@ -76,6 +88,31 @@ class RsnaPneumonia(TwoOrThreeClasses):
         self._set_labels([classes[p][0] for p in order] if three
                          else [float(boxes[p] > 0) for p in order])
         self.meta = {"boxes": [boxes.get(p) for p in order], **self._headers(order)}
+        nih = self._nih_films() if self.options.nih_mapping else {}
+        self.meta["twins"] = [(f"rsna:{p}", *(nih_keys(nih[p]) if p in nih else ()))
+                              for p in order]
+
+    def _nih_films(self) -> dict[str, str]:
+        """patientId -> ChestX-ray14 file name, from the challenge's id map."""
+        path = self.root / safe_relpath(self.options.nih_mapping, self.root, None)
+        if path.suffix.lower() == ".json":
+            try:
+                entries = json.loads(read_text(path))
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{where(path, e.lineno)}: not JSON: {e.msg}") from None
+            if not isinstance(entries, list):
+                raise DatasetError(f"{path}: expected a list of objects with subset_img_id "
+                                   "and img_id")
+            rows = [(f"{path}: entry {i}", r) for i, r in enumerate(entries, 1)]
+        else:
+            _, table = read_csv(path, ["subset_img_id", "img_id"])
+            rows = [(where(path, line), r) for line, r in table]
+        out: dict[str, str] = {}
+        for at, r in rows:
+            if not isinstance(r, dict) or not r.get("subset_img_id") or not r.get("img_id"):
+                raise DatasetError(f"{at}: needs subset_img_id and img_id")
+            out[str(r["subset_img_id"])] = str(r["img_id"])
+        return out
 
     def _classes(self, path: Path) -> dict[str, tuple[int, int]]:
         """patientId -> (class index, first line), in file order."""
