@@ -148,6 +148,11 @@ class SplitConfig(Strict):
         "error", description="A patient whose images the official split puts in more than one "
         "split: 'error' names them; 'drop' leaves them out and logs how many.",
     )
+    twins: Literal["error", "drop"] = Field(
+        "error", description="A training or validation film whose film or patient is a test "
+        "film of a release read beside it (ChestX-ray14, RSNA, COVIDx share films): 'error' "
+        "names both; 'drop' leaves it out of training and logs how many.",
+    )
 
 
 class PartitionConfig(Strict):
@@ -215,8 +220,9 @@ def drop_added_task_defaults(task: dict) -> None:
     """Remove from a dumped TaskConfig the added options that hold their defaults."""
     if task.get("views", 0) is None:
         task.pop("views")
-    if task.get("split", {}).get("official_conflicts") == "error":
-        task["split"].pop("official_conflicts")
+    for option in ("official_conflicts", "twins"):
+        if task.get("split", {}).get(option) == "error":
+            task["split"].pop(option)
 
 
 class TrainConfig(Strict):

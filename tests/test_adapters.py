@@ -691,10 +691,12 @@ def test_a_centralized_runs_fingerprint_ignores_the_added_task_options_at_their_
         {"name": "nih", "dataset": "chestxray14", "root": "nih"}]})
     old = cfg.model_dump(mode="json", exclude={"output_dir": True, "train": {"workers", "device"}})
     del old["tasks"][0]["views"], old["tasks"][0]["split"]["official_conflicts"]
+    del old["tasks"][0]["split"]["twins"]
     for option in ("task_order", "optimizer_reset"):  # the training options added before
         old["train"].pop(option)
     assert config_fingerprint(cfg) == hashlib.sha256(
         json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
-    for change in ({"views": ["PA"]}, {"split": SplitConfig(official_conflicts="drop")}):
+    for change in ({"views": ["PA"]}, {"split": SplitConfig(official_conflicts="drop")},
+                   {"split": SplitConfig(twins="drop")}):
         other = cfg.model_copy(update={"tasks": [cfg.tasks[0].model_copy(update=change)]})
         assert config_fingerprint(other) != config_fingerprint(cfg)

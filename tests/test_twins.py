@@ -18,8 +18,8 @@ from ark_core.data.twins import twin_keys
 FX = Path(__file__).parent / "fixtures"
 
 
-def _task(name, dataset, root, **kw) -> TaskConfig:
-    split = {"val_fraction": 0.2, "test_fraction": 0.3, "seed": 0}
+def _task(name, dataset, root, twins="drop", **kw) -> TaskConfig:
+    split = {"val_fraction": 0.2, "test_fraction": 0.3, "seed": 0, "twins": twins}
     return TaskConfig(name=name, dataset=dataset, root=root, split=split, **kw)
 
 
@@ -61,7 +61,7 @@ def releases(tmp_path):
         old = lines[k].split()[0]
         lines[k] = lines[k].replace(old, new)
         (cov / lst).write_text("\n".join(lines) + "\n")
-    covidx = TaskConfig(name="covidx", dataset="covidx", root=cov)
+    covidx = TaskConfig(name="covidx", dataset="covidx", root=cov, split={"twins": "drop"})
     return {"nih": nih, "rsna": rsna, "covidx": covidx, "patient": patient,
             "rsna_train": rsna_train, "rsna_test": rsna_test, "nih_test": nih_test,
             "nih_train": nih_train, "tmp": tmp_path}
@@ -130,3 +130,14 @@ def test_a_broken_id_map_names_its_entry(releases):
                                 {"subset_img_id": "y"}]))
     with pytest.raises(DatasetError, match=r"map\.json: entry 2: needs subset_img_id and img_id"):
         build_manifests(r["rsna"], r["tmp"])
+
+
+def test_by_default_a_twin_across_the_test_line_is_refused_by_name(releases):
+    r = releases
+    strict = [c.model_copy(update={"split": c.split.model_copy(update={"twins": "error"})})
+              for c in (r["nih"], r["rsna"])]
+    with pytest.raises(DatasetError, match=rf"task 'nih': \d+ train film\(s\) are, or share a "
+                                           rf"patient with, test films .*images/{r['nih_train']} "
+                                           rf"is rsna:stage_2_train_images/{r['rsna_test'][0]}"
+                                           rf"\.dcm.*split\.twins: drop"):
+        build_task_splits(strict, r["tmp"])

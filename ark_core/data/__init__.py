@@ -102,7 +102,8 @@ def build_task_splits(cfgs: Sequence[TaskConfig], base_dir: str | Path,
 
     Releases that share films (ChestX-ray14, RSNA, COVIDx: :mod:`.twins`) are read
     together: a train or val film whose film or patient is a test film of another of
-    ``cfgs``, or of ``twin_tasks`` (releases read beside them, e.g. at other sites), is dropped.
+    ``cfgs``, or of ``twin_tasks`` (releases read beside them, e.g. at other sites), is
+    refused, or dropped where its task's ``split.twins`` is ``drop``.
 
     Returns:
         Per task of ``cfgs``, in order: ``train``, ``val``, ``test`` and ``all`` (unchanged).
@@ -113,11 +114,10 @@ def build_task_splits(cfgs: Sequence[TaskConfig], base_dir: str | Path,
     own = {_release(c) for c in cfgs}
     beside = [c for c in twin_tasks
               if get_adapter(c.dataset).shares_films and _release(c) not in own]
-    tests = [build_manifests(c.model_copy(update={"partition": None}), base_dir)["test"]
+    tests = [(c.name, build_manifests(c.model_copy(update={"partition": None}), base_dir)["test"])
              for c in beside]
-    separate_twins({f"{i}:{c.name}": parts for i, (c, parts) in enumerate(zip(cfgs, out,
-                                                                              strict=True))},
-                   tests)
+    separate_twins({c.name: parts for c, parts in zip(cfgs, out, strict=True)},
+                   {c.name: c.split.twins for c in cfgs}, tests)
     return out
 
 

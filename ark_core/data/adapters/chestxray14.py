@@ -4,7 +4,6 @@ import numpy as np
 from pydantic import Field
 
 from ...tasks import CHESTXRAY14_LABELS
-from ..twins import nih_keys
 from .base import (
     Adapter,
     AdapterOptions,
@@ -20,6 +19,15 @@ LABEL_FILES = ["Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv",
                "Data_Entry_2017_v2020.csv.gz", "Data_Entry_2017.csv.gz"]
 OFFICIAL_LISTS = {"train": "train_val_list.txt", "test": "test_list.txt"}
 
+
+
+def nih_keys(image: str, patient: str | None = None) -> tuple[str, str]:
+    """Twin keys (:mod:`..twins`) of a film; the name's first field is the patient."""
+    image = image if image.endswith(".png") else f"{image}.png"
+    if patient is None:
+        head = image.split("_", 1)[0]
+        patient = str(int(head)) if head.isdigit() else head
+    return f"chestxray14:{image}", f"chestxray14-patient:{patient}"
 
 class ChestXray14Options(AdapterOptions):
     label_file: str | None = Field(

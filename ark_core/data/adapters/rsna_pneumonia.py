@@ -7,7 +7,6 @@ from typing import Literal
 from pydantic import Field
 
 from ...tasks import RSNA_LABELS
-from ..twins import nih_keys
 from .base import (
     AdapterOptions,
     DatasetError,
@@ -18,6 +17,7 @@ from .base import (
     safe_relpath,
     where,
 )
+from .chestxray14 import nih_keys
 
 LABELS_CSV = "stage_2_train_labels.csv"
 CLASSES_CSV = "stage_2_detailed_class_info.csv"
