@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("ark_core.commands.keys", "the federation's CA, server certificate and site keys"),
     "import": ("ark_core.commands.import_ark", "convert a released Ark checkpoint to a model file"),
     "export": ("ark_core.commands.export", "write a model's backbone as a timm state dict"),
+    "data": ("ark_core.commands.data", "check a config's data before training: files, "
+             "overlaps, counts"),
     "cache": ("ark_core.commands.cache", "pre-resized copies of the tasks' images, checked by hash"),
 }
 

@@ -111,9 +111,9 @@ def build_task_splits(cfgs: Sequence[TaskConfig], base_dir: str | Path,
     out = [build_manifests(cfg, base_dir) for cfg in cfgs]
     if not any(get_adapter(c.dataset).shares_films for c in cfgs):
         return out
-    own = {_release(c) for c in cfgs}
+    own = {release_key(c) for c in cfgs}
     beside = [c for c in twin_tasks
-              if get_adapter(c.dataset).shares_films and _release(c) not in own]
+              if get_adapter(c.dataset).shares_films and release_key(c) not in own]
     tests = [(c.name, build_manifests(c.model_copy(update={"partition": None}), base_dir)["test"])
              for c in beside]
     separate_twins({c.name: parts for c, parts in zip(cfgs, out, strict=True)},
@@ -121,8 +121,8 @@ def build_task_splits(cfgs: Sequence[TaskConfig], base_dir: str | Path,
     return out
 
 
-def _release(cfg: TaskConfig) -> str:
-    """What identifies a task's whole data (its site share aside)."""
+def release_key(cfg: TaskConfig) -> str:
+    """What identifies a task's whole data: its release, root and settings, not its site share."""
     return cfg.model_copy(update={"partition": None, "name": ""}).model_dump_json()
 
 
@@ -156,5 +156,6 @@ __all__ = [
     "build_task_splits",
     "get_adapter",
     "load_adapter",
+    "release_key",
     "task_spec_for",
 ]
