@@ -8,6 +8,7 @@ test line. Counts, patients and label prevalence per site, task and split are ta
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -82,8 +83,8 @@ def check_sites(sites: Sequence[SiteData], *, deep: bool = False, workers: int =
     _overlaps(report, built)
     _twins(report, built)
     _published(report, built)
-    paths = sorted({str(m.root / p) for _, _, held, _ in built for m in held.values()
-                    for p in m.paths})
+    paths = sorted({os.path.normpath(m.root / p) for _, _, held, _ in built
+                    for m in held.values() for p in m.paths})
     report.files = len(paths)
     bad = check_paths(paths, deep=deep, workers=workers, progress=progress,
                       desc="decode" if deep else "sniff")
@@ -135,7 +136,8 @@ def _twins(report: DataReport, built) -> None:
             for path, keys in zip(m.paths, twin_keys(m), strict=True):
                 hit = next((tested[k] for k in keys if k in tested), None)
                 if hit is not None:
-                    found.append(f"site {site} task {cfg.name}: {split} film {m.root / path} "
+                    found.append(f"site {site} task {cfg.name}: {split} film "
+                                 f"{os.path.normpath(m.root / path)} "
                                  f"is, or shares a patient with, test film {hit}")
     report.add("twin across the test line", found)
 
