@@ -99,6 +99,17 @@ def expect_covidx(d: Path, _):
     return len(lines), {x[0] for x in lines}, {"COVID-19": sum(x[2] == "COVID-19" for x in lines)}
 
 
+def expect_siim(d: Path, _):
+    import pydicom
+
+    with open(d / "train-rle.csv", newline="") as f:  # the header's " EncodedPixels" as released
+        r = [(x["ImageId"], x[" EncodedPixels"]) for x in csv.DictReader(f)]
+    films = {p.stem: p for p in (d / "dicom-images-train").rglob("*.dcm")}
+    listed = {i for i, _ in r if i in films}
+    patients = {pydicom.dcmread(films[i]).PatientID for i in listed}
+    return len(listed), patients, {"Pneumothorax": len({i for i, v in r if v != "-1" and i in listed})}
+
+
 def expect_csv(d: Path, _):
     r = rows(d / "labels.csv")
     return len(r), {x["patient"] for x in r}, {"Effusion": sum(x["Effusion"] == "1" for x in r)}
@@ -115,6 +126,7 @@ CASES = [
     ("pediatric_pneumonia", "pediatric_pneumonia", {}, expect_pediatric),
     ("pediatric_pneumonia", "pediatric_pneumonia", {"classes": 3}, expect_pediatric),
     ("covidx", "covidx", {}, expect_covidx),
+    ("siim_acr", "siim_acr", {}, expect_siim),
     ("csv", "csv", {"label_columns": ["Effusion", "Pneumonia"], "patient_column": "patient",
                     "split_column": "split"}, expect_csv),
 ]  # fmt: skip
@@ -617,6 +629,54 @@ def test_rsna_binary_needs_only_the_box_labels_and_reads_views_from_the_header_d
     with pytest.raises(DatasetError, match=r"labels\.csv:7: 00436515-\S+ has Target 0 here but "
                                            r"not on line 6"):
         build_manifest(task("rsna_pneumonia", d, options={"classes": 2}), "all", tmp_path)
+
+
+def test_siim_reads_masks_patients_and_views_and_counts_listed_images_without_a_file(
+        tmp_path, caplog):
+    d = copy("siim_acr", tmp_path)
+    with caplog.at_level("WARNING"):
+        m = build_manifest(task("siim_acr", d), "all", tmp_path)
+    assert "train-rle.csv: 1 listed image(s) have no file under dicom-images-train (first: " \
+           "1.2.276.0.7230010.3.1.4.8323329.90007.1517875107.390007, line 9): left out" in caplog.text
+    by_id = {Path(p).stem.rsplit(".", 3)[1]: i for i, p in enumerate(m.paths)}
+    assert m.meta["masks"][by_id["90002"]] == 2 and m.targets[by_id["90002"], 0] == 1
+    assert m.meta["masks"][by_id["90001"]] == 0 and m.targets[by_id["90001"], 0] == 0
+    # Two films of one DICOM PatientID are one patient; the film without a row is not read.
+    assert m.patient_ids[by_id["90001"]] == m.patient_ids[by_id["90003"]]
+    assert "90008" not in by_id
+    assert (m.meta["view"][by_id["90002"]], m.meta["sex"][by_id["90002"]],
+            m.meta["age"][by_id["90002"]]) == ("AP", "F", 57)
+    # A flat PNG copy has no header: the ImageId is its patient.
+    film = d / m.paths[by_id["90004"]]
+    flat = d / "png"
+    flat.mkdir()
+    (flat / f"{film.stem}.png").write_bytes((FX / "chestxray14/images/00000150_002.png").read_bytes())
+    png = build_manifest(task("siim_acr", d, options={"image_dir": "png"}), "all", tmp_path)
+    assert png.paths == [f"png/{film.stem}.png"] and png.patient_ids == [film.stem]
+    assert png.meta["view"] == [""] and png.targets.tolist() == [[1.0]]
+
+
+@pytest.mark.parametrize(("line", "old", "new", "match"), [
+    (5, "90004.1517875104.390004", "90003.1517875103.390003",
+     r"train-rle\.csv:5: \S+90003\S* has a mask here but no mask \(-1\) on line 4"),
+    (6, "700 2 30 4", "-1", r"train-rle\.csv:6: .*90002\S* has no mask \(-1\) here but a mask "
+                            r"on line 3"),
+    (5, "118 4 28 6 26 7", "118 4 28", r"train-rle\.csv:5: EncodedPixels '118 4 28' is neither"),
+    (2, ",-1", ",", r"train-rle\.csv:2: EncodedPixels '' is neither -1 nor run-length pairs"),
+])
+def test_siim_refuses_contradicting_and_malformed_rows(tmp_path, line, old, new, match):
+    d = copy("siim_acr", tmp_path)
+    edit_line(d / "train-rle.csv", line, old, new)
+    with pytest.raises(DatasetError, match=match):
+        build_manifest(task("siim_acr", d), "all", tmp_path)
+
+
+def test_siim_a_repeated_minus_one_names_its_line(tmp_path):
+    d = copy("siim_acr", tmp_path)
+    rows = (d / "train-rle.csv").read_text().splitlines()
+    (d / "train-rle.csv").write_text("\n".join([*rows, rows[1]]) + "\n")
+    with pytest.raises(DatasetError, match=r"train-rle\.csv:10: \S+ repeats the -1 of line 2"):
+        build_manifest(task("siim_acr", d), "all", tmp_path)
 
 
 def _raw_views(dataset: str, d: Path) -> dict[str, str]:

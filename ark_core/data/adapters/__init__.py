@@ -9,13 +9,14 @@ from .mimic_cxr import MimicCxr
 from .pediatric_pneumonia import PediatricPneumonia
 from .rsna_pneumonia import RsnaPneumonia
 from .shenzhen import Shenzhen
+from .siim_acr import SiimAcr
 from .vindr_cxr import VinDrCxr
 
 ADAPTERS: dict[str, type[Adapter]] = {
     a.name: a
     for a in (
         ChestXray14, CheXpert, MimicCxr, RsnaPneumonia, VinDrCxr, Shenzhen, PediatricPneumonia,
-        Covidx, CsvDataset,
+        Covidx, SiimAcr, CsvDataset,
     )
 }  # fmt: skip
 
