@@ -744,7 +744,7 @@ def test_a_centralized_runs_fingerprint_ignores_the_added_task_options_at_their_
     import hashlib
     import json
 
-    from ark_core.config import ArkConfig
+    from ark_core.config import TRAIN_OPTIONS_ADDED, ArkConfig
     from ark_core.train.centralized import config_fingerprint
 
     cfg = ArkConfig.model_validate({"model": {"preset": "tiny"}, "tasks": [
@@ -752,7 +752,7 @@ def test_a_centralized_runs_fingerprint_ignores_the_added_task_options_at_their_
     old = cfg.model_dump(mode="json", exclude={"output_dir": True, "train": {"workers", "device"}})
     del old["tasks"][0]["views"], old["tasks"][0]["split"]["official_conflicts"]
     del old["tasks"][0]["split"]["twins"]
-    for option in ("task_order", "optimizer_reset"):  # the training options added before
+    for option in TRAIN_OPTIONS_ADDED:  # the training options added before, at defaults
         old["train"].pop(option)
     assert config_fingerprint(cfg) == hashlib.sha256(
         json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]

@@ -83,8 +83,9 @@ def check_sites(sites: Sequence[SiteData], *, deep: bool = False, workers: int =
     _overlaps(report, built)
     _twins(report, built)
     _published(report, built)
-    paths = sorted({os.path.normpath(m.root / p) for _, _, held, _ in built
-                    for m in held.values() for p in m.paths})
+    # Readers keep paths relative and normalised (safe_relpath): joining strings suffices.
+    paths = sorted({os.path.join(root, p) for _, _, held, _ in built for m in held.values()
+                    for root in (os.path.normpath(m.root),) for p in m.paths})
     report.files = len(paths)
     bad = check_paths(paths, deep=deep, workers=workers, progress=progress,
                       desc="decode" if deep else "sniff")

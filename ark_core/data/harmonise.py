@@ -72,7 +72,8 @@ def normalise_meta(meta: dict[str, list]) -> None:
     """Views and sex of an adapter's metadata in the shared spellings, in place."""
     for key, fn in (("view", view), ("sex", sex)):
         if key in meta:
-            meta[key] = [fn(v) for v in meta[key]]
+            spelled = {v: fn(v) for v in set(meta[key])}  # a release has few spellings
+            meta[key] = [spelled[v] for v in meta[key]]
 
 
 def keep_views(values: Iterable[str], views: Sequence[str]) -> list[int]:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from pydantic import Field
 
@@ -28,6 +30,22 @@ def nih_keys(image: str, patient: str | None = None) -> tuple[str, str]:
         head = image.split("_", 1)[0]
         patient = str(int(head)) if head.isdigit() else head
     return f"chestxray14:{image}", f"chestxray14-patient:{patient}"
+
+
+_PLAIN = re.compile(r"\w[\w.-]*")  # a file name that cannot leave the image folder
+
+
+def _findings(text: str, col: dict[str, int]) -> list[int] | str:
+    """The label columns a 'Finding Labels' value sets, or why it is wrong."""
+    names = [f.strip() for f in text.split("|") if f.strip()]
+    if not names:
+        return "empty 'Finding Labels'"
+    if "No Finding" in names and len(names) > 1:
+        return "'No Finding' together with findings"
+    unknown = [f for f in names if f != "No Finding" and f not in col]
+    if unknown:
+        return f"unknown finding {unknown[0]!r} in 'Finding Labels'"
+    return [col[f] for f in names if f != "No Finding"]
 
 class ChestXray14Options(AdapterOptions):
     label_file: str | None = Field(
@@ -97,24 +115,20 @@ class ChestXray14(Adapter):
         self.paths, self.patient_ids = [], []
         sex, age, view, split = [], [], [], []
         seen: dict[str, int] = {}
+        findings: dict[str, list[int] | str] = {}  # 'Finding Labels' -> columns, or what is wrong
         for i, (line, r) in enumerate(rows):
             name = r["Image Index"]
             if name in seen:
                 raise DatasetError(f"{where(path, line)}: image {name!r} repeats line {seen[name]}")
             seen[name] = line
             rel = index.get(name) or f"{folder}/{name}"
-            self.paths.append(safe_relpath(rel, path, line))
-            findings = [f.strip() for f in r["Finding Labels"].split("|") if f.strip()]
-            if not findings:
-                raise DatasetError(f"{where(path, line)}: empty 'Finding Labels'")
-            if "No Finding" in findings and len(findings) > 1:
-                raise DatasetError(f"{where(path, line)}: 'No Finding' together with findings")
-            for f in findings:
-                if f == "No Finding":
-                    continue
-                if f not in col:
-                    raise DatasetError(f"{where(path, line)}: unknown finding {f!r} in 'Finding Labels'")
-                labels[i, col[f]] = 1.0
+            self.paths.append(rel if _PLAIN.fullmatch(name) else safe_relpath(rel, path, line))
+            text = r["Finding Labels"]
+            if text not in findings:  # a few hundred combinations over 112,120 rows
+                findings[text] = _findings(text, col)
+            if isinstance(findings[text], str):
+                raise DatasetError(f"{where(path, line)}: {findings[text]}")
+            labels[i, findings[text]] = 1.0
             if not r["Patient ID"]:
                 raise DatasetError(f"{where(path, line)}: empty 'Patient ID'")
             self.patient_ids.append(r["Patient ID"])
