@@ -110,6 +110,14 @@ def expect_siim(d: Path, _):
     return len(listed), patients, {"Pneumothorax": len({i for i, v in r if v != "-1" and i in listed})}
 
 
+def expect_tbx11k(d: Path, opts):
+    lines = [x for s in ("train", "val") for x in (d / f"lists/TBX11K_{s}.txt").read_text().split()]
+    tb = sum(x.startswith("tb/") for x in lines)
+    pos = {"Tuberculosis": tb} if opts.get("classes") == 2 else {
+        "Healthy": sum(x.startswith("health/") for x in lines), "Tuberculosis": tb}
+    return len(lines), {Path(x).stem for x in lines}, pos
+
+
 def expect_csv(d: Path, _):
     r = rows(d / "labels.csv")
     return len(r), {x["patient"] for x in r}, {"Effusion": sum(x["Effusion"] == "1" for x in r)}
@@ -127,6 +135,8 @@ CASES = [
     ("pediatric_pneumonia", "pediatric_pneumonia", {"classes": 3}, expect_pediatric),
     ("covidx", "covidx", {}, expect_covidx),
     ("siim_acr", "siim_acr", {}, expect_siim),
+    ("tbx11k", "tbx11k", {}, expect_tbx11k),
+    ("tbx11k", "tbx11k", {"classes": 2}, expect_tbx11k),
     ("csv", "csv", {"label_columns": ["Effusion", "Pneumonia"], "patient_column": "patient",
                     "split_column": "split"}, expect_csv),
 ]  # fmt: skip
@@ -677,6 +687,36 @@ def test_siim_a_repeated_minus_one_names_its_line(tmp_path):
     (d / "train-rle.csv").write_text("\n".join([*rows, rows[1]]) + "\n")
     with pytest.raises(DatasetError, match=r"train-rle\.csv:10: \S+ repeats the -1 of line 2"):
         build_manifest(task("siim_acr", d), "all", tmp_path)
+
+
+def test_tbx11k_val_list_is_the_test_split(tmp_path):
+    d = copy("tbx11k", tmp_path)
+    test = build_manifest(task("tbx11k", d), "test", tmp_path)
+    val = (d / "lists/TBX11K_val.txt").read_text().split()
+    assert sorted(test.paths) == sorted(f"imgs/{x}" for x in val)
+    assert test.task.labels == ("Healthy", "Sick but non-TB", "Tuberculosis")
+    assert sorted(test.targets.tolist()) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(("file", "line", "old", "new", "match"), [
+    ("TBX11K_train.txt", 3, "sick/s0001.png", "extra/shenzhen/CHNCXR_0001_0.png",
+     r"TBX11K_train\.txt:3: 'extra/shenzhen/CHNCXR_0001_0\.png' is not an image of health/, "
+     r"sick/, tb/ under imgs/"),
+    ("TBX11K_val.txt", 2, "sick/s0801.png", "sick/s0001.png",
+     r"TBX11K_val\.txt:2: sick/s0001\.png is listed again \(first at \S+TBX11K_train\.txt:3\)"),
+    ("TBX11K_train.txt", 1, "health/h0001.png", "../h0001.png",
+     r"TBX11K_train\.txt:1: image path '\.\./h0001\.png' is absolute or leaves"),
+])
+def test_tbx11k_refuses_a_line_outside_its_folders_and_a_film_listed_twice(tmp_path, file, line,
+                                                                            old, new, match):
+    d = copy("tbx11k", tmp_path)
+    edit_line(d / "lists" / file, line, old, new)
+    with pytest.raises(DatasetError, match=match):
+        build_manifest(task("tbx11k", d), "all", tmp_path)
+    for f in (d / "lists").glob("TBX11K_*.txt"):
+        f.unlink()
+    with pytest.raises(DatasetError, match=r"none of \['lists/TBX11K_train\.txt'"):
+        build_manifest(task("tbx11k", d), "all", tmp_path)
 
 
 def _raw_views(dataset: str, d: Path) -> dict[str, str]:

@@ -31,6 +31,8 @@ PATHOLOGY_SYNONYMS: dict[str, str] = {
     "Normal": "No Finding",
     "normal": "No Finding",
     "pneumonia": "Pneumonia",
+    # TBX11K
+    "Healthy": "No Finding",
 }
 
 VIEWS = ("PA", "AP", "LATERAL")

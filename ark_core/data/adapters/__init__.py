@@ -10,13 +10,14 @@ from .pediatric_pneumonia import PediatricPneumonia
 from .rsna_pneumonia import RsnaPneumonia
 from .shenzhen import Shenzhen
 from .siim_acr import SiimAcr
+from .tbx11k import Tbx11k
 from .vindr_cxr import VinDrCxr
 
 ADAPTERS: dict[str, type[Adapter]] = {
     a.name: a
     for a in (
         ChestXray14, CheXpert, MimicCxr, RsnaPneumonia, VinDrCxr, Shenzhen, PediatricPneumonia,
-        Covidx, SiimAcr, CsvDataset,
+        Covidx, SiimAcr, Tbx11k, CsvDataset,
     )
 }  # fmt: skip
 
