@@ -800,3 +800,13 @@ def test_a_centralized_runs_fingerprint_ignores_the_added_task_options_at_their_
                    {"split": SplitConfig(twins="drop")}):
         other = cfg.model_copy(update={"tasks": [cfg.tasks[0].model_copy(update=change)]})
         assert config_fingerprint(other) != config_fingerprint(cfg)
+
+
+def test_a_truncated_gzipped_label_file_is_named(tmp_path):
+    d = copy("chestxray14", tmp_path)
+    data = gzip.compress((d / "Data_Entry_2017_v2020.csv").read_bytes())
+    (d / "Data_Entry_2017_v2020.csv").unlink()
+    (d / "Data_Entry_2017_v2020.csv.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetError, match=r"Data_Entry_2017_v2020\.csv\.gz: truncated or corrupt "
+                                           r"gzip file .*download it again"):
+        build_manifest(task("chestxray14", d), "all", tmp_path)

@@ -141,3 +141,14 @@ def test_by_default_a_twin_across_the_test_line_is_refused_by_name(releases):
                                            rf"is rsna:stage_2_train_images/{r['rsna_test'][0]}"
                                            rf"\.dcm.*split\.twins: drop"):
         build_task_splits(strict, r["tmp"])
+
+
+def test_the_id_map_may_be_a_csv(releases):
+    r = releases
+    entries = json.loads((r["tmp"] / "rsna_pneumonia" / "map.json").read_text())
+    lines = ["subset_img_id,img_id"] + [f"{e['subset_img_id']},{e['img_id']}" for e in entries]
+    (r["tmp"] / "rsna_pneumonia" / "map.csv").write_text("\n".join(lines) + "\n")
+    as_csv = r["rsna"].model_copy(update={"options": {"nih_mapping": "map.csv"}})
+    json_keys = twin_keys(build_manifests(r["rsna"], r["tmp"])["all"])
+    assert twin_keys(build_manifests(as_csv, r["tmp"])["all"]) == json_keys
+    assert sum(len(k) == 3 for k in json_keys) == 2  # both mapped films carry NIH keys

@@ -77,6 +77,9 @@ def read_text(path: Path) -> str:
             return f.read()
     except UnicodeDecodeError:
         raise not_utf8(path) from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DatasetError(f"{path}: truncated or corrupt gzip file ({e}): download it again") \
+            from None
 
 
 def read_csv(
@@ -108,6 +111,9 @@ def read_csv(
             return _read_rows(path, required, delimiter)
     except UnicodeDecodeError:
         raise not_utf8(path) from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DatasetError(f"{path}: truncated or corrupt gzip file ({e}): download it again") \
+            from None
     _check_columns(path, parsed[0], required)
     return parsed
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -109,7 +110,7 @@ class RsnaPneumonia(TwoOrThreeClasses):
             rows = [(where(path, line), r) for line, r in table]
         out: dict[str, str] = {}
         for at, r in rows:
-            if not isinstance(r, dict) or not r.get("subset_img_id") or not r.get("img_id"):
+            if not isinstance(r, Mapping) or not r.get("subset_img_id") or not r.get("img_id"):
                 raise DatasetError(f"{at}: needs subset_img_id and img_id")
             out[str(r["subset_img_id"])] = str(r["img_id"])
         return out
