@@ -316,3 +316,70 @@ def test_jpeg_baseline_dicom_8bit(tmp_path):
     assert pydicom.dcmread(packed).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
     got = read_image(packed).astype(np.int16)
     assert np.abs(got - read_image(src).astype(np.int16)).mean() < 2.0
+
+
+# ------------------------------------------------------------------------------ MetaImage
+MHA = Path(__file__).resolve().parent / "fixtures" / "metaimage"  # written by SimpleITK 2.5.7
+
+
+def _mha(path: Path, body: bytes, **fields) -> Path:
+    """A MetaImage file with these header fields (ElementDataFile last, as the format wants)."""
+    head = {"ObjectType": "Image", "NDims": 2, "BinaryData": "True",
+            "BinaryDataByteOrderMSB": "False", "CompressedData": "False", "DimSize": "4 3",
+            "ElementType": "MET_USHORT", **fields, "ElementDataFile": fields.get(
+                "ElementDataFile", "LOCAL")}
+    path.write_bytes("".join(f"{k} = {v}\n" for k, v in head.items()).encode() + body)
+    return path
+
+
+@pytest.mark.parametrize("name", ["short_raw.mha", "short_zlib.mha", "float_stack_zlib.mha"])
+def test_metaimage_files_written_by_simpleitk_read_as_written(name):
+    from ark_core.data.metaimage import read_mha
+
+    want = np.load(MHA / "pixels.npy")
+    got = read_mha(MHA / name, 10**8)
+    assert got.shape == want.shape == (24, 32)
+    np.testing.assert_array_equal(got.astype(np.int64), want.astype(np.int64))
+    # As a film: the pixels stretched to 0..255, like 16-bit PNGs.
+    film = read_image(MHA / name)
+    assert film.dtype == np.uint8 and (film.min(), film.max()) == (0, 255)
+    lo, hi = want.min(), want.max()
+    np.testing.assert_array_equal(film, np.rint((want - lo) / (hi - lo) * 255).astype(np.uint8))
+    assert read_image_resized(MHA / name, 16).shape == (16, 16)
+
+
+def test_metaimage_big_endian_and_a_header_check_without_decoding(tmp_path):
+    from ark_core.data.dataset import check_file
+    from ark_core.data.filecheck import sniff
+    from ark_core.data.metaimage import read_mha
+
+    px = (np.arange(12).reshape(3, 4) * 1000).astype(">u2")
+    f = _mha(tmp_path / "msb.mha", px.tobytes(), BinaryDataByteOrderMSB="True")
+    np.testing.assert_array_equal(read_mha(f, 100), px)
+    assert check_file(f) is None and sniff(f) is None
+    cut = _mha(tmp_path / "cut.mha", px.tobytes()[:-5])
+    for why in (check_file(cut), sniff(cut)):
+        assert why == "truncated pixel data (19 of 24 bytes)"
+
+
+@pytest.mark.parametrize(("fields", "body", "reason"), [
+    ({"ElementDataFile": "film.raw"}, b"", r"pixels in another file \(film\.raw\)"),
+    ({"ElementNumberOfChannels": 3}, bytes(72), "more than one channel"),
+    ({"NDims": 3, "DimSize": "4 3 2"}, bytes(48), r"not a 2-D image \(DimSize '4 3 2'\)"),
+    ({"ElementType": "MET_UCHAR_ARRAY"}, bytes(12), "element type 'MET_UCHAR_ARRAY' is not"),
+    ({"DimSize": "40000 40000"}, b"", r"image too large \(40000x40000 > 100000000 pixels\)"),
+    ({"CompressedData": "True"}, b"not zlib", "cannot decompress the pixels"),
+    ({"CompressedData": "True"}, __import__("zlib").compress(bytes(10)),
+     r"truncated pixel data \(10 of 24 bytes\)"),
+])
+def test_metaimage_files_this_reader_cannot_use_are_named(tmp_path, fields, body, reason):
+    f = _mha(tmp_path / "bad.mha", body, **fields)
+    with pytest.raises(ImageReadError, match=rf"bad\.mha: {reason}"):
+        read_image(f)
+
+
+def test_a_file_that_is_not_metaimage_is_refused_by_name(tmp_path):
+    f = tmp_path / "film.mha"
+    f.write_bytes(Image.new("L", (4, 4)).tobytes() + b"\x89PNG")
+    with pytest.raises(ImageReadError, match=r"film\.mha: header line .* is not 'Key = value'"):
+        read_image(f)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from .cache import ImageCache
 from .manifest import Manifest
+from .metaimage import check_mha, is_mha
 from .readers import (
     DEFAULT_MAX_PIXELS,
     DICOM_SUFFIXES,
@@ -299,6 +300,8 @@ def check_file(
         size = path.stat().st_size
         if size == 0:
             return "empty file"
+        if is_mha(path):
+            return check_mha(path, max_pixels)
         if is_dicom(path):
             return _check_dicom_header(path, size, max_pixels)
         return _check_pil_header(path, size, max_pixels)

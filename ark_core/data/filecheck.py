@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
+from .metaimage import check_mha, is_mha
 from .readers import DEFAULT_MAX_PIXELS, DICOM_SUFFIXES, ImageReadError, read_image
 
 _PNG = b"\x89PNG\r\n\x1a\n"
@@ -48,10 +49,12 @@ def sniff(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> str 
         return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
     if head[128:132] == b"DICM":
         return None
+    if is_mha(path):
+        return check_mha(path, max_pixels)
     if os.fspath(path).lower().endswith(tuple(DICOM_SUFFIXES)):
         # DICOM without a preamble (allowed by the standard): a group-0008 tag opens it.
         return None if head[:2] == b"\x08\x00" else "not a DICOM file (no DICM preamble)"
-    return "not a PNG, JPEG or DICOM file"
+    return "not a PNG, JPEG, DICOM or MetaImage file"
 
 
 def decode(path: str | os.PathLike) -> str | None:

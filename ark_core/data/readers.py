@@ -1,4 +1,4 @@
-"""Image readers: PNG/JPEG (PIL) and DICOM (pydicom) to 8-bit greyscale arrays.
+"""Image readers: PNG/JPEG (PIL), DICOM (pydicom) and MetaImage (.mha) to 8-bit greyscale arrays.
 
 Every reader returns a 2-D ``uint8`` array (H, W) or raises :class:`ImageReadError`, whose
 message names the file, so a dataset can skip and report a bad file instead of crashing an
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .metaimage import MetaImageError, is_mha, read_mha
 
 DEFAULT_MAX_PIXELS = 100_000_000
 """Images with more pixels than this are refused (a corrupt header or a decompression bomb)."""
@@ -53,7 +55,7 @@ def is_dicom(path: str | os.PathLike) -> bool:
 
 
 def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read a PNG, JPEG or DICOM file as greyscale.
+    """Read a PNG, JPEG, DICOM or MetaImage (``.mha``) file as greyscale.
 
     Args:
         path: The image file.
@@ -98,8 +100,14 @@ def _read(path: str | os.PathLike, size: int | None, max_pixels: int) -> np.ndar
     path = Path(path)
     _check_file(path)
     try:
-        dicom = is_dicom(path)
-        arr = _read_dicom(path, max_pixels) if dicom else _read_pil(path, size, max_pixels)
+        if is_mha(path):  # NODE21's films: no agreed display range, stretch what they hold
+            arr = _minmax_to_uint8(read_mha(path, max_pixels).astype(np.float64))
+        elif is_dicom(path):
+            arr = _read_dicom(path, max_pixels)
+        else:
+            arr = _read_pil(path, size, max_pixels)
+    except MetaImageError as e:
+        raise ImageReadError(path, str(e)) from None
     except ImageReadError:
         raise
     except MemoryError:
