@@ -118,6 +118,13 @@ def expect_tbx11k(d: Path, opts):
     return len(lines), {Path(x).stem for x in lines}, pos
 
 
+def expect_node21(d: Path, _):
+    r = rows(d / "proccessed_data/metadata.csv")
+    names = {x["img_name"] for x in r}
+    return (len(names), {Path(n).stem for n in names},
+            {"Nodule": len({x["img_name"] for x in r if x["label"] == "1"})})
+
+
 def expect_csv(d: Path, _):
     r = rows(d / "labels.csv")
     return len(r), {x["patient"] for x in r}, {"Effusion": sum(x["Effusion"] == "1" for x in r)}
@@ -137,6 +144,7 @@ CASES = [
     ("siim_acr", "siim_acr", {}, expect_siim),
     ("tbx11k", "tbx11k", {}, expect_tbx11k),
     ("tbx11k", "tbx11k", {"classes": 2}, expect_tbx11k),
+    ("node21", "node21", {}, expect_node21),
     ("csv", "csv", {"label_columns": ["Effusion", "Pneumonia"], "patient_column": "patient",
                     "split_column": "split"}, expect_csv),
 ]  # fmt: skip
@@ -717,6 +725,48 @@ def test_tbx11k_refuses_a_line_outside_its_folders_and_a_film_listed_twice(tmp_p
         f.unlink()
     with pytest.raises(DatasetError, match=r"none of \['lists/TBX11K_train\.txt'"):
         build_manifest(task("tbx11k", d), "all", tmp_path)
+
+
+def test_node21_reads_mha_films_boxes_and_sources_and_leaves_out_a_source(tmp_path, caplog):
+    from ark_core.data.readers import read_image
+
+    d = copy("node21", tmp_path)
+    m = build_manifest(task("node21", d), "all", tmp_path)
+    at = {Path(p).name: i for i, p in enumerate(m.paths)}
+    assert m.meta["boxes"][at["n0002.mha"]] == 2 and m.meta["boxes"][at["c0002.mha"]] == 0
+    assert m.meta["source"][at["n0002.mha"]] == "chestxray14"
+    assert read_image(d / m.paths[at["n0001.mha"]]).shape == (32, 32)  # the .mha film itself
+    with caplog.at_level("WARNING"):
+        kept = build_manifest(task("node21", d, options={"exclude_sources": ["chestxray14"]}),
+                              "all", tmp_path)
+    assert "2 film(s) from chestxray14 left out" in caplog.text
+    assert sorted(Path(p).name for p in kept.paths) == ["c0002.mha", "c0003.mha", "n0001.mha",
+                                                        "n0003.mha"]
+    # PNG copies of the films, and the first Zenodo version's layout (metadata.csv at the root).
+    flat = tmp_path / "v1"
+    (flat / "images").mkdir(parents=True)
+    shutil.copy(d / "proccessed_data/metadata.csv", flat / "metadata.csv")
+    for p in m.paths:
+        (flat / "images" / f"{Path(p).stem}.png").write_bytes(b"")
+    png = build_manifest(task("node21", flat, options={"image_suffix": ".png"}), "all", tmp_path)
+    assert sorted(png.paths) == sorted(f"images/{Path(p).stem}.png" for p in m.paths)
+    assert set(png.meta["source"]) == {""}
+    with pytest.raises(DatasetError, match=r"exclude_sources needs \['original_data/"):
+        build_manifest(task("node21", flat, options={"exclude_sources": ["jsrt"]}), "all", tmp_path)
+
+
+@pytest.mark.parametrize(("line", "old", "new", "match"), [
+    (3, "c0001.mha,0,0,0,0,0", "n0001.mha,0,0,0,0,0",
+     r"metadata\.csv:3: n0001\.mha has label 0 here but 1 on line 2"),
+    (4, ",1\n", ",2\n", r"metadata\.csv:4: needs img_name and a label of 0 or 1, got "
+                       r"'n0002\.mha', '2'"),
+    (1, "label", "nodule", r"metadata\.csv:1: missing column\(s\) \['label'\]"),
+])
+def test_node21_refuses_contradicting_and_malformed_rows(tmp_path, line, old, new, match):
+    d = copy("node21", tmp_path)
+    edit_line(d / "proccessed_data/metadata.csv", line, old, new)
+    with pytest.raises(DatasetError, match=match):
+        build_manifest(task("node21", d), "all", tmp_path)
 
 
 def _raw_views(dataset: str, d: Path) -> dict[str, str]:

@@ -6,6 +6,7 @@ from .chexpert import CheXpert
 from .covidx import Covidx
 from .csv_generic import CsvDataset
 from .mimic_cxr import MimicCxr
+from .node21 import Node21
 from .pediatric_pneumonia import PediatricPneumonia
 from .rsna_pneumonia import RsnaPneumonia
 from .shenzhen import Shenzhen
@@ -17,7 +18,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     a.name: a
     for a in (
         ChestXray14, CheXpert, MimicCxr, RsnaPneumonia, VinDrCxr, Shenzhen, PediatricPneumonia,
-        Covidx, SiimAcr, Tbx11k, CsvDataset,
+        Covidx, SiimAcr, Tbx11k, Node21, CsvDataset,
     )
 }  # fmt: skip
 
