@@ -204,7 +204,8 @@ class TaskConfig(Strict):
 
 
 # ----------------------------------------------------------------------------- training
-TRAIN_OPTIONS_ADDED = {"task_order": "fixed", "optimizer_reset": "never"}
+TRAIN_OPTIONS_ADDED = {"task_order": "fixed", "optimizer_reset": "never", "long_tail": "none",
+                       "long_tail_tau": 1.0, "long_tail_beta": 0.999}
 """Training options added after runs were made, with their defaults: a run's fingerprint
 leaves them out at these values, so that runs made before them resume."""
 
@@ -254,6 +255,15 @@ class TrainConfig(Strict):
         "each task-epoch, so that momentum built on one task's loss does not move the shared "
         "weights while the next task trains; never: one state across tasks.",
     )
+    long_tail: Literal["none", "logit_adjust", "class_balanced"] = Field(
+        "none", description="none: the method's loss; logit_adjust: add tau * log(p / (1 - p)) "
+        "(cross-entropy: tau * log(p)) of each label's positive rate p in the site's training "
+        "split to the logits of the training loss (Menon et al., ICLR 2021); class_balanced: "
+        "weigh each label by (1 - beta) / (1 - beta ** positives), normalised to mean 1 (Cui "
+        "et al., CVPR 2019).",
+    )
+    long_tail_tau: float = Field(1.0, gt=0, description="Logit-adjustment temperature tau.")
+    long_tail_beta: float = Field(0.999, gt=0, lt=1, description="Class-balanced beta.")
     bad_file_fraction: float = Field(
         0.01, ge=0, le=1, description="Stop when more than this share of files is unreadable."
     )

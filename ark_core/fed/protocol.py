@@ -60,8 +60,8 @@ TEACHER = "teacher"  # the server's teacher in a train message (teacher: server)
 TASKS_QUERY = "query.tasks"  # message type: "which tasks do you train?"
 HEADS = "train.heads"  # message type: "fit your tasks' heads on this frozen model"
 INSTRUCTION = "instruction"  # the config record's key holding the Instruction as JSON
-INSTRUCTION_VERSION = 4  # 2: prox_mu, keep_optimizer; 3: train.task_order, optimizer_reset,
-# head_refit, fractional local_epochs; 4: shared_weighting, teacher, heads
+INSTRUCTION_VERSION = 5  # 2: prox_mu, keep_optimizer; 3: train.task_order, optimizer_reset,
+# head_refit, fractional local_epochs; 4: shared_weighting, teacher, heads; 5: train.long_tail
 
 
 class InstructionError(ValueError):

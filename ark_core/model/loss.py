@@ -1,6 +1,9 @@
-"""The supervised loss of a head, by task type."""
+"""The supervised loss of a head, by task type, and its optional long-tail corrections."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -8,15 +11,77 @@ import torch.nn.functional as F
 from ..tasks import TaskSpec, TaskType
 
 
-def task_loss(logits: torch.Tensor, target: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
-    """BCE-with-logits for multi-label/binary (NaN targets masked), CE for multi-class."""
+@dataclass(frozen=True)
+class LongTail:
+    """Per-class terms of a long-tail option, from one training split's label counts.
+
+    ``offset`` is added to the logits in the training loss only (logit adjustment); ``weight``
+    scales each class's loss (class-balanced). Either may be None.
+    """
+
+    offset: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> LongTail:
+        return LongTail(*(None if t is None else t.to(device) for t in (self.offset, self.weight)))
+
+
+def long_tail_terms(how: str, counts: Mapping[str, Mapping[str, int]], spec: TaskSpec, *,
+                    tau: float = 1.0, beta: float = 0.999) -> LongTail | None:
+    """The terms of ``how`` for a task whose training split has ``counts``.
+
+    Args:
+        how: ``none`` (the method's loss: None), ``logit_adjust`` (Menon et al., ICLR 2021:
+            ``tau * log(p / (1 - p))`` per label for BCE, ``tau * log(p)`` per class for
+            cross-entropy, ``p`` the label's positive rate) or ``class_balanced`` (Cui et al.,
+            CVPR 2019: ``(1 - beta) / (1 - beta ** n)`` per class, ``n`` its positives,
+            normalised to sum to the number of classes).
+        counts: ``Manifest.label_counts()`` of the training split (soft labels count as
+            positive). Rates are add-one smoothed and ``n`` is at least 1, so a class a site
+            has no positive of keeps a finite term.
+        spec: The task (label order, type).
+        tau: Logit-adjustment temperature.
+        beta: Class-balanced beta.
+    """
+    if how == "none":
+        return None
+    pos = torch.tensor([counts[lab]["positive"] for lab in spec.labels], dtype=torch.float64)
+    neg = torch.tensor([counts[lab]["negative"] for lab in spec.labels], dtype=torch.float64)
+    if how == "logit_adjust":
+        p = (pos + 1) / (pos + neg + 2)
+        prior = p.log() if spec.task_type is TaskType.MULTICLASS else (p / (1 - p)).log()
+        return LongTail(offset=(tau * prior).float())
+    if how == "class_balanced":
+        w = (1 - beta) / (1 - beta ** pos.clamp(min=1))
+        return LongTail(weight=(w * len(w) / w.sum()).float())
+    raise ValueError(f"unknown long-tail option {how!r}")
+
+
+def task_loss(logits: torch.Tensor, target: torch.Tensor, spec: TaskSpec,
+              long_tail: LongTail | None = None) -> torch.Tensor:
+    """BCE-with-logits for multi-label/binary (NaN targets masked), CE for multi-class.
+
+    ``long_tail`` (training only) shifts the logits and/or weighs the classes; the loss stays
+    a mean over labelled cells (images, for cross-entropy) as without it.
+    """
     logits = logits.float()
+    weight = None
+    if long_tail is not None:
+        if long_tail.offset is not None:
+            logits = logits + long_tail.offset
+        weight = long_tail.weight
     if spec.task_type is TaskType.MULTICLASS:
-        if (target >= 0).sum() == 0:
+        labelled = (target >= 0).sum()
+        if labelled == 0:
             return logits.sum() * 0.0
-        return F.cross_entropy(logits, target.long(), ignore_index=-1)
+        if weight is None:
+            return F.cross_entropy(logits, target.long(), ignore_index=-1)
+        return F.cross_entropy(logits, target.long(), weight=weight, ignore_index=-1,
+                               reduction="sum") / labelled
     mask = ~torch.isnan(target)
     bce = F.binary_cross_entropy_with_logits(
         logits, torch.nan_to_num(target, nan=0.0), reduction="none"
     )
+    if weight is not None:
+        bce = bce * weight
     return (bce * mask).sum() / mask.sum().clamp(min=1)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..data.dataset import BadFileCounter
 from ..data.loaders import TaskData, make_loader
-from ..model.loss import task_loss
+from ..model.loss import LongTail, long_tail_terms, task_loss
 from ..model.network import ArkModel, ema_update
 from ..model.runtime import accelerate, autocast_for
 from ..schedule import consistency_weight, momentum_schedule
@@ -95,14 +95,19 @@ def train_task_epoch(
     progress: bool = True,
     desc: str = "",
     prox: Proximal | None = None,
+    long_tail: LongTail | None = None,
 ) -> dict[str, float]:
-    """One epoch of one task through its head; returns mean losses, examples and steps."""
+    """One epoch of one task through its head; returns mean losses, examples and steps.
+
+    ``long_tail`` (``cfg.long_tail``'s terms for this task) corrects the task loss.
+    """
     student.train()
     teacher.eval()
     sums = {"loss": 0.0, "task-loss": 0.0, "consistency": 0.0}
     seen = steps = 0
     fmt = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.preserve_format
     bar = tqdm(loader, desc=desc or spec.name, disable=not progress, leave=False, unit="batch")
+    long_tail = None if long_tail is None else long_tail.to(device)
     for batch in bar:
         bad_files.add(batch["bad"], batch["bad_reasons"])
         n = int(batch["n"])
@@ -113,7 +118,7 @@ def train_task_epoch(
         y = batch["target"].to(device, non_blocking=True)
         with autocast_for(device, cfg.amp):
             z_s, logits = student.forward_task(xs, spec.name)
-            loss_task = task_loss(logits, y, spec)
+            loss_task = task_loss(logits, y, spec, long_tail)
             if lam > 0:
                 with torch.no_grad():
                     z_t = teacher.embed(xt)
@@ -276,9 +281,13 @@ def _task_epoch(
         seed=cfg.seed * 1_000_003 + ema_step,
     )
     bad = BadFileCounter(td.spec.name)
+    # The site's own training counts set the long-tail terms (they never leave it).
+    long_tail = long_tail_terms(cfg.long_tail, td.train.label_counts(), td.spec,
+                                tau=cfg.long_tail_tau, beta=cfg.long_tail_beta)
     stats = train_task_epoch(
         student, teacher, loader, td.spec, optimizer, cfg,
         lam=lam, device=device, bad_files=bad, progress=progress, desc=desc, prox=prox,
+        long_tail=long_tail,
     )
     # Checked at the end of the epoch, never mid-epoch; the teacher is not yet updated.
     bad.check(len(td.train), cfg.bad_file_fraction)
