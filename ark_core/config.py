@@ -176,7 +176,7 @@ class TaskConfig(Strict):
 
     name: str = Field(description="Task name (the head's key); unique in a config.")
     dataset: str = Field(
-        description="Adapter: chestxray14, chexpert, mimic_cxr, rsna_pneumonia, vindr_cxr, "
+        description="Adapter: chestxray14, chexpert, mimic_cxr, cxr_lt, rsna_pneumonia, vindr_cxr, "
         "shenzhen, pediatric_pneumonia, covidx, siim_acr, tbx11k, node21 or csv."
     )
     root: Path = Field(description="Dataset root directory (relative paths resolve against the "

@@ -51,6 +51,12 @@ def expect_mimic(d: Path, _):
     return len(r), {x["subject_id"] for x in r}, pos
 
 
+def expect_cxr_lt(d: Path, _):
+    r = [x for f in ("train.csv", "development.csv", "test.csv") for x in rows(d / f)]
+    pos = {c: sum(x[c] == "1" for x in r) for c in ("Pleural Effusion", "Subcutaneous Emphysema")}
+    return len(r), {x["subject_id"] for x in r}, pos
+
+
 def expect_rsna(d: Path, _):
     cls = {x["patientId"]: x["class"] for x in rows(d / "stage_2_detailed_class_info.csv")}
     pos = {c: sum(v == c for v in cls.values()) for c in ("Normal", "Lung Opacity")}
@@ -134,6 +140,7 @@ CASES = [
     ("chestxray14", "chestxray14", {}, expect_chestxray14),
     ("chexpert", "chexpert", {}, expect_chexpert),
     ("mimic_cxr", "mimic_cxr", {}, expect_mimic),
+    ("cxr_lt", "cxr_lt", {}, expect_cxr_lt),
     ("rsna_pneumonia", "rsna_pneumonia", {}, expect_rsna),
     ("vindr_cxr", "vindr_cxr_kaggle", {}, expect_vindr_kaggle),
     ("vindr_cxr", "vindr_cxr_physionet", {"label_set": "full"}, expect_vindr_physionet),

@@ -5,6 +5,7 @@ from .chestxray14 import ChestXray14
 from .chexpert import CheXpert
 from .covidx import Covidx
 from .csv_generic import CsvDataset
+from .cxr_lt import CxrLt
 from .mimic_cxr import MimicCxr
 from .node21 import Node21
 from .pediatric_pneumonia import PediatricPneumonia
@@ -18,7 +19,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     a.name: a
     for a in (
         ChestXray14, CheXpert, MimicCxr, RsnaPneumonia, VinDrCxr, Shenzhen, PediatricPneumonia,
-        Covidx, SiimAcr, Tbx11k, Node21, CsvDataset,
+        CxrLt, Covidx, SiimAcr, Tbx11k, Node21, CsvDataset,
     )
 }  # fmt: skip
 

@@ -22,6 +22,11 @@ PREFIX = "mimic-cxr-2.0.0-"
 SPLITS = {"train": "train", "validate": "val", "test": "test"}
 
 
+def mimic_keys(dicom: str, subject: str) -> tuple[str, str]:
+    """Twin keys (:mod:`..twins`) of a MIMIC-CXR film: CXR-LT relabels the same films."""
+    return f"mimic:{dicom}", f"mimic-patient:{subject}"
+
+
 class MimicCxrOptions(AdapterOptions):
     frontal_only: bool = Field(
         False, description="Keep only PA/AP images (needs the -metadata.csv file)."
@@ -48,10 +53,11 @@ class MimicCxr(Adapter):
     Labels: ``CHEXPERT_LABELS`` (the CheXpert labeler's output, "No Finding" as written).
     Uncertain (-1) default ``ones`` (U-Ones); blank -> 0. Official split: train/val/test.
     Patient: ``subject_id``. Meta: ``view`` (when the metadata file exists), ``study``,
-    ``split``.
+    ``split``, ``twins`` (film and patient keys that CXR-LT rows meet, :mod:`..twins`).
     """
 
     name = "mimic_cxr"
+    shares_films = True
     Options = MimicCxrOptions
     default_uncertain = "ones"
     fixed_labels = CHEXPERT_LABELS
@@ -79,7 +85,7 @@ class MimicCxr(Adapter):
 
         _, rows = read_csv(split_path, ["dicom_id", "study_id", "subject_id", "split"])
         values, self.paths, self.patient_ids = [], [], []
-        meta: dict[str, list] = {"view": [], "study": [], "split": []}
+        meta: dict[str, list] = {"view": [], "study": [], "split": [], "twins": []}
         unlabelled: set[tuple[str, str]] = set()
         n_unlabelled = 0
         for line, r in rows:
@@ -105,6 +111,7 @@ class MimicCxr(Adapter):
             meta["view"].append(view)
             meta["study"].append(study)
             meta["split"].append(SPLITS[r["split"]])
+            meta["twins"].append(mimic_keys(dicom, subject))
         if n_unlabelled:
             log.warning("%s: %d image(s) of %d study(ies) have no row in %s: left out",
                         split_path, n_unlabelled, len(unlabelled), lab_path.name)
