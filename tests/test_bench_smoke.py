@@ -26,6 +26,7 @@ EXPECTED = {
     "bench_data.py": [f"ours_over_pil_images_per_s_per_core[{f}]" for f in ("png", "jpeg", "dicom")],
     "bench_transfer.py": ["bytes_per_site_round_over_fp32[bf16]",
                           "bytes_per_site_round_over_fp32[int8-delta+ef]"],
+    "bench_data_check.py": ["data_check_sniff_over_stat_walk", "data_check_check_over_stat_walk"],
     "bench_labels.py": [f"{arm}_{what}_over_pandas[generated]" for what in ("memory", "time")
                         for arm in ("label_read", "chestxray14_adapter")],
 }
