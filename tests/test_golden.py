@@ -2,9 +2,12 @@
 
 The real ServerApp loop and ClientApp over the in-process grid, fixed seeds, one thread. It
 records each site's losses per round and, per tensor of the final master student, its sum
-and norm (float64), and fails on any change beyond 1e-6. A change of the method is meant to
-change them: regenerate with ``ARK_GOLDEN_UPDATE=1 pytest tests/test_golden.py`` and say why
-in the commit. A refactoring must leave them as they are.
+and norm (float64). Losses must agree within 1e-6; the master's figures within 1e-4, since
+two rounds of training carry a one-ulp difference in the first loss (a new Pillow or numpy
+decoding or resizing a pixel differently: 5e-8 there) to about 2e-5 relative in a head's
+sum, while a change of the method moves them by far more. A change of the method is meant
+to change them: regenerate with ``ARK_GOLDEN_UPDATE=1 pytest tests/test_golden.py`` and say
+why in the commit. A refactoring must leave them as they are.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from simulations.inprocess import InProcessGrid
 
 GOLDEN = Path(__file__).parent / "golden" / "federation_2rounds.json"
 TOL = 1e-6
+MASTER_TOL = 1e-4
 LOSSES = ("loss.", "task-loss.", "consistency.")
 
 
@@ -59,5 +63,6 @@ def test_a_two_round_federation_gives_the_recorded_figures(tmp_path):
     assert got["master"].keys() == want["master"].keys()
     off = {k: (g, w) for k, w in want["master"].items()
            for g in [got["master"][k]]
-           if not all(math.isclose(a, b, rel_tol=TOL, abs_tol=TOL) for a, b in zip(g, w, strict=True))}
+           if not all(math.isclose(a, b, rel_tol=MASTER_TOL, abs_tol=MASTER_TOL)
+                      for a, b in zip(g, w, strict=True))}
     assert not off, f"{len(off)} tensor(s) of the master changed, e.g. {next(iter(off.items()))}"
