@@ -19,6 +19,11 @@ seed, over the bound max(0.01, 2 x the standard deviation of the fp32 runs' AUC)
 <= 1). Bytes are those the server logs (``metrics.jsonl``): tensors as sent, int8 scales and
 the encoding manifest.
 
+Bytes as sent: the grid also counts every ``train`` Message as Flower serialises it, each
+distinct object of its tree (the message, its records, every Array and every chunk) once,
+as Flower pushes and pulls them: the master going down and the reply coming up, per site
+and round. Printed: ``wire_bytes_uplink_over_fp32`` and ``wire_bytes_both_ways_over_fp32``.
+
 ``--quick`` (CI): one seed, one round, 16 images per task and site.
 
 Usage: ``python bench/bench_transfer.py [--quick] [--seeds N] [--rounds N]``.
@@ -43,6 +48,36 @@ from client.app import app as client_app
 from server.loop import ArkFederation
 from simulations.demo import DEMO_YAML, evaluate_file, union_tasks
 from simulations.inprocess import InProcessGrid
+
+
+def wire_bytes(message) -> int:
+    """A Message's bytes as Flower sends them: every distinct object of its tree, serialised."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
+
+class CountingGrid(InProcessGrid):
+    """The in-process grid, counting the serialised ``train`` messages each way per node."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.down: dict[int, list[int]] = {}
+        self.up: dict[int, list[int]] = {}
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        for m in messages:
+            if m.metadata.message_type == "train":  # not "train.heads" (calibration)
+                self.down.setdefault(m.metadata.dst_node_id, []).append(wire_bytes(m))
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        replies = list(super().pull_messages(message_ids))
+        for m in replies:
+            if m.metadata.message_type == "train" and m.has_content():
+                self.up.setdefault(m.metadata.src_node_id, []).append(wire_bytes(m))
+        return replies
 
 OPTIONS = {
     "fp32": None,
@@ -82,8 +117,8 @@ def run_one(work: Path, name: str, seed: int, transfer: dict | None, args) -> di
           "fed-config": ""}
     sim, base, run_dir = load_simulation(sim_yaml, str(out), str(out / "run"))
     t0 = time.perf_counter()
-    ArkFederation(sim.federation(), run_dir, poll_interval=0.0).start(
-        InProcessGrid(client_app, len(sim.sites), rc))
+    grid = CountingGrid(client_app, len(sim.sites), rc)
+    ArkFederation(sim.federation(), run_dir, poll_interval=0.0).start(grid)
     seconds = time.perf_counter() - t0
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in lines if x["kind"] == "train"]
@@ -93,7 +128,8 @@ def run_one(work: Path, name: str, seed: int, transfer: dict | None, args) -> di
     vals = [v for v in aucs.values() if v is not None]
     return {"bytes": {(x["site"], x["round"]): x["bytes"] for x in train},
             "encoding": sorted({x["encoding"] for x in train}),
-            "auc": sum(vals) / len(vals), "auc_per_task": aucs, "seconds": seconds}
+            "auc": sum(vals) / len(vals), "auc_per_task": aucs, "seconds": seconds,
+            "wire_up": grid.up, "wire_down": grid.down}
 
 
 def main() -> None:
@@ -140,6 +176,20 @@ def main() -> None:
             print(ratio_line(f"bytes_per_site_round_over_fp32[{name}]", max(ratios),
                              f"<= {GOALS[name]}"))
             print(ratio_line(f"auc_gap_over_bound[{name}]", gap / bound, "<= 1"))
+            up = [b / f for node, bs in r["wire_up"].items()
+                  for b, f in zip(bs, ref["wire_up"][node], strict=True)]
+            both = [(u + d) / (fu + fd) for node in r["wire_up"]
+                    for u, d, fu, fd in zip(r["wire_up"][node], r["wire_down"][node],
+                                            ref["wire_up"][node], ref["wire_down"][node],
+                                            strict=True)]
+            print(f"{name}: serialised train messages per site and round, up "
+                  f"{min(up):.4f}-{max(up):.4f} x fp32, both ways {min(both):.4f}-"
+                  f"{max(both):.4f} x fp32 (fp32 up {ref['wire_up'][1][0] / 2**20:.3f} MiB, "
+                  f"down {ref['wire_down'][1][0] / 2**20:.3f} MiB at node 1)")
+            print(ratio_line(f"wire_bytes_uplink_over_fp32[{name}]", max(up),
+                             f"<= {GOALS[name]}"))
+            print(ratio_line(f"wire_bytes_both_ways_over_fp32[{name}]", max(both),
+                             "<= 0.3" if name.startswith("int8") else "<= 0.5"))
 
 
 def _tasks(r: dict) -> str:

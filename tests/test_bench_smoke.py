@@ -24,8 +24,9 @@ EXPECTED = {
                              "serverapp_round_peak_rss_above_start_over_model[2 sites]"],
     "bench_gpu_step.py": ["bf16_over_fp32_images_per_s[cpu smoke, tiny]"],
     "bench_data.py": [f"ours_over_pil_images_per_s_per_core[{f}]" for f in ("png", "jpeg", "dicom")],
-    "bench_transfer.py": ["bytes_per_site_round_over_fp32[bf16]",
-                          "bytes_per_site_round_over_fp32[int8-delta+ef]"],
+    "bench_transfer.py": [f"{what}_over_fp32[{enc}]" for enc in ("bf16", "int8-delta+ef")
+                          for what in ("bytes_per_site_round", "wire_bytes_uplink",
+                                       "wire_bytes_both_ways")],
     "bench_data_check.py": ["data_check_sniff_over_stat_walk", "data_check_check_over_stat_walk"],
     "bench_labels.py": [f"{arm}_{what}_over_pandas[generated]" for what in ("memory", "time")
                         for arm in ("label_read", "chestxray14_adapter")],
