@@ -109,11 +109,13 @@ def build_task_splits(cfgs: Sequence[TaskConfig], base_dir: str | Path,
         Per task of ``cfgs``, in order: ``train``, ``val``, ``test`` and ``all`` (unchanged).
     """
     out = [build_manifests(cfg, base_dir) for cfg in cfgs]
-    if not any(get_adapter(c.dataset).shares_films for c in cfgs):
+    named = frozenset().union(*(get_adapter(c.dataset).twin_releases for c in cfgs))
+    if not named:
         return out
+    # Only releases whose keys can meet these tasks' are read: a site calls this every round.
     own = {release_key(c) for c in cfgs}
     beside = [c for c in twin_tasks
-              if get_adapter(c.dataset).shares_films and release_key(c) not in own]
+              if get_adapter(c.dataset).twin_releases & named and release_key(c) not in own]
     tests = [(c.name, build_manifests(c.model_copy(update={"partition": None}), base_dir)["test"])
              for c in beside]
     separate_twins({c.name: parts for c, parts in zip(cfgs, out, strict=True)},

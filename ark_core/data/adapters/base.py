@@ -244,7 +244,9 @@ class Adapter:
     default_uncertain: ClassVar[Uncertain] = "ignore"
     fixed_labels: ClassVar[tuple[str, ...]] = ()
     fixed_task_type: ClassVar[TaskType] = TaskType.MULTILABEL
-    shares_films: ClassVar[bool] = False  # rows carry meta["twins"] keys (..twins)
+    # The releases whose films this one's rows name in meta["twins"] (..twins): twin keys
+    # of two releases can only meet where these overlap.
+    twin_releases: ClassVar[frozenset[str]] = frozenset()
 
     pathologies: tuple[str, ...]
     labels: np.ndarray

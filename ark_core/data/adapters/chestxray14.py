@@ -82,7 +82,7 @@ class ChestXray14(Adapter):
     """
 
     name = "chestxray14"
-    shares_films = True
+    twin_releases = frozenset({"chestxray14"})
     Options = ChestXray14Options
 
     @classmethod

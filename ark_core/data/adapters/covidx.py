@@ -51,7 +51,7 @@ class Covidx(TwoOrThreeClasses):
     """
 
     name = "covidx"
-    shares_films = True
+    twin_releases = frozenset({"rsna"})
     Options = CovidxOptions
     binary_labels = COVIDX_BINARY_LABELS
     three_class_labels = COVIDX_3CLASS_LABELS

@@ -48,7 +48,7 @@ class CxrLt(Adapter):
     """
 
     name = "cxr_lt"
-    shares_films = True
+    twin_releases = frozenset({"mimic"})
     fixed_labels = CXR_LT_LABELS
 
     def _read(self) -> None:

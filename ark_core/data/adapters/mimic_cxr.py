@@ -57,7 +57,7 @@ class MimicCxr(Adapter):
     """
 
     name = "mimic_cxr"
-    shares_films = True
+    twin_releases = frozenset({"mimic"})
     Options = MimicCxrOptions
     default_uncertain = "ones"
     fixed_labels = CHEXPERT_LABELS

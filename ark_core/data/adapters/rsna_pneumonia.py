@@ -66,7 +66,7 @@ class RsnaPneumonia(TwoOrThreeClasses):
     """
 
     name = "rsna_pneumonia"
-    shares_films = True
+    twin_releases = frozenset({"rsna", "chestxray14"})
     Options = RsnaOptions
     binary_labels = ("Lung Opacity",)
     three_class_labels = RSNA_LABELS
