@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .cache import ImageCache
+from .filecheck import decode as decode_file
 from .manifest import Manifest
 from .metaimage import check_mha, is_mha
 from .readers import (
@@ -30,7 +31,6 @@ from .readers import (
     ImageReadError,
     is_dicom,
     native_pixel_bytes,
-    read_image,
     read_image_resized,
 )
 from .transforms import TwoViewTransform
@@ -289,10 +289,9 @@ def check_file(
         max_pixels: Refuse images with more pixels than this.
     """
     path = Path(path)
+    if decode:
+        return decode_file(path, max_pixels)
     try:
-        if decode:
-            read_image(path, max_pixels)
-            return None
         if not path.exists():
             return "file not found"
         if not path.is_file():

@@ -57,10 +57,10 @@ def sniff(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> str 
     return "not a PNG, JPEG, DICOM or MetaImage file"
 
 
-def decode(path: str | os.PathLike) -> str | None:
+def decode(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
     """Why ``path`` cannot be decoded as an image, or None."""
     try:
-        read_image(path)
+        read_image(path, max_pixels)
     except ImageReadError as e:
         return e.reason
     except MemoryError:
