@@ -15,11 +15,13 @@ from ark_core.fed.audit import read_audit
 from ark_core.fed.federation import FederationConfig, load_simulation, run_fingerprint
 from ark_core.fed.protocol import Instruction
 from ark_core.fed.transfer import (
+    SCALES_KEY,
     TransferConfig,
     as_update,
     decode_tensor,
     encode_tensor,
     encode_update,
+    unpack_scales,
 )
 from ark_core.model.factory import create_model
 from client.app import app as client_app
@@ -173,6 +175,16 @@ def test_declared_encodings_are_accepted_and_summed_in_fp32(enc):
         torch.testing.assert_close(decoded, student[k], rtol=rtol, atol=atol)
 
 
+def _scales(scales) -> np.ndarray:
+    return Tensors(scales)[SCALES_KEY].numpy()
+
+
+def _with_first(values: np.ndarray, first: float) -> np.ndarray:
+    out = values.copy()
+    out[0] = first
+    return out
+
+
 def _bad(case: str):
     cfg = TransferConfig(dtype="int8", delta=True) if "scale" in case else TransferConfig(dtype="bf16")
     master, _, arrays, encoding, scales = _payload(cfg)
@@ -196,18 +208,21 @@ def _bad(case: str):
                           data=good.data + b"\0\0")
     elif case == "manifest-in-fp32-run":
         expected = "fp32"
-    elif case == "missing-scale":
-        del scales[k]
+    elif case == "missing-scale":  # one scale short of the int8 tensors
+        scales[SCALES_KEY] = Array(_scales(scales)[:-1].copy())
     elif case == "extra-scale":
-        scales["heads.b.weight"] = Array(np.array(1.0, np.float32))
-    elif case == "scale-not-scalar":
-        scales[k] = Array(np.ones(2, np.float32))
+        scales[SCALES_KEY] = Array(np.append(_scales(scales), np.float32(1.0)))
+    elif case == "scale-per-tensor":  # the old layout: one scalar Array per tensor
+        scales = ArrayRecord({n: Array(np.asarray(v)) for n, v in
+                              unpack_scales(list(arrays), _scales(scales)).items()})
+    elif case == "scale-matrix":
+        scales[SCALES_KEY] = Array(np.ones((len(arrays), 1), np.float32))
     elif case == "scale-fp64":
-        scales[k] = Array(np.array(0.1, np.float64))
+        scales[SCALES_KEY] = Array(_scales(scales).astype(np.float64))
     elif case == "scale-nan":
-        scales[k] = Array(np.array("nan", np.float32))
+        scales[SCALES_KEY] = Array(_with_first(_scales(scales), np.nan))
     elif case == "scale-negative":
-        scales[k] = Array(np.array(-0.1, np.float32))
+        scales[SCALES_KEY] = Array(_with_first(_scales(scales), -0.1))
     return master, as_update(Tensors(arrays), encoding, Tensors(scales) if scales else None,
                              master, expected)
 
@@ -219,10 +234,14 @@ def _bad(case: str):
     ("payload-not-declared-dtype", "backbone.w: payload is float32, encoding bf16 sends uint16"),
     ("forged-npy", r"backbone.w: payload holds float32 \[37, 11\], not the declared uint16"),
     ("forged-raw", r"backbone.w: 816 bytes do not hold uint16 \[37, 11\]"),
-    ("manifest-in-fp32-run", "plain fp32 weights"), ("missing-scale", "do not match the int8"),
-    ("extra-scale", "do not match the int8"), ("scale-not-scalar", "expected a float32 scalar"),
-    ("scale-fp64", "expected a float32 scalar"), ("scale-nan", "scale is nan"),
-    ("scale-negative", "scale is -0.1"),
+    ("manifest-in-fp32-run", "plain fp32 weights"),
+    ("missing-scale", r"float32 \[1\], expected float32 \[2\]: one per int8 tensor"),
+    ("extra-scale", r"float32 \[3\], expected float32 \[2\]"),
+    ("scale-per-tensor", r"keys \['backbone.w', 'heads.a.weight'\], expected \['int8'\]"),
+    ("scale-matrix", r"float32 \[2, 1\], expected float32 \[2\]"),
+    ("scale-fp64", r"float64 \[2\], expected float32 \[2\]"),
+    ("scale-nan", "backbone.w: int8 scale is nan"),
+    ("scale-negative", "backbone.w: int8 scale is -0.1"),
 ])
 def test_validator_rejects_undeclared_or_mismatched_encodings(case, reason):
     master, update = _bad(case)
@@ -324,8 +343,8 @@ def test_egress_guard_blocks_undeclared_int8(guard_setup, case):
     k = next(iter(own))
     if case == "no-scales":
         scales = None
-    elif case == "scale-vector":
-        scales[k] = np.ones(3, np.float32)
+    elif case == "scale-vector":  # one scale too many
+        scales[SCALES_KEY] = np.ones(len(arrays) + 1, np.float32)
     elif case == "int64-as-int8":
         arrays[k] = arrays[k].astype(np.int64)
     elif case == "manifest-in-fp32-run":
@@ -412,7 +431,7 @@ def test_site_error_feedback_residual_survives_a_replayed_round(tmp_path):
 
 def test_payload_nbytes_counts_arrays_scales_and_manifest():
     arrays = {"w": raw_array(np.zeros((4, 4), np.int8))}  # raw: no .npy header
-    scales = {"w": raw_array(np.array(1.0, np.float32))}
+    scales = {SCALES_KEY: raw_array(np.array([1.0], np.float32))}
     n = payload_nbytes(arrays, scales, {"arrays": "int8-delta"})
     assert n == 16 + 4 + len("arrays") + len("int8-delta")
     npy = Array(np.zeros((4, 4), np.float32))

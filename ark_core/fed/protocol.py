@@ -33,8 +33,8 @@ Site -> server (replies)
     ``num-examples.<task>`` (one epoch).
     ``site`` (ConfigRecord): ``name`` (str) and ``tasks`` (list of task names).
     ``encoding`` (ConfigRecord, train replies of a run whose transfer is not fp32 weights):
-    ``{"arrays": <encoding>}``; ``scales`` (ArrayRecord, int8 only): tensor name -> float32
-    scale. See :mod:`ark_core.fed.transfer`.
+    ``{"arrays": <encoding>}``; ``scales`` (ArrayRecord, int8 only): one float32 vector, the
+    scale of each int8 tensor in sorted name order. See :mod:`ark_core.fed.transfer`.
 """
 
 from __future__ import annotations

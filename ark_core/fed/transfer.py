@@ -19,7 +19,10 @@ Flower's arrays refuse bfloat16 and cannot say "this int8 array means q * scale"
 encoded reply declares itself in a manifest, the ``ConfigRecord`` ``encoding`` =
 ``{"arrays": <encoding>}`` (the encoding of every tensor in the ``arrays`` record; one entry,
 not one per tensor, so that the declaration costs a few bytes whatever the model), and an
-``ArrayRecord`` ``scales`` holds one float32 scalar per int8 tensor, under the tensor's name.
+``ArrayRecord`` ``scales`` holds one Array, :data:`SCALES_KEY`: the float32 scales of the int8
+tensors, in the order of their names sorted (:func:`pack_scales`). One Array, not one per
+tensor: each Array is an object of Flower's message tree with its own id and header, and one per
+tensor doubled the objects of an int8 reply.
 Encoded tensors and scales travel as raw little-endian bytes in C order (a Flower
 ``Array`` of stype ``"raw"``, :data:`ops.arrays.RAW_STYPE`), described by the ``Array``'s own
 dtype and shape fields, so they do without the 128-byte ``.npy`` header of every numpy ``Array`` (0.2% of
@@ -63,10 +66,13 @@ __all__ = [
     "as_update",
     "check_declared",
     "MANIFEST_KEY",
+    "SCALES_KEY",
     "declared_encoding",
     "decode_tensor",
     "encode_tensor",
     "encode_update",
+    "pack_scales",
+    "unpack_scales",
 ]
 
 Dtype = Literal["fp32", "fp16", "bf16", "int8"]
@@ -84,6 +90,8 @@ ENCODINGS: dict[str, str] = {
 INT8_MAX = 127
 MANIFEST_KEY = "arrays"
 """The one key of an ``encoding`` manifest: the encoding of the ``arrays`` record."""
+SCALES_KEY = "int8"
+"""The one key of a ``scales`` record: the int8 tensors' scales, by sorted tensor name."""
 
 
 class TransferConfig(Shorthand):
@@ -197,7 +205,7 @@ class Payload:
     Attributes:
         arrays: Tensor name -> payload (numpy, the wire dtype).
         manifest: ``{"arrays": <encoding>}``; empty for plain fp32 weights (none sent).
-        scales: Tensor name -> float32 scalar, for int8 tensors.
+        scales: ``{SCALES_KEY: float32 vector}`` (int8 only; see :func:`pack_scales`).
         residual: Tensor name -> what this encoding lost (error feedback only), to add to the
             next round's difference.
     """
@@ -239,7 +247,21 @@ def encode_update(
             out.scales[name] = scale
         if out.residual is not None:
             out.residual[name] = x - _values(arr, cfg.dtype, scale)
+    if out.scales:
+        out.scales = {SCALES_KEY: pack_scales(out.scales)}
     return out
+
+
+def pack_scales(scales: Mapping[str, Any]) -> np.ndarray:
+    """The int8 tensors' scalar scales as one float32 vector, in sorted name order."""
+    return np.asarray([float(np.asarray(_raw(scales[k])).reshape(())) for k in sorted(scales)],
+                      dtype=np.float32)
+
+
+def unpack_scales(names: Iterator[str] | list[str], packed: Any) -> dict[str, np.ndarray]:
+    """Inverse of :func:`pack_scales`: tensor name -> float32 scalar (``names`` in any order)."""
+    values = np.asarray(_raw(packed), dtype=np.float32).reshape(-1)
+    return {k: values[i] for i, k in enumerate(sorted(names))}
 
 
 def declared_encoding(manifest: Mapping[str, Any] | None) -> str:
@@ -258,12 +280,14 @@ def check_declared(
     """Raise ``UpdateRejected`` unless a reply declares exactly its run's encoding.
 
     The manifest must be ``{"arrays": expected}`` (none for plain fp32), every tensor must
-    carry that encoding's wire dtype, and int8 tensors, and only they, a float32 scalar scale.
+    carry that encoding's wire dtype, and an int8 reply, and only it, one float32 vector of
+    scales, one per tensor (:func:`pack_scales`).
 
     Args:
         tensors: Name -> (shape, numpy dtype name) of each array sent.
         manifest: The reply's ``encoding`` record (None: none sent).
-        scales: Name -> (shape, dtype name) of each scale sent (None: none sent).
+        scales: Key -> (shape, dtype name) of each Array in the ``scales`` record (None: none
+            sent).
         expected: The run's encoding (:attr:`TransferConfig.encoding`).
         shapes: Name -> shape each tensor stands for (names absent here are not checked).
     """
@@ -288,14 +312,18 @@ def check_declared(
         if name in shapes and tuple(shape) != tuple(shapes[name]):
             raise UpdateRejected(f"{name}: payload shape {list(shape)}, expected "
                                  f"{list(shapes[name])}")
-    want_scales = set(tensors) if expected == "int8-delta" else set()
-    if set(scales) != want_scales:
-        odd = sorted(set(scales) ^ want_scales)
-        raise UpdateRejected(f"scales do not match the int8 tensors sent (differ at {odd[:5]})")
-    for name, (shape, dtype) in scales.items():
-        if tuple(shape) != () or dtype != "float32":
-            raise UpdateRejected(f"{name}: scale is {dtype} {list(shape)}, expected a float32 "
-                                 f"scalar")
+    if expected != "int8-delta":
+        if scales:
+            raise UpdateRejected(f"sends int8 scales {sorted(scales)[:5]}, but this run's "
+                                 f"transfer is {expected}")
+        return
+    if set(scales) != {SCALES_KEY}:
+        raise UpdateRejected(f"scales record keys {sorted(scales)[:5]}, expected "
+                             f"['{SCALES_KEY}']: one float32 vector for the int8 tensors")
+    shape, dtype = scales[SCALES_KEY]
+    if tuple(shape) != (len(tensors),) or dtype != "float32":
+        raise UpdateRejected(f"scales are {dtype} {list(shape)}, expected float32 "
+                             f"[{len(tensors)}]: one per int8 tensor sent")
 
 
 def _meta(value: Any) -> tuple[tuple[int, ...], str]:
@@ -314,7 +342,8 @@ class EncodedUpdate(Mapping[str, torch.Tensor]):
     Args:
         arrays: Tensor name -> payload (torch tensor or numpy array).
         manifest: The reply's ``encoding`` record; None if it sent none.
-        scales: Tensor name -> float32 scale (int8 tensors); None if it sent none.
+        scales: The reply's ``scales`` record (int8 only; :func:`pack_scales`); None if it
+            sent none.
         master: The master tensors the site received (for ``*-delta``).
         expected: The run's encoding.
     """
@@ -324,7 +353,8 @@ class EncodedUpdate(Mapping[str, torch.Tensor]):
                  expected: str) -> None:
         self.arrays, self.master, self.expected = arrays, master, expected
         self.manifest = dict(manifest or {})
-        self.scales = scales or {}
+        self.scales = dict(scales or {})
+        self._scale_of: dict[str, np.ndarray] = {}
 
     def check_encoding(self, specs: Mapping[str, TensorSpec]) -> None:
         """Raise ``UpdateRejected`` unless the reply declares exactly the run's encoding.
@@ -335,20 +365,25 @@ class EncodedUpdate(Mapping[str, torch.Tensor]):
         check_declared({k: _meta(a) for k, a in self.arrays.items()}, self.manifest,
                        {k: _meta(s) for k, s in self.scales.items()}, self.expected,
                        {k: s.shape for k, s in specs.items()})
-        for name, s in self.scales.items():
-            value = float(np.asarray(_raw(s), dtype=np.float32).reshape(()))
+        for name, value in self._scales_by_name().items():
             if not np.isfinite(value) or value < 0:
-                raise UpdateRejected(f"{name}: int8 scale is {value}, expected finite and >= 0")
+                raise UpdateRejected(f"{name}: int8 scale is {float(value)}, expected finite "
+                                     "and >= 0")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         # check_encoding made sure the reply declares the run's encoding.
         try:
-            x = decode_tensor(self.arrays[name], self.expected, self.scales.get(name),
+            x = decode_tensor(self.arrays[name], self.expected, self._scales_by_name().get(name),
                               self.master.get(name))
         except UpdateRejected as e:  # a payload of another dtype than declared
             raise UpdateRejected(f"{name}: {e}") from None
         ref = self.master.get(name)
         return x if ref is None else x.to(ref.dtype)
+
+    def _scales_by_name(self) -> dict[str, np.ndarray]:
+        if not self._scale_of and SCALES_KEY in self.scales:
+            self._scale_of = unpack_scales(list(self.arrays), self.scales[SCALES_KEY])
+        return self._scale_of
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.arrays)
