@@ -131,6 +131,14 @@ def expect_node21(d: Path, _):
             {"Nodule": len({x["img_name"] for x in r if x["label"] == "1"})})
 
 
+def expect_chestdr(d: Path, _):
+    lines = [x.split() for f in ("trainval.txt", "test_WithLabel.txt")
+             for x in (d / f).read_text().splitlines()]
+    pos = {lab: sum(v.split(",")[i] == "1" for _, v in lines)
+           for i, lab in ((0, "pleural_effusion"), (10, "TB"))}
+    return len(lines), {f"images/{n}" for n, _ in lines}, pos
+
+
 def expect_csv(d: Path, _):
     r = rows(d / "labels.csv")
     return len(r), {x["patient"] for x in r}, {"Effusion": sum(x["Effusion"] == "1" for x in r)}
@@ -152,6 +160,7 @@ CASES = [
     ("tbx11k", "tbx11k", {}, expect_tbx11k),
     ("tbx11k", "tbx11k", {"classes": 2}, expect_tbx11k),
     ("node21", "node21", {}, expect_node21),
+    ("medfmc_chestdr", "chestdr", {"patient_column": "none"}, expect_chestdr),
     ("csv", "csv", {"label_columns": ["Effusion", "Pneumonia"], "patient_column": "patient",
                     "split_column": "split"}, expect_csv),
 ]  # fmt: skip

@@ -33,6 +33,25 @@ PATHOLOGY_SYNONYMS: dict[str, str] = {
     "pneumonia": "Pneumonia",
     # TBX11K
     "Healthy": "No Finding",
+    # ChestDR (MedFMC); its "pneumonia" is spelled as above
+    "pleural_effusion": "Effusion",
+    "nodule": "Nodule",
+    "cardiomegaly": "Cardiomegaly",
+    "hilar_enlargement": "Hilar Enlargement",
+    "fracture_old": "Old Fracture",
+    "fibrosis": "Fibrosis",
+    "aortic_calcification": "Calcification of the Aorta",
+    "tortuous_aorta": "Tortuous Aorta",
+    "thickened_pleura": "Pleural Thickening",
+    "TB": "Tuberculosis",
+    "pneumothorax": "Pneumothorax",
+    "emphysema": "Emphysema",
+    "atelectasis": "Atelectasis",
+    "calcification": "Calcification",
+    "pulmonary_edema": "Edema",
+    "increased_lung_markings": "Increased Lung Markings",
+    "elevated_diaphragm": "Elevated Diaphragm",
+    "consolidation": "Consolidation",
 }
 
 VIEWS = ("PA", "AP", "LATERAL")

@@ -1,6 +1,7 @@
 """One adapter per public chest X-ray release, registered by the name a task config uses."""
 
 from .base import Adapter, DatasetError
+from .chestdr import ChestDr
 from .chestxray14 import ChestXray14
 from .chexpert import CheXpert
 from .covidx import Covidx
@@ -19,7 +20,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     a.name: a
     for a in (
         ChestXray14, CheXpert, MimicCxr, RsnaPneumonia, VinDrCxr, Shenzhen, PediatricPneumonia,
-        CxrLt, Covidx, SiimAcr, Tbx11k, Node21, CsvDataset,
+        CxrLt, Covidx, SiimAcr, Tbx11k, Node21, ChestDr, CsvDataset,
     )
 }  # fmt: skip
 
