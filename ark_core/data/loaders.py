@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
 from ..config import TaskConfig, TrainConfig
 from ..tasks import TaskSpec
@@ -65,8 +65,13 @@ def make_loader(
     training: bool,
     seed: int = 0,
     batch_size: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> DataLoader:
-    """A loader of two-view batches (training) or whole-image batches (evaluation)."""
+    """A loader of two-view batches (training) or whole-image batches (evaluation).
+
+    ``shard`` = ``(rank, world size)``: this data-parallel rank's share of each batch that
+    one process would load with the same seed (see :class:`ShardedBatches`).
+    """
     cache = None
     if cfg.cache_dir is not None:
         cache = ImageCache(cache_dir_for(cfg.cache_dir, manifest.task.name, work_size), work_size)
@@ -75,10 +80,14 @@ def make_loader(
         seed=seed if training else None, cache=cache,
     )
     gen = torch.Generator().manual_seed(seed)
+    batches: dict = {"batch_size": batch_size or cfg.batch_size, "shuffle": training}
+    if shard is not None:
+        order = RandomSampler(ds, generator=gen) if training else range(len(ds))
+        whole = BatchSampler(order, batches["batch_size"], drop_last=False)
+        batches = {"batch_sampler": ShardedBatches(whole, *shard)}
     return DataLoader(
         ds,
-        batch_size=batch_size or cfg.batch_size,
-        shuffle=training,
+        **batches,
         num_workers=cfg.workers,
         collate_fn=collate,
         generator=gen,
@@ -87,6 +96,28 @@ def make_loader(
         drop_last=False,
         worker_init_fn=_single_threaded_worker if cfg.workers else None,
     )
+
+
+class ShardedBatches(Sampler[list[int]]):
+    """Rank ``rank``'s share (every ``size``-th item) of each batch of ``batches``.
+
+    The union over ranks of step k's shares is step k's batch of one process, so a global
+    batch of B matches single-process training at batch B. The loader draws its permutation
+    from the same generator, in the same order, as a shuffling loader of one process. A
+    share may be empty at the end of an epoch; the trainer keeps that rank in step.
+    """
+
+    def __init__(self, batches: BatchSampler, rank: int, size: int) -> None:
+        if not 0 <= rank < size:
+            raise ValueError(f"rank {rank} outside a world of {size} processes")
+        self.batches, self.rank, self.size = batches, rank, size
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield batch[self.rank::self.size]
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def _single_threaded_worker(_worker_id: int) -> None:

@@ -64,12 +64,7 @@ def task_loss(logits: torch.Tensor, target: torch.Tensor, spec: TaskSpec,
     ``long_tail`` (training only) shifts the logits and/or weighs the classes; the loss stays
     a mean over labelled cells (images, for cross-entropy) as without it.
     """
-    logits = logits.float()
-    weight = None
-    if long_tail is not None:
-        if long_tail.offset is not None:
-            logits = logits + long_tail.offset
-        weight = long_tail.weight
+    logits, weight = _adjusted(logits, long_tail)
     if spec.task_type is TaskType.MULTICLASS:
         labelled = (target >= 0).sum()
         if labelled == 0:
@@ -85,3 +80,40 @@ def task_loss(logits: torch.Tensor, target: torch.Tensor, spec: TaskSpec,
     if weight is not None:
         bce = bce * weight
     return (bce * mask).sum() / mask.sum().clamp(min=1)
+
+
+def task_loss_sum(logits: torch.Tensor, target: torch.Tensor, spec: TaskSpec,
+                  long_tail: LongTail | None = None) -> torch.Tensor:
+    """The sum behind :func:`task_loss`, which is it over :func:`labelled_cells` (at least 1).
+
+    Data-parallel ranks add both up across ranks, so their loss is the whole batch's mean.
+    """
+    logits, weight = _adjusted(logits, long_tail)
+    if spec.task_type is TaskType.MULTICLASS:
+        return F.cross_entropy(logits, target.long(), weight=weight, ignore_index=-1,
+                               reduction="sum")
+    mask = ~torch.isnan(target)
+    bce = F.binary_cross_entropy_with_logits(
+        logits, torch.nan_to_num(target, nan=0.0), reduction="none"
+    )
+    if weight is not None:
+        bce = bce * weight
+    return (bce * mask).sum()
+
+
+def labelled_cells(target: torch.Tensor, spec: TaskSpec) -> int:
+    """How many entries of ``target`` carry a label (images, for multi-class tasks)."""
+    if spec.task_type is TaskType.MULTICLASS:
+        return int((target >= 0).sum())
+    return int((~torch.isnan(target)).sum())
+
+
+def _adjusted(logits: torch.Tensor, long_tail: LongTail | None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 logits with the long-tail offset added, and the class weights (or None)."""
+    logits = logits.float()
+    if long_tail is None:
+        return logits, None
+    if long_tail.offset is not None:
+        logits = logits + long_tail.offset
+    return logits, long_tail.weight

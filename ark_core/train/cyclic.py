@@ -10,6 +10,7 @@ task-epoch the teacher follows the student by EMA with momentum ``m`` from a cos
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -17,17 +18,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..data.dataset import BadFileCounter
 from ..data.loaders import TaskData, make_loader
-from ..model.loss import LongTail, long_tail_terms, task_loss
+from ..model.loss import LongTail, labelled_cells, long_tail_terms, task_loss, task_loss_sum
 from ..model.network import ArkModel, ema_update
 from ..model.runtime import accelerate, autocast_for
 from ..schedule import consistency_weight, momentum_schedule
-from ..tasks import TaskSpec
+from ..tasks import TaskSpec, TaskType
+from .distributed import StepLosses, World, merge_bad_files, step_losses, wrap
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +99,13 @@ def train_task_epoch(
     desc: str = "",
     prox: Proximal | None = None,
     long_tail: LongTail | None = None,
+    ddp: DistributedDataParallel | None = None,
 ) -> dict[str, float]:
     """One epoch of one task through its head; returns mean losses, examples and steps.
 
-    ``long_tail`` (``cfg.long_tail``'s terms for this task) corrects the task loss.
+    ``long_tail`` (``cfg.long_tail``'s terms for this task) corrects the task loss. ``ddp``
+    (the student wrapped by :func:`~ark_core.train.distributed.wrap`): ``loader`` holds this
+    rank's shares, and losses, examples and steps are the whole batches'.
     """
     student.train()
     teacher.eval()
@@ -110,29 +116,25 @@ def train_task_epoch(
     long_tail = None if long_tail is None else long_tail.to(device)
     for batch in bar:
         bad_files.add(batch["bad"], batch["bad_reasons"])
-        n = int(batch["n"])
-        if n == 0:
-            continue
-        xs = batch["student"].to(device, non_blocking=True, memory_format=fmt)
-        xt = batch["teacher"].to(device, non_blocking=True, memory_format=fmt)
-        y = batch["target"].to(device, non_blocking=True)
-        with autocast_for(device, cfg.amp):
-            z_s, logits = student.forward_task(xs, spec.name)
-            loss_task = task_loss(logits, y, spec, long_tail)
-            if lam > 0:
-                with torch.no_grad():
-                    z_t = teacher.embed(xt)
-                loss_cons = F.mse_loss(z_s.float(), z_t.float())
-            else:  # the teacher's view has no weight yet: skip its forward pass
-                loss_cons = torch.zeros((), device=device)
-            loss = (1.0 - lam) * loss_task + lam * loss_cons
-        if not torch.isfinite(loss):
+        if ddp is None:
+            n = int(batch["n"])
+            if n == 0:
+                continue
+            loss_task, loss_cons, loss = _losses(
+                student.forward_task, teacher, batch, spec, lam, cfg, device, fmt, long_tail)
+            values = (loss.item(), loss_task.item(), loss_cons.item())
+        else:
+            step = _ddp_losses(ddp, teacher, batch, spec, lam, cfg, device, fmt, long_tail)
+            loss, n, values = step.backward, step.n, (step.loss, step.task, step.consistency)
+        if not math.isfinite(values[0]):
             raise FloatingPointError(
-                f"non-finite loss ({loss.item()}) in task {spec.name!r}: stopping before the "
+                f"non-finite loss ({values[0]}) in task {spec.name!r}: stopping before the "
                 "model is corrupted; lower the learning rate or check the labels"
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if n == 0:  # no rank had a readable image: the backward only kept DDP in step
+            continue
         if prox is not None:
             prox.add_gradient()
         if cfg.grad_clip:
@@ -140,11 +142,60 @@ def train_task_epoch(
         optimizer.step()
         steps += 1
         seen += n
-        sums["loss"] += loss.item() * n
-        sums["task-loss"] += loss_task.item() * n
-        sums["consistency"] += loss_cons.item() * n
+        for key, value in zip(sums, values, strict=True):
+            sums[key] += value * n
         bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}", lam=f"{lam:.3f}")
     return {k: v / max(seen, 1) for k, v in sums.items()} | {"num-examples": seen, "steps": steps}
+
+
+def _losses(forward, teacher: ArkModel, batch: dict, spec: TaskSpec, lam: float,
+            cfg: TrainConfig, device: torch.device, fmt: torch.memory_format,
+            long_tail: LongTail | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One process's batch: task loss, consistency loss and their weighted sum."""
+    xs = batch["student"].to(device, non_blocking=True, memory_format=fmt)
+    xt = batch["teacher"].to(device, non_blocking=True, memory_format=fmt)
+    y = batch["target"].to(device, non_blocking=True)
+    with autocast_for(device, cfg.amp):
+        z_s, logits = forward(xs, spec.name)
+        loss_task = task_loss(logits, y, spec, long_tail)
+        if lam > 0:
+            with torch.no_grad():
+                z_t = teacher.embed(xt)
+            loss_cons = F.mse_loss(z_s.float(), z_t.float())
+        else:  # the teacher's view has no weight yet: skip its forward pass
+            loss_cons = torch.zeros((), device=device)
+        return loss_task, loss_cons, (1.0 - lam) * loss_task + lam * loss_cons
+
+
+def _ddp_losses(ddp: DistributedDataParallel, teacher: ArkModel, batch: dict, spec: TaskSpec,
+                lam: float, cfg: TrainConfig, device: torch.device, fmt: torch.memory_format,
+                long_tail: LongTail | None) -> StepLosses:
+    """This rank's share of a data-parallel batch, and the whole batch's losses."""
+    n = int(batch["n"])
+    if n == 0:  # an empty share still joins DDP's step
+        batch = _blank(spec, teacher.img_size)
+    xs = batch["student"].to(device, non_blocking=True, memory_format=fmt)
+    xt = batch["teacher"].to(device, non_blocking=True, memory_format=fmt)
+    y = batch["target"].to(device, non_blocking=True)
+    with autocast_for(device, cfg.amp):
+        z_s, logits = ddp(xs, spec.name)
+        task_sum = task_loss_sum(logits, y, spec, long_tail)
+        cons_sum = torch.zeros((), device=device)
+        if lam > 0:
+            with torch.no_grad():
+                z_t = teacher.embed(xt)
+            cons_sum = (z_s.float() - z_t.float()).pow(2).sum() * float(n > 0)
+        return step_losses(task_sum, labelled_cells(y, spec), cons_sum, n, z_s.shape[1], lam)
+
+
+def _blank(spec: TaskSpec, size: int) -> dict:
+    """One black image without a label: it adds nothing to the losses or the gradients."""
+    if spec.task_type is TaskType.MULTICLASS:
+        target = torch.full((1,), -1, dtype=torch.int64)
+    else:
+        target = torch.full((1, spec.num_outputs), float("nan"))
+    image = torch.zeros(1, 3, size, size)
+    return {"student": image, "teacher": image, "target": target}
 
 
 def train_cyclic(
@@ -165,6 +216,7 @@ def train_cyclic(
     desc: str = "",
     prox_mu: float = 0.0,
     teacher_ema: bool = True,
+    world: World | None = None,
 ) -> RoundResult:
     """Cyclic Ark+ training: ``local_epochs`` passes, each task in turn, EMA after each.
 
@@ -188,6 +240,8 @@ def train_cyclic(
         teacher_ema: The teacher follows the student after each task-epoch; False: it is a
             fixed target (a server-side teacher, :mod:`ark_core.fed.server_teacher`). The
             momentum schedule still sets the consistency weight.
+        world: This rank of a data-parallel round (:mod:`ark_core.train.distributed`, its
+            process group started); every rank calls this with the same arguments.
 
     Returns:
         Metrics (mean losses per task, examples per task), and the new schedule position.
@@ -196,6 +250,7 @@ def train_cyclic(
     _check_schedule(ema_step, local_epochs, len(tasks), ema_total_steps)
     optimizer = _ready(student, teacher, cfg, device, optimizer, lr)
     prox = Proximal(student, prox_mu) if prox_mu > 0 else None
+    ddp = wrap(student, device) if world is not None else None
     momentum = momentum_schedule(ema_total_steps, cfg.ema_m0)
     tally = _Tally()
     for epoch in range(local_epochs):
@@ -208,6 +263,7 @@ def train_cyclic(
                 student, teacher, td, optimizer, cfg, lam=lam, ema_step=ema_step,
                 img_size=img_size, work_size=work_size, device=device, progress=progress,
                 desc=f"{desc}{td.spec.name} [{epoch + 1}/{local_epochs}]", prox=prox,
+                ddp=ddp, world=world,
             )
             if teacher_ema:
                 ema_update(teacher, student, m)
@@ -270,6 +326,8 @@ def _task_epoch(
     progress: bool,
     desc: str,
     prox: Proximal | None = None,
+    ddp: DistributedDataParallel | None = None,
+    world: World | None = None,
 ) -> tuple[dict[str, float], int]:
     """One epoch of task ``td`` on a loader seeded by the schedule position.
 
@@ -279,6 +337,7 @@ def _task_epoch(
     loader = make_loader(
         td.train, cfg, img_size=img_size, work_size=work_size, training=True,
         seed=cfg.seed * 1_000_003 + ema_step,
+        shard=None if world is None else (world.rank, world.size),
     )
     bad = BadFileCounter(td.spec.name)
     # The site's own training counts set the long-tail terms (they never leave it).
@@ -287,8 +346,10 @@ def _task_epoch(
     stats = train_task_epoch(
         student, teacher, loader, td.spec, optimizer, cfg,
         lam=lam, device=device, bad_files=bad, progress=progress, desc=desc, prox=prox,
-        long_tail=long_tail,
+        long_tail=long_tail, ddp=ddp,
     )
+    if world is not None:
+        merge_bad_files(bad)
     # Checked at the end of the epoch, never mid-epoch; the teacher is not yet updated.
     bad.check(len(td.train), cfg.bad_file_fraction)
     return stats, len(bad)
