@@ -2,9 +2,10 @@
 
 A class's bucket follows from its number of positive training images: head above
 ``HEAD_ABOVE``, tail below ``TAIL_BELOW``, medium in between (bounds included). The bounds
-are those this project uses for CXR-LT 2023 (Holste et al., Medical Image Analysis 2024,
-arXiv:2310.16112); that paper's own wording of the rule could not be checked (see
-docs/datasets.md, CXR-LT), so they are named here and can be passed explicitly.
+are this project's, unconfirmed: no head/medium/tail rule of CXR-LT was found in a source
+that could be read (the 2023 and 2024 overviews, arXiv:2310.16112 and arXiv:2506.07984, as
+abstracts only; see docs/datasets.md, CXR-LT), so they are named here and can be passed
+explicitly.
 """
 
 from __future__ import annotations
