@@ -160,7 +160,7 @@ CASES = [
     ("tbx11k", "tbx11k", {}, expect_tbx11k),
     ("tbx11k", "tbx11k", {"classes": 2}, expect_tbx11k),
     ("node21", "node21", {}, expect_node21),
-    ("medfmc_chestdr", "chestdr", {"patient_column": "none"}, expect_chestdr),
+    ("chestdr", "chestdr", {"patient_column": "none"}, expect_chestdr),
     ("csv", "csv", {"label_columns": ["Effusion", "Pneumonia"], "patient_column": "patient",
                     "split_column": "split"}, expect_csv),
 ]  # fmt: skip

@@ -27,7 +27,7 @@ NONE = {"patient_column": "none"}
 
 
 def task(root: Path, **options) -> TaskConfig:
-    return TaskConfig(name="chestdr", dataset="medfmc_chestdr", root=root, options={**NONE, **options})
+    return TaskConfig(name="chestdr", dataset="chestdr", root=root, options={**NONE, **options})
 
 
 def lines(path: Path) -> list[tuple[str, list[str]]]:
@@ -70,7 +70,7 @@ def test_the_findings_meet_the_other_releases_under_shared_names():
 def test_patients_must_be_waived_explicitly_and_a_warning_says_so(tmp_path, caplog):
     for options in ({}, {"patient_column": "patient_id"}):
         with pytest.raises(ConfigError, match=r"patient_column.*no patient.*'patient_column: none'"):
-            build_manifest(TaskConfig(name="c", dataset="medfmc_chestdr", root=FX, options=options),
+            build_manifest(TaskConfig(name="c", dataset="chestdr", root=FX, options=options),
                            "all", tmp_path)
     with caplog.at_level("WARNING"):
         build_manifest(task(FX), "all", tmp_path)
@@ -113,7 +113,7 @@ def test_other_lists_can_be_named_and_a_named_list_must_exist(d, tmp_path):
 
 
 def test_the_documented_task_reads_the_release(d, tmp_path):
-    section = DOC.read_text(encoding="utf-8").split("`dataset: medfmc_chestdr`", 1)[1].split("\n### ")[0]
+    section = DOC.read_text(encoding="utf-8").split("`dataset: chestdr`", 1)[1].split("\n### ")[0]
     documented = yaml.safe_load(re.search(r"```text\n(  - name: .*?)```", section, re.S).group(1))[0]
     m = build_manifest(TaskConfig(**{**documented, "root": d}), "all", tmp_path)
     assert len(m) == sum(len(lines(FX / f)) for f in ("trainval.txt", "test_WithLabel.txt"))

@@ -96,7 +96,7 @@ def test_documented_labels_are_the_readers(name):
     documented = _documented(name)
     assert documented, f"docs/datasets.md: no 'Labels: ...' line in the {name!r} section"
     for options, labels in documented:
-        # A reader with fixed labels may require options (medfmc_chestdr's patient opt-out).
+        # A reader with fixed labels may require options (chestdr's patient opt-out).
         expected = cls.fixed_labels or tuple(cls.default_labels(cls.parse_options(options)))
         assert labels == expected, f"{name} {options}: the doc lists {labels}, the code {expected}"
     for field, values in _label_choices(cls).items():

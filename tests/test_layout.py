@@ -14,9 +14,9 @@ def test_data_layer_imports_without_torch():
     # Blocked modules raise ImportError on import: any torch, timm or Flower import fails it.
     r = _run("import sys; sys.modules['torch'] = sys.modules['timm'] = sys.modules['flwr'] = None\n"
              "import ark_core, ark_core.data, ark_core.config, ark_core.tasks\n"
-             "print(sorted(ark_core.data.ADAPTERS)[:1])")
+             "print('chestxray14' in ark_core.data.ADAPTERS)")
     assert r.returncode == 0, r.stderr
-    assert "chestxray14" in r.stdout.lower()
+    assert r.stdout.strip() == "True"
 
 
 def test_public_api_loads_on_first_use():

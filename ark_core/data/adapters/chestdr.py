@@ -65,7 +65,7 @@ class ChestDr(Adapter):
     with a warning. Meta: ``split``.
     """
 
-    name = "medfmc_chestdr"
+    name = "chestdr"
     Options = ChestDrOptions
     fixed_labels = CHESTDR_LABELS
 
