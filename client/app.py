@@ -37,7 +37,9 @@ def _reply(msg: Message, site: Site, metrics: dict[str, float], arrays=None) -> 
 def train(msg: Message, context: Context) -> Message:
     """One round: the master student in, this site's student (run's encoding) and metrics out."""
     site, ins = site_of(msg, context), instruction_of(msg)
-    master = Tensors(msg.content[ARRAYS])
+    encoding, scales = msg.content.config_records.get(ENCODING), msg.content.array_records.get(SCALES)
+    master = site.receive(ins, Tensors(msg.content[ARRAYS]), encoding,
+                          None if scales is None else Tensors(scales))
     teacher = msg.content.array_records.get(TEACHER)
     student, metrics = site.train(ins, master, None if teacher is None else Tensors(teacher))
     payload = site.encode(ins, master, student)

@@ -25,7 +25,7 @@ from flwr.app import Context, Message
 from ark_core.fed.aggregate import head_task
 from ark_core.fed.audit import append_audit, tensors_sha256
 from ark_core.fed.protocol import ARRAYS, CONFIG, ENCODING, METRICS, SCALES, InstructionError
-from ark_core.fed.transfer import declared_encoding
+from ark_core.fed.transfer import MASTER_KEY, declared_encoding
 from client.message import instruction_of, site_of
 from ops.arrays import Tensors, payload_nbytes
 
@@ -53,6 +53,15 @@ def _fingerprint(msg: Message) -> str | None:
         return None
 
 
+def _master_sha(msg: Message) -> str | None:
+    """Hash of the master received; of a difference, the master it rebuilds (checked on use)."""
+    master = msg.content.array_records.get(ARRAYS)
+    encoding = msg.content.config_records.get(ENCODING)
+    if encoding is not None and MASTER_KEY in encoding:
+        return str(encoding[MASTER_KEY])
+    return tensors_sha256(Tensors(master)) if master is not None else None
+
+
 def reply_record(msg: Message, reply: Message) -> dict:
     """The audit record of ``reply`` (the answer to ``msg``)."""
     config = dict(msg.content.config_records.get(CONFIG, {}))
@@ -60,7 +69,7 @@ def reply_record(msg: Message, reply: Message) -> dict:
     rec: dict = {
         "event": "reply", "kind": msg.metadata.message_type, "round": config.get("round"),
         "run_fingerprint": _fingerprint(msg), "run_id": msg.metadata.run_id,
-        "master_sha256": tensors_sha256(Tensors(master)) if master is not None else None,
+        "master_sha256": _master_sha(msg),
         "received_bytes": sum(len(a.data) for a in master.values()) if master is not None else 0,
         "received_heads": sorted({t for k in master if (t := head_task(k))}) if master else [],
         "bundle": bundle_info(),

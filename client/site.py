@@ -20,6 +20,7 @@ from ark_core.config import TrainConfig, load_config, resolve_path
 from ark_core.data.loaders import TaskData, load_task_data
 from ark_core.eval.evaluate import evaluate
 from ark_core.fed.aggregate import float_state, head_task
+from ark_core.fed.audit import tensors_sha256
 from ark_core.fed.federation import (
     SiteConfig,
     check_site_tasks,
@@ -29,14 +30,14 @@ from ark_core.fed.federation import (
     site_train_config,
 )
 from ark_core.fed.protocol import Instruction
-from ark_core.fed.transfer import Payload, encode_update
+from ark_core.fed.transfer import MASTER_KEY, REFERENCE_KEY, Payload, encode_update, rebuild_master
 from ark_core.model.factory import create_model
 from ark_core.model.network import ArkModel, make_teacher
 from ark_core.model.runtime import resolve_device
 from ark_core.train.calibrate import fit_heads
 from ark_core.train.cyclic import build_optimizer, seed_everything, train_cyclic
 from ark_core.train.optim_state import load_optimizer_state, optimizer_state
-from client.state import HeadStore, OptimizerStore, ResidualStore, TeacherStore
+from client.state import HeadStore, OptimizerStore, ReferenceStore, ResidualStore, TeacherStore
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,54 @@ class Site:
         if optimizer is not None:
             metrics["optimizer-from-round"] = float(opt_round)
         return trained, metrics
+
+    def receive(
+        self, ins: Instruction, arrays: Mapping[str, torch.Tensor],
+        manifest: Mapping[str, Any] | None, scales: Mapping[str, Any] | None,
+    ) -> Mapping[str, torch.Tensor]:
+        """The master this round trains from: as sent, or rebuilt (compact downlink).
+
+        With ``transfer.downlink`` bf16 or int8 the server sends either the master in fp32 or
+        its difference from a reference this site keeps (named by hash); the master received
+        or rebuilt becomes the next reference.
+
+        Raises:
+            ValueError: A difference in a run without a compact downlink, from a reference
+                this site does not hold, or one that rebuilds another master than the
+                server's (hashes named).
+        """
+        dtype = ins.transfer.downlink
+        if dtype == "fp32":
+            if manifest is not None:
+                raise ValueError(f"the master came encoded ({dict(manifest)}), but this run's "
+                                 "downlink is fp32")
+            return arrays
+        store = ReferenceStore(self.state_dir, ins.fingerprint, keep=2)
+        master = arrays
+        if manifest is not None:
+            reference = self._reference(store, str(manifest.get(REFERENCE_KEY)))
+            master = rebuild_master(reference, arrays, manifest, scales, f"{dtype}-delta")
+            del reference
+            sha = tensors_sha256(master)
+            if sha != manifest.get(MASTER_KEY):
+                raise ValueError(
+                    f"the master rebuilt from this site's reference has SHA-256 {sha[:16]}, the "
+                    f"server's {str(manifest.get(MASTER_KEY))[:16]}: the two sides decode "
+                    "differently (run the same version on both)")
+        store.save(ins.round, {k: v for k, v in master.items()})
+        return master
+
+    def _reference(self, store: ReferenceStore, sha: str) -> dict[str, torch.Tensor]:
+        """The kept reference whose hash is ``sha`` (the latest first)."""
+        for round_ in reversed(store.rounds()):
+            reference = store.load(round_)
+            if tensors_sha256(reference) == sha:
+                return reference
+        raise ValueError(
+            f"the master came as a difference from a reference (SHA-256 {sha[:16]}) that "
+            f"{store.dir} does not hold (kept rounds: {store.rounds()}): the state directory "
+            "was replaced or cleared. The server sends the full master to a site that fails "
+            "a round, so the next round repairs this")
 
     def encode(
         self, ins: Instruction, master: Mapping[str, torch.Tensor],

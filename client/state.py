@@ -6,6 +6,7 @@ Layout::
     <state_dir>/<run fingerprint>/optimizer_round_NNN.safetensors   (keep_site_optimizer)
     <state_dir>/<run fingerprint>/residual_round_NNN.safetensors    (error feedback)
     <state_dir>/<run fingerprint>/heads_round_NNN.safetensors       (heads: per_site)
+    <state_dir>/<run fingerprint>/reference_round_NNN.safetensors   (compact downlink)
 
 Round r trains from the teacher saved after the latest round before r (the master in round
 1), so a round the server replays starts again from the teacher before it, and a state
@@ -102,3 +103,13 @@ class HeadStore(TeacherStore):
     """
 
     prefix = "heads"
+
+
+class ReferenceStore(TeacherStore):
+    """The master as this site rebuilt it, per run (``transfer.downlink`` bf16 or int8).
+
+    ``reference_round_NNN.safetensors`` holds the master of round NNN; the next compact
+    master is a difference from it (see ``ark_core.fed.transfer``).
+    """
+
+    prefix = "reference"

@@ -42,10 +42,13 @@ class ServerAudit:
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / "audit.jsonl"
 
-    def master(self, round_: int, kind: str, tensors: Mapping[str, Any], *,
+    def master(self, round_: int, kind: str, tensors: Mapping[str, Any] | str, *,
                tasks: list[str], sites: list[str]) -> str:
-        """Log the hash of the master part about to be sent to ``sites``; returns it."""
-        sha = tensors_sha256(tensors)
+        """Log the hash of the master part about to be sent to ``sites``; returns it.
+
+        ``tensors`` may be that hash already (a compact downlink's reference part).
+        """
+        sha = tensors if isinstance(tensors, str) else tensors_sha256(tensors)
         append_audit(self.path, {"event": "master", "round": round_, "kind": kind, "sha256": sha,
                                  "tasks": tasks, "sites": sites})
         return sha

@@ -34,8 +34,9 @@ from ark_core.fed.protocol import (
     Instruction,
 )
 from ark_core.fed.transfer import as_update
-from ops.arrays import Tensors, payload_nbytes
+from ops.arrays import Tensors, payload_nbytes, raw_array
 from server.audit import ServerAudit
+from server.downlink import Downlink
 from server.enrolment import FILE as ENROLMENT_FILE
 from server.enrolment import enrolled_nodes
 
@@ -198,15 +199,18 @@ class Exchange:
         nodes: list[int] | None = None,
         timeout: float | None = None,
         teacher: Mapping[str, torch.Tensor] | None = None,
+        downlink: Downlink | None = None,
     ) -> int:
         """Send the instruction (and ``state``) to every site; ``handle(reply, node)`` each reply.
 
         With ``state``, each site gets the shared tensors and its own tasks' heads only (the
         method's rule); a site whose tasks are not known yet is asked first
         (:meth:`site_tasks`). ``teacher`` (a server-side teacher) travels beside ``state``,
-        cut the same way. Memory stays flat in the number of sites: every tensor is
-        serialised once and shared by all messages, released once pushed, and replies are
-        pulled one message id at a time, so at most one is held while ``handle`` folds it in.
+        cut the same way. With ``downlink`` (a compact downlink, ``state`` its reference) a
+        site that holds the previous reference gets the difference instead. Memory stays
+        flat in the number of sites: every tensor is serialised once and shared by all
+        messages, released once pushed, and replies are pulled one message id at a time, so
+        at most one is held while ``handle`` folds it in.
 
         Returns:
             The number of sites the message went to.
@@ -217,7 +221,7 @@ class Exchange:
             known = self.site_tasks(grid, nodes, round_)
             nodes = [n for n in nodes if n in known]
         self.round_nodes = list(nodes)
-        msgs = self.messages(kind, ins, round_, nodes, state, teacher)
+        msgs = self.messages(kind, ins, round_, nodes, state, teacher, downlink)
         ids = list(grid.push_messages(msgs))  # in order; None (or nothing) where refused
         del msgs
         if len(ids) != len(nodes) or None in ids:
@@ -245,35 +249,53 @@ class Exchange:
 
     def messages(self, kind: str, ins: Instruction, round_: int, nodes: list[int],
                  state: Mapping[str, torch.Tensor] | None,
-                 teacher: Mapping[str, torch.Tensor] | None = None) -> list[Message]:
-        """One message per node; with ``state``, its shared tensors and the node's heads."""
+                 teacher: Mapping[str, torch.Tensor] | None = None,
+                 downlink: Downlink | None = None) -> list[Message]:
+        """One message per node; with ``state``, its shared tensors and the node's heads.
+
+        With ``downlink``, ``state`` is its reference: a node that holds the previous one
+        gets the difference (raw wire dtype, ``encoding`` and ``scales`` records), the others
+        ``state`` in fp32.
+        """
         config = ins.to_config()
         arrays = {k: Array(v) for k, v in state.items()} if state is not None else None
         teacher_arrays = ({k: Array(v) for k, v in teacher.items()}
                           if teacher is not None and arrays is not None else None)
-        by_tasks: dict[tuple[str, ...], RecordDict] = {}
+        by_tasks: dict[tuple[tuple[str, ...], bool], RecordDict] = {}
         shas: dict[tuple[str, ...], str] = {}
         msgs = []
         for n in nodes:
             tasks = tuple(sorted(self.node_sites[n][1])) if arrays is not None else ()
-            if tasks not in by_tasks:
+            diff = downlink.difference(n, tasks) if downlink is not None else None
+            key = (tasks, diff is not None)
+            if key not in by_tasks:
                 records: dict[str, Any] = {CONFIG: ConfigRecord(config)}
                 if arrays is not None:
                     sites = sorted(self.node_sites[m][0] for m in nodes
                                    if tuple(sorted(self.node_sites[m][1])) == tasks)
-                    records[ARRAYS] = ArrayRecord(
-                        {k: a for k, a in arrays.items() if head_task(k) in (None, *tasks)})
-                    shas[tasks] = self.audit.master(round_, kind, Tensors(records[ARRAYS]),
-                                                    tasks=list(tasks), sites=sites)
+                    if diff is not None:
+                        records[ARRAYS] = ArrayRecord({k: raw_array(v) for k, v in diff[0].items()})
+                        records[ENCODING] = ConfigRecord(diff[1])
+                        if diff[2]:
+                            records[SCALES] = ArrayRecord(
+                                {k: raw_array(v) for k, v in diff[2].items()})
+                    else:
+                        records[ARRAYS] = ArrayRecord(
+                            {k: a for k, a in arrays.items() if head_task(k) in (None, *tasks)})
+                    if tasks not in shas:  # of the master the site holds, however it came
+                        part = (downlink.sha(tasks) if downlink is not None
+                                else Tensors(records[ARRAYS]))
+                        shas[tasks] = self.audit.master(round_, kind, part, tasks=list(tasks),
+                                                        sites=sites)
                 if teacher_arrays is not None:
                     records[TEACHER] = ArrayRecord(
                         {k: a for k, a in teacher_arrays.items() if head_task(k) in (None, *tasks)})
                     self.audit.master(round_, f"{kind}.{TEACHER}", Tensors(records[TEACHER]),
                                       tasks=list(tasks), sites=sites)
-                by_tasks[tasks] = RecordDict(records)
+                by_tasks[key] = RecordDict(records)
             if arrays is not None:
                 self.sent[n] = (list(tasks), shas[tasks])
-            msgs.append(Message(by_tasks[tasks], dst_node_id=n, message_type=kind,
+            msgs.append(Message(by_tasks[key], dst_node_id=n, message_type=kind,
                                 ttl=self.cfg.round_timeout_s, group_id=str(round_)))
         return msgs
 

@@ -25,6 +25,7 @@ from ark_core.fed.sketch import UpdateSketch
 from ark_core.fed.step_norm import StepNormalised, steps_of
 from ark_core.fed.transfer import declared_encoding
 from server.audit import ServerAudit
+from server.downlink import Downlink
 from server.exchange import Exchange, Reply
 
 log = logging.getLogger("flwr.ark.server")
@@ -38,6 +39,7 @@ class Federation(Protocol):
     audit: ServerAudit
     caps: ExampleCaps | None
     normaliser: StepNormalised | None  # step_normalisation: the sites' steps go here
+    downlink: Downlink | None  # transfer.downlink bf16/int8: who holds the reference
 
     def capped_weights(self, r: Reply) -> Bounded: ...
 
@@ -119,6 +121,8 @@ class TrainFold:
                                   node_id=node, arrived=arrived, nbytes=0, norm=None,
                                   accepted=False, reason=str(e))
             return
+        if self.fed.downlink is not None:  # it rebuilt this round's reference before training
+            self.fed.downlink.rebuilt(node, tuple(self.fed.exchange.sent.get(node, ([], ""))[0]))
         update = r.update(self.state, self.expected)
         try:
             self._fold(r, update)

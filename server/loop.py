@@ -6,8 +6,10 @@ its answer to a ``query.tasks`` message, sent once per node before its first mas
 the round's :class:`ark_core.fed.protocol.Instruction` (the round, the learning rate of warm-up
 rounds then cosine, local epochs, the run's fingerprint that keys the site's teacher store,
 the architecture, training settings, task catalogue, and how the site encodes its reply:
-:mod:`ark_core.fed.transfer`). The master goes out in fp32; replies are decoded tensor by
-tensor and summed in fp32. :mod:`server.exchange` does the Flower side (push, pull,
+:mod:`ark_core.fed.transfer`). Replies are decoded tensor by tensor and summed in fp32.
+The master goes down in fp32 or, with ``transfer.downlink`` bf16 or int8, as its difference
+from the reference the sites hold (:mod:`server.downlink`); the round then trains from, and
+folds in against, that reference. :mod:`server.exchange` does the Flower side (push, pull,
 time-outs, who is connected and enrolled); this module decides the rounds.
 
 In a deployment (a ``deployment:`` section) only the sites enrolled in the run directory
@@ -62,6 +64,7 @@ from ark_core.model.factory import create_model
 from ark_core.model.network import ArkModel, make_teacher
 from ark_core.train.cyclic import seed_everything
 from server.audit import ServerAudit, write_privacy
+from server.downlink import Downlink
 from server.exchange import Exchange, Reply
 from server.folds import Collect, TrainFold
 from server.liveness import PULSE, Pulse
@@ -111,6 +114,8 @@ class ArkFederation:
         if cfg.server_optimizer is not None:
             self.aggregator = ServerOptimizer(self.aggregator, cfg.server_optimizer)
         self.teacher: ServerTeacher | None = None  # teacher: server, made with the master
+        # transfer.downlink bf16/int8: the master as the sites hold it (1x the model, kept)
+        self.downlink = Downlink(cfg.transfer.downlink) if cfg.transfer.downlink != "fp32" else None
         dep = cfg.deployment
         self.caps = ExampleCaps({s.name: s.max_examples for s in dep.sites},
                                 self.run.state.get("example_caps")) if dep else None
@@ -155,12 +160,15 @@ class ArkFederation:
             The round's record for state.json, or None if the round failed.
         """
         state = float_state(master)
+        if self.downlink is not None:  # the master as the sites rebuild it: what they train from
+            state = self.downlink.advance(state)
         ins = Instruction.for_round(self.cfg, round_, self.run.lr(round_))
         agg = self.aggregator
         agg.begin_round(state)
         fold = TrainFold(self, round_, state, agg)
         sent = self.exchange.send(grid, MessageType.TRAIN, ins, round_, fold, state=state,
-                                  teacher=self.teacher.tensors if self.teacher else None)
+                                  teacher=self.teacher.tensors if self.teacher else None,
+                                  downlink=self.downlink)
         lines, clipped = fold.lines, fold.clipped
         if agg.num_accepted < self.cfg.min_sites:
             log.warning("round %d: %d valid update(s) from %d site(s) asked, %d needed",

@@ -163,7 +163,7 @@ def test_a_site_without_training_images_of_a_task_says_so(tmp_path):
 
 
 @pytest.mark.parametrize(("change", "says"), [
-    (lambda d: d.update(version=6), "instruction version 6: this site understands versions 1 to 5"),
+    (lambda d: d.update(version=7), "instruction version 7: this site understands versions 1 to 6"),
     (lambda d: d.update(lr=-1.0), "instruction: lr: Input should be greater than or equal to 0"),
     (lambda d: d["train"].update(batch_size="eight"), "instruction: train.batch_size:"),
     (lambda d: d.pop("catalogue"), "instruction: catalogue: Field required"),

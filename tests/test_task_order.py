@@ -90,7 +90,7 @@ def test_the_options_reach_the_sites_and_leave_older_fingerprints_alone():
     rotating = FederationConfig.model_validate(_federation(train={"task_order": "rotating"}))
     assert run_fingerprint(plain) == run_fingerprint(explicit) != run_fingerprint(rotating)
     ins = Instruction.from_config(Instruction.for_round(rotating, 1, lr=0.1).to_config())
-    assert ins.train.task_order == "rotating" and ins.version == INSTRUCTION_VERSION == 5
+    assert ins.train.task_order == "rotating" and ins.version == INSTRUCTION_VERSION == 6
     assert TrainConfig().task_order == "fixed" and TrainConfig().optimizer_reset == "never"
 
 

@@ -56,7 +56,7 @@ def test_the_config_refuses_unweighted_combinations_and_keeps_old_fingerprints()
     assert run_fingerprint(parse_config({**base, "shared_weighting": "examples"},
                                         FederationConfig)) == run_fingerprint(plain)
     ins = Instruction.from_config(Instruction.for_round(on, 1).to_config())
-    assert ins.shared_weighting == "tasks" and ins.version == INSTRUCTION_VERSION == 5
+    assert ins.shared_weighting == "tasks" and ins.version == INSTRUCTION_VERSION == 6
     with pytest.raises(ConfigError, match="privacy averages the clipped updates with equal"):
         parse_config({**base, "shared_weighting": "tasks", "head_calibration": "off",
                       "privacy": {"clip_norm": 1.0, "noise_multiplier": 1.0}}, FederationConfig)

@@ -365,6 +365,8 @@ def run_fingerprint(cfg: FederationConfig) -> str:
         d.pop("aggregation", None)
     if d.get("transfer") == TransferConfig().model_dump(mode="json"):
         d.pop("transfer", None)
+    elif d.get("transfer", {}).get("downlink") == "fp32":
+        d["transfer"].pop("downlink")
     d["train"].pop("workers", None)
     d["train"].pop("device", None)
     d["train"].pop("threads", None)

@@ -10,8 +10,11 @@ messages)
     ``query`` and ``query.tasks``. ``teacher`` (ArrayRecord, ``train`` of a run with
     ``teacher: server`` only): the server's teacher, the same tensors. The server learns a
     site's tasks from a ``query.tasks`` message (answered with the ``site`` record and, for
-    per-task weighting, its training counts) before it first sends it a master.
-    ``config`` (ConfigRecord): ``instruction``, the :class:`Instruction` as one JSON value
+    per-task weighting, its training counts) before it first sends it a master. With
+    ``transfer.downlink`` bf16 or int8, a ``train`` message's ``arrays`` may instead hold the
+    master's difference from the reference the site keeps, declared by an ``encoding``
+    record (``arrays``, ``reference`` and ``master`` hashes) with int8 ``scales`` as in a
+    reply. ``config`` (ConfigRecord): ``instruction``, the :class:`Instruction` as one JSON value
     (``version``, ``round``, ``num_rounds``, ``lr``, ``local_epochs``, ``fingerprint``,
     ``model``, ``train``, ``catalogue``, ``transfer``, ``prox_mu``, ``keep_optimizer``,
     ``head_refit``, ``shared_weighting``, ``teacher``, ``heads``), and ``round`` again as a plain
@@ -60,8 +63,9 @@ TEACHER = "teacher"  # the server's teacher in a train message (teacher: server)
 TASKS_QUERY = "query.tasks"  # message type: "which tasks do you train?"
 HEADS = "train.heads"  # message type: "fit your tasks' heads on this frozen model"
 INSTRUCTION = "instruction"  # the config record's key holding the Instruction as JSON
-INSTRUCTION_VERSION = 5  # 2: prox_mu, keep_optimizer; 3: train.task_order, optimizer_reset,
-# head_refit, fractional local_epochs; 4: shared_weighting, teacher, heads; 5: train.long_tail
+INSTRUCTION_VERSION = 6  # 2: prox_mu, keep_optimizer; 3: train.task_order, optimizer_reset,
+# head_refit, fractional local_epochs; 4: shared_weighting, teacher, heads; 5: train.long_tail;
+# 6: transfer.downlink, int8 scales packed in one Array
 
 
 class InstructionError(ValueError):

@@ -33,9 +33,19 @@ tensors (:meth:`EncodedUpdate.check_encoding`, called by the update validator); 
 egress guard applies the same rule (:func:`check_declared`) before anything leaves.
 
 The server decodes tensor by tensor, in fp32 (:class:`EncodedUpdate`), so aggregation stays
-streaming. The master sent to sites stays fp32: a difference is taken from, and added back
-to, exactly the same tensor on both sides, and the downlink is one message per site that
-the sites' compute time dwarfs. Teachers (asked for once, at the end) are sent in fp32.
+streaming. Teachers (asked for once, at the end) are sent in fp32.
+
+The downlink (``downlink: bf16|int8``) uses a reference both sides rebuild: the server
+keeps the master as the sites hold it (the reference ``R``), sends the master's difference
+from it in the chosen dtype (int8: one scale per tensor, packed as above), and both sides
+compute the new reference ``R' = R + decode(difference)`` with the same fp32 operations
+(:func:`rebuild_tensor`), so they hold bit-identical tensors. Round 1, and a site not
+proven to hold ``R`` (it missed a round, or the server restarted), gets ``R'`` in plain
+fp32 instead. The message names the hashes of ``R`` and ``R'`` (:data:`REFERENCE_KEY`,
+:data:`MASTER_KEY`), so a site refuses a difference from a reference it does not hold and
+checks what it rebuilt. Sites train from ``R'`` and send their differences from it; what
+one round's quantisation loses does not add up, because the next difference is taken from
+``R'``, not from the master.
 
 With ``error_feedback`` the site keeps what quantisation lost (the residual) in its state
 directory and adds it to the next round's difference, so the errors do not accumulate over
@@ -66,12 +76,17 @@ __all__ = [
     "as_update",
     "check_declared",
     "MANIFEST_KEY",
+    "MASTER_KEY",
+    "REFERENCE_KEY",
     "SCALES_KEY",
     "declared_encoding",
     "decode_tensor",
     "encode_tensor",
+    "encode_master",
     "encode_update",
     "pack_scales",
+    "rebuild_master",
+    "rebuild_tensor",
     "unpack_scales",
 ]
 
@@ -90,6 +105,10 @@ ENCODINGS: dict[str, str] = {
 INT8_MAX = 127
 MANIFEST_KEY = "arrays"
 """The one key of an ``encoding`` manifest: the encoding of the ``arrays`` record."""
+REFERENCE_KEY = "reference"
+"""Downlink manifest key: SHA-256 of the reference a difference is taken from."""
+MASTER_KEY = "master"
+"""Downlink manifest key: SHA-256 of the master rebuilt from the reference and difference."""
 SCALES_KEY = "int8"
 """The one key of a ``scales`` record: the int8 tensors' scales, by sorted tensor name."""
 
@@ -113,6 +132,11 @@ class TransferConfig(Shorthand):
         False, description="The site keeps its quantisation residual (in its state directory, "
         "per run) and adds it to the next round's difference; needs delta and a dtype other "
         "than fp32."
+    )
+    downlink: Literal["fp32", "bf16", "int8"] = Field(
+        "fp32", description="How the master goes down: fp32 (exact), or bf16/int8 "
+        "differences from a reference both sides rebuild; the site keeps the reference in "
+        "its state directory."
     )
 
     @model_validator(mode="after")
@@ -408,3 +432,70 @@ def as_update(
     if expected == "fp32" and not manifest and not scales:
         return arrays
     return EncodedUpdate(arrays, manifest, scales, master, expected)
+
+
+# ------------------------------------------------------------------------------ downlink
+def rebuild_tensor(reference: Any, payload: Any, dtype: str, scale: Any = None) -> torch.Tensor:
+    """``reference + decode(payload)`` in fp32: the same operations on server and site."""
+    return torch.as_tensor(_raw(reference)).float().add(_values(_raw(payload), dtype, scale))
+
+
+def encode_master(
+    master: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], dtype: str
+) -> tuple[Payload, dict[str, torch.Tensor]]:
+    """The master's difference from ``reference`` in ``dtype``, and the master sites rebuild.
+
+    Returns:
+        The payload (manifest ``{"arrays": "<dtype>-delta"}``, scales packed for int8) and the
+        rebuilt master ``R'`` (fp32), tensor by tensor what :func:`rebuild_master` gives.
+    """
+    out = Payload(arrays={}, manifest={MANIFEST_KEY: f"{dtype}-delta"})
+    scales: dict[str, np.ndarray] = {}
+    rebuilt: dict[str, torch.Tensor] = {}
+    for name, m in master.items():
+        r = reference[name].detach().cpu().float()
+        arr, scale = encode_tensor(m.detach().cpu().float() - r, dtype)
+        out.arrays[name] = arr
+        if scale is not None:
+            scales[name] = scale
+        rebuilt[name] = rebuild_tensor(r, arr, dtype, scale)
+    if scales:
+        out.scales = {SCALES_KEY: pack_scales(scales)}
+    return out, rebuilt
+
+
+def rebuild_master(
+    reference: Mapping[str, torch.Tensor],
+    arrays: Mapping[str, Any],
+    manifest: Mapping[str, Any],
+    scales: Mapping[str, Any] | None,
+    expected: str,
+) -> dict[str, torch.Tensor]:
+    """The master a site rebuilds from its reference and a difference the server sent.
+
+    Args:
+        reference: The site's reference (the master part it rebuilt last).
+        arrays: The difference, tensor by tensor, in the wire dtype.
+        manifest: The message's ``encoding`` record (its ``arrays`` entry is checked).
+        scales: The message's ``scales`` record (int8).
+        expected: The run's downlink encoding, ``<dtype>-delta``.
+
+    Raises:
+        ValueError: The difference does not declare the run's downlink encoding, or does not
+            cover exactly the reference's tensors, with their shapes.
+    """
+    if set(arrays) != set(reference):
+        odd = sorted(set(arrays) ^ set(reference))
+        raise ValueError(f"the master's difference and this site's reference hold different "
+                         f"tensors (differ at {odd[:5]})")
+    scales = dict(scales or {})
+    try:
+        check_declared({k: _meta(a) for k, a in arrays.items()},
+                       {MANIFEST_KEY: manifest.get(MANIFEST_KEY)},
+                       {k: _meta(v) for k, v in scales.items()}, expected,
+                       {k: tuple(v.shape) for k, v in reference.items()})
+    except UpdateRejected as e:
+        raise ValueError(f"master difference: {e}") from None
+    by_name = unpack_scales(list(arrays), scales[SCALES_KEY]) if SCALES_KEY in scales else {}
+    dtype = expected.removesuffix("-delta")
+    return {k: rebuild_tensor(reference[k], arrays[k], dtype, by_name.get(k)) for k in arrays}
