@@ -24,9 +24,10 @@ EXPECTED = {
                              "serverapp_round_peak_rss_above_start_over_model[2 sites]"],
     "bench_gpu_step.py": ["bf16_over_fp32_images_per_s[cpu smoke, tiny]"],
     "bench_data.py": [f"ours_over_pil_images_per_s_per_core[{f}]" for f in ("png", "jpeg", "dicom")],
-    "bench_transfer.py": [f"{what}_over_fp32[{enc}]" for enc in ("bf16", "int8-delta+ef")
+    "bench_transfer.py": [f"{what}_over_fp32[{enc}]"
+                          for enc in ("bf16", "int8-delta+ef", "bf16-both", "int8-both")
                           for what in ("bytes_per_site_round", "wire_bytes_uplink",
-                                       "wire_bytes_both_ways")],
+                                       "wire_bytes_both_ways", "wire_bytes_whole_run")],
     "bench_data_check.py": ["data_check_sniff_over_stat_walk", "data_check_check_over_stat_walk"],
     "bench_labels.py": [f"{arm}_{what}_over_pandas[generated]" for what in ("memory", "time")
                         for arm in ("label_read", "chestxray14_adapter")],
@@ -74,3 +75,7 @@ def test_compact_transfer_meets_its_byte_goals(outputs):
     ratios = {n: float(v) for n, v in RATIO.findall(outputs["bench_transfer.py"].stdout)}
     assert ratios["bytes_per_site_round_over_fp32[bf16]"] <= 0.5
     assert ratios["bytes_per_site_round_over_fp32[int8-delta+ef]"] <= 0.27
+    # With the compact downlink, both ways from round 2 on (round 1 sends fp32: no reference).
+    assert ratios["wire_bytes_both_ways_over_fp32[int8-both]"] <= 0.3
+    assert ratios["wire_bytes_both_ways_over_fp32[bf16-both]"] <= 0.51
+    assert ratios["wire_bytes_both_ways_over_fp32[int8-delta+ef]"] > 0.6  # fp32 down
