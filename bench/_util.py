@@ -1,14 +1,15 @@
-"""Helpers shared by the benchmarks: fresh-process runs, peak RSS, timing, and output."""
+"""Helpers shared by the benchmarks: fresh-process runs, peak RSS, timing, alternation, output."""
 
 from __future__ import annotations
 
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,3 +75,39 @@ def machine() -> str:
 def ratio_line(name: str, value: float, goal: str) -> str:
     """The line the smoke tests look for: ``RATIO <name> = <value> (goal <goal>)``."""
     return f"RATIO {name} = {value:.3f} (goal {goal})"
+
+
+def spread(values: Sequence[float], fmt: str = ".3f") -> str:
+    """``median [min, max]`` of repeated measurements."""
+    return (f"{statistics.median(values):{fmt}} "
+            f"[{min(values):{fmt}}, {max(values):{fmt}}]")
+
+
+def ratio_spread_line(name: str, values: Sequence[float], goal: str) -> str:
+    """A ``RATIO`` line whose value is the median of ``values``, with their count and range."""
+    return (f"RATIO {name} = {statistics.median(values):.3f} (goal {goal}; median of "
+            f"{len(values)}, min {min(values):.3f}, max {max(values):.3f})")
+
+
+def alternate(
+    arms: dict[str, Callable[[], float]], reps: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Run the arms in turn ``warmup + reps`` times; the measurements after warm-up, per arm.
+
+    Each repetition rotates which arm goes first, so none always runs on a warm (or cold)
+    cache; repetition i of one arm pairs with repetition i of another for per-pair ratios.
+    """
+    names = list(arms)
+    out: dict[str, list[float]] = {k: [] for k in names}
+    for i in range(warmup + reps):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            value = arms[name]()
+            if i >= warmup:
+                out[name].append(value)
+    return out
+
+
+def pair_ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
+    """Ratios of repetition i of one arm over repetition i of another."""
+    return [a / b for a, b in zip(num, den, strict=True)]

@@ -3,9 +3,10 @@
 The work, for each task in turn: student forward and backward through the task's head, the
 teacher's forward on its view (the consistency term is on: the schedule position is past
 its first step), an optimizer step per batch, and the teacher's EMA after the task-epoch.
-Two comparisons, each measured side by side in one run, alternating, best of ``--reps``
-(CPU: CPU seconds of this single-threaded process, which other processes do not inflate;
-GPU: wall time with the device synchronised):
+Two comparisons, each measured side by side in one run: one warm-up, then ``--reps``
+repetitions alternating which arm goes first; each ratio is the median of the per-pair
+ratios, with min and max (CPU: CPU seconds of this single-threaded process, which other
+processes do not inflate; GPU: wall time with the device synchronised):
 
 - ``round``: :func:`ark_core.train.cyclic.train_cyclic` (its own DataLoader over the real images of
   simulations/demo_data, decoding and augmenting) against the plain loop iterating the same
@@ -27,15 +28,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _util import ROOT, machine, ratio_line, timed
+from _util import ROOT, alternate, machine, pair_ratios, ratio_spread_line, spread, timed
 
 from ark_core.config import ModelConfig, SplitConfig, TaskConfig, TrainConfig
 from ark_core.data.dataset import BadFileCounter
@@ -156,21 +156,21 @@ def task_epochs(
 
 
 # ----------------------------------------------------------------------------- runs
-def compare(label: str, run_a, run_b, reps: int, sync, clock) -> tuple[float, float]:
-    """Alternate the two runs ``reps`` times; best and median images/s ratio a/b."""
-    rates: dict[str, list[float]] = {"a": [], "b": []}
-    run_a(), run_b()  # warm-up: first allocations, first DataLoader, kernel selection
-    for _ in range(reps):
-        for key, fn in (("a", run_a), ("b", run_b)):
+def compare(label: str, run_a, run_b, reps: int, sync, clock) -> list[float]:
+    """Alternate the two runs ``reps`` times after a warm-up; per-pair images/s ratios a/b."""
+
+    def rate(fn) -> Callable[[], float]:
+        def run() -> float:
             box = {}
-            secs = timed(lambda fn=fn, box=box: box.update(n=fn()), sync, clock)
-            rates[key].append(box["n"] / secs)
-    best = max(rates["a"]) / max(rates["b"])
-    med = statistics.median(rates["a"]) / statistics.median(rates["b"])
-    print(f"{label}: trainer {max(rates['a']):.1f} img/s, plain loop {max(rates['b']):.1f} img/s "
-          f"(best of {reps}; all: trainer {[round(r, 1) for r in rates['a']]}, "
-          f"plain {[round(r, 1) for r in rates['b']]})")
-    return best, med
+            secs = timed(lambda: box.update(n=fn()), sync, clock)
+            return box["n"] / secs
+        return run
+
+    # Warm-up: first allocations, first DataLoader, kernel selection.
+    rates = alternate({"trainer": rate(run_a), "plain": rate(run_b)}, reps)
+    print(f"{label}: images/s, median [min, max] of {reps} alternating repetitions: trainer "
+          f"{spread(rates['trainer'], '.1f')}, plain loop {spread(rates['plain'], '.1f')}")
+    return pair_ratios(rates["trainer"], rates["plain"])
 
 
 def cpu_bench(quick: bool, reps: int) -> None:
@@ -200,19 +200,17 @@ def cpu_bench(quick: bool, reps: int) -> None:
                         ema_total_steps=EMA_TOTAL, device=device, progress=False, **kw)
         return int(r.metrics["num-examples"])
 
-    best, med = compare("round (real DataLoader in both)", trainer_round,
-                        lambda: plain_round(s_b, t_b, loaders(), specs, 1e-4, m, lam, device,
-                                            False), reps, lambda: None, time.process_time)
-    print(ratio_line("trainer_over_plain_images_per_s[round, cpu, tiny]", best, ">= 0.9"))
-    print(f"  (median ratio {med:.3f})")
+    ratios = compare("round (real DataLoader in both)", trainer_round,
+                     lambda: plain_round(s_b, t_b, loaders(), specs, 1e-4, m, lam, device, False),
+                     reps, lambda: None, time.process_time)
+    print(ratio_spread_line("trainer_over_plain_images_per_s[round, cpu, tiny]", ratios, ">= 0.9"))
     batches = {k: list(v) for k, v in loaders().items()}  # collated once, reused by both
-    best, med = compare(
+    ratios = compare(
         "step (same pre-collated batches in both)",
         lambda: trainer_epochs(s_a, t_a, batches, specs, cfg, 1e-4, device),
         lambda: plain_round(s_b, t_b, batches, specs, 1e-4, m, lam, device, False), reps,
         lambda: None, time.process_time)
-    print(ratio_line("trainer_over_plain_images_per_s[step, cpu, tiny]", best, ">= 0.9"))
-    print(f"  (median ratio {med:.3f})")
+    print(ratio_spread_line("trainer_over_plain_images_per_s[step, cpu, tiny]", ratios, ">= 0.9"))
 
 
 def gpu_bench(reps: int, batch: int, steps: int) -> None:
@@ -230,20 +228,20 @@ def gpu_bench(reps: int, batch: int, steps: int) -> None:
     lam = consistency_weight(m, cfg.ema_m0, cfg.lam_max)
     batches = synthetic_batches(specs, mcfg.img_size, batch, steps, pin=True)
     sync = torch.cuda.synchronize
-    best, med = compare(f"step, Swin-L 768 bf16, batch {batch}", lambda: trainer_epochs(
+    ratios = compare(f"step, Swin-L 768 bf16, batch {batch}", lambda: trainer_epochs(
         student, teacher, batches, specs, cfg, 1e-4, device), lambda: plain_round(
         s_b, t_b, batches, specs, 1e-4, m, lam, device, True), reps, sync, time.perf_counter)
-    print(ratio_line("trainer_over_plain_images_per_s[step, gpu, swin-l 768 bf16]", best,
-                     ">= 0.9"))
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    print(f"  (median ratio {med:.3f}; peak GPU memory {peak:.1f} GiB)")
+    print(ratio_spread_line("trainer_over_plain_images_per_s[step, gpu, swin-l 768 bf16]",
+                            ratios, ">= 0.9"))
+    print(f"  (peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB)")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="24 images per task (CI smoke run)")
     p.add_argument("--gpu", action="store_true", help="Swin-L 768 bf16 on CUDA, synthetic batches")
-    p.add_argument("--reps", type=int, default=None, help="alternating repetitions")
+    p.add_argument("--reps", type=int, default=None,
+                   help="alternating repetitions after warm-up (default 5; quick 2; gpu 3)")
     p.add_argument("--batch", type=int, default=8, help="--gpu batch size")
     p.add_argument("--steps", type=int, default=6, help="--gpu batches per task-epoch")
     args = p.parse_args(argv)
@@ -251,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu:
         gpu_bench(args.reps or 3, args.batch, args.steps)
     else:
-        cpu_bench(args.quick, args.reps or (1 if args.quick else 3))
+        cpu_bench(args.quick, args.reps or (2 if args.quick else 5))
     return 0
 
 
