@@ -36,7 +36,9 @@ from ark_core.model.network import ArkModel, make_teacher
 from ark_core.model.runtime import resolve_device
 from ark_core.train.calibrate import fit_heads
 from ark_core.train.cyclic import build_optimizer, seed_everything, train_cyclic
+from ark_core.train.distributed import World
 from ark_core.train.optim_state import load_optimizer_state, optimizer_state
+from client.parallel import run_ranks
 from client.state import HeadStore, OptimizerStore, ReferenceStore, ResidualStore, TeacherStore
 
 log = logging.getLogger(__name__)
@@ -192,15 +194,25 @@ class Site:
     def train(
         self, ins: Instruction, master: Mapping[str, torch.Tensor],
         server_teacher: Mapping[str, torch.Tensor] | None = None,
+        world: World | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """One federated round: master student + the site's teacher -> cyclic training.
 
         With ``teacher: server`` the teacher is ``server_teacher``, the round's fixed
-        consistency target, and the site stores none.
+        consistency target, and the site stores none. A site deployed with several
+        processes (``deployment.data_parallel`` or ``gpus``) trains on that many ranks
+        (:mod:`client.parallel`); ``world`` is set in each of them, and rank 0 saves.
 
         Returns:
             The student's float tensors (shared parts and this site's heads) and metrics.
         """
+        processes = self.cfg.deployment.processes if self.cfg.deployment else 1
+        if world is None and processes > 1:
+            fixed = None if server_teacher is None else _tensors(server_teacher)
+            out = run_ranks(self.state_dir, self.cfg.name, processes, site=self, ins=ins,
+                            master=_tensors(master), server_teacher=fixed)
+            return out["student"], out["metrics"]
+        saves = world is None or world.main
         on_site = ins.teacher == "sites"
         if not on_site and server_teacher is None:
             raise ValueError(f"site {self.cfg.name!r}: the run's teacher is the server's, but "
@@ -228,9 +240,12 @@ class Site:
             student, teacher, tasks, train,
             img_size=ins.model.img_size, work_size=ins.model.resolved_work_size, lr=ins.lr,
             local_epochs=passes, ema_step=ema_step, ema_total_steps=ema_total,
-            device=device, optimizer=optimizer, progress=self.progress,
+            device=device, optimizer=optimizer, progress=self.progress and saves,
             desc=f"{self.cfg.name} r{ins.round} ", prox_mu=ins.prox_mu, teacher_ema=on_site,
+            world=world,
         )
+        if not saves:
+            return {}, {}
         if on_site:
             self._store(ins).save(ins.round, float_state(teacher))
         if optimizer is not None:
@@ -364,6 +379,10 @@ class Site:
         metrics["teacher-round"] = float(rounds[-1])
         teacher = store.load(rounds[-1])
         return (_shared(teacher) if ins.heads == "per_site" else teacher), metrics
+
+
+def _tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(tensors[k]) for k in tensors}
 
 
 def _heads(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -84,6 +84,12 @@ class SiteDeployment(Strict):
     gpus: list[int] | None = Field(
         None, description="GPU indices this site may use (CUDA_VISIBLE_DEVICES); [] hides all."
     )
+    data_parallel: int | None = Field(
+        None, ge=1,
+        description="Processes that train each round together (torch DistributedDataParallel, "
+        "one per GPU); train.batch_size stays the batch of a step, split over them. Unset: one "
+        "per GPU in gpus, one process without gpus.",
+    )
     trusted_entities: Path | None = Field(
         None,
         description="Flower --trusted-entities YAML: run only app bundles signed by these "
@@ -101,3 +107,8 @@ class SiteDeployment(Strict):
     runtime_port: int = Field(
         9094, ge=1, le=65535, description="Loopback port of the SuperNode's app runtime API."
     )
+
+    @property
+    def processes(self) -> int:
+        """How many processes train a round: ``data_parallel``, else one per listed GPU."""
+        return self.data_parallel or max(len(self.gpus or ()), 1)
