@@ -93,11 +93,13 @@ def wrap(student: ArkModel, device: torch.device) -> DistributedDataParallel:
     A task-epoch trains one head, so with several heads the others are unused in its steps:
     ``find_unused_parameters`` lets DDP reduce without them, and it leaves their gradients
     None, as one process does (so SGD momentum and weight decay skip them alike). Buffers
-    are constant (Swin's index tables), so they are not broadcast each step.
+    are constant (Swin's index tables), so they are not broadcast each step. Gradients are
+    views of DDP's buckets, which saves one copy of the model's gradients.
     """
     return DistributedDataParallel(
         _TaskForward(student), device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=len(student.heads) > 1, broadcast_buffers=False,
+        find_unused_parameters=len(student.heads) > 1, forward_sync_buffers=False,
+        gradient_as_bucket_view=True,
     )
 
 
