@@ -16,6 +16,13 @@ the GPU's bf16 dense peak (H100/H200 SXM: 989 TFLOP/s; ``--peak-tflops`` for oth
 Afterwards (``--gpu`` without ``--no-trainer-ratio``) the trainer-vs-plain-loop comparison
 of ``bench_trainer.py --gpu`` runs in the same process.
 
+``ddp``: the same step through DistributedDataParallel in a process group of one (NCCL on
+the GPU, gloo on CPU) against the plain step, same settings (bf16 + channels_last on the
+GPU, fp32 on CPU), arms alternated: DDP's own overhead (its hooks, bucket copies, the
+all-reduce, the search for unused heads, the trainer's per-step reduction of the loss
+sums). ``--ddp-only`` runs this stage alone. Scaling over several GPUs needs a machine with
+several: not measured here.
+
 Sized for a 10-minute window on one H100 including start-up and compilation (defaults:
 batch 8, 2 tasks x 4 batches per epoch, 2 alternating repetitions). ``--quick`` is the CPU
 smoke run with the tiny model: its ratio says nothing about GPUs.
@@ -27,12 +34,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from collections.abc import Callable
 
 import torch
-from _util import machine, ratio_line, timed
+from _util import alternate, machine, pair_ratios, ratio_line, ratio_spread_line, spread, timed
 from bench_trainer import SYNTHETIC_SPECS as SPECS
 from bench_trainer import gpu_bench, synthetic_batches, task_epochs
 from torch.utils.flop_counter import FlopCounterMode
@@ -42,7 +50,9 @@ from ark_core.data.dataset import BadFileCounter
 from ark_core.model.factory import create_model
 from ark_core.model.network import ArkModel, make_teacher
 from ark_core.model.runtime import accelerate
+from ark_core.train import distributed
 from ark_core.train.cyclic import build_optimizer, train_task_epoch
+from ops.procs import free_port
 
 LAM, M = 0.25, 0.99  # mid-run: the consistency term (and so the teacher's forward) is on
 
@@ -56,6 +66,39 @@ def step_flops(student: ArkModel, teacher: ArkModel, batch: dict, cfg: TrainConf
         train_task_epoch(student, teacher, [batch], SPECS["cxr14"], opt, cfg, lam=LAM,
                          device=device, bad_files=BadFileCounter("flops"), progress=False)
     return int(counter.get_total_flops())
+
+
+def ddp_overhead(student: ArkModel, teacher: ArkModel, batches: dict[str, list[dict]],
+                 cfg: TrainConfig, device: torch.device, reps: int, sync, clock,
+                 label: str) -> None:
+    """DDP in a world of one against the plain step: images/s, alternated, median ratio."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(free_port())
+    distributed.start(distributed.World(0, 1), device)
+    try:
+        def arm(wrapped: bool) -> Callable[[], float]:
+            s, t = copy.deepcopy(student), copy.deepcopy(teacher)
+            accelerate(s, cfg, device, training=True)
+            accelerate(t, cfg, device, training=False)
+            opt, ddp = build_optimizer(s, cfg, 1e-5), distributed.wrap(s, device) if wrapped else None
+
+            def run() -> float:
+                box: dict[str, int] = {}
+                secs = timed(lambda: box.update(n=task_epochs(
+                    s, t, batches, SPECS, opt, cfg, lam=LAM, m=M, device=device, ddp=ddp)),
+                    sync, clock)
+                return box["n"] / secs
+            return run
+
+        rates = alternate({"ddp": arm(True), "plain": arm(False)}, reps)
+        print(f"ddp world size 1 vs plain, images/s, median [min, max] of {reps} alternating "
+              f"repetitions: ddp {spread(rates['ddp'], '.2f')}, plain "
+              f"{spread(rates['plain'], '.2f')}")
+        print(ratio_spread_line(f"ddp_world1_over_plain_images_per_s[{label}]",
+                                pair_ratios(rates["ddp"], rates["plain"]), ">= 0.95 on a GPU"))
+        print("ddp scaling efficiency over 2 GPUs: not measured (one device here)", flush=True)
+    finally:
+        distributed.stop()
 
 
 def set_tf32(on: bool) -> None:
@@ -76,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grad-checkpointing", action="store_true", help="fast variant with it")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="bf16 dense peak of the GPU (H100/H200 SXM: 989)")
+    p.add_argument("--ddp-only", action="store_true", help="only DDP at world size 1 vs plain")
+    p.add_argument("--ddp-reps", type=int, default=5, help="DDP stage: repetitions (5)")
     p.add_argument("--no-trainer-ratio", action="store_true",
                    help="--gpu: skip the trainer-vs-plain-loop comparison afterwards")
     args = p.parse_args(argv)
@@ -126,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         return lambda: task_epochs(s, t, batches, SPECS, opt, cfg, lam=LAM, m=M, device=device)
 
     # Stages print as they finish, so a run cut short by its window still reports.
+    ddp_cfg = cfgs["bf16" if device.type == "cuda" else "fp32"]
+    ddp_overhead(student, teacher, batches, ddp_cfg, device, args.ddp_reps, sync, clock, label)
+    if args.ddp_only:
+        print(f"total wall time {time.perf_counter() - start:.0f} s")
+        return 0
     fp32 = variant("fp32")
     rates: dict[str, list[float]] = {"fp32": []}
     for name in [n for n in cfgs if n != "fp32"]:

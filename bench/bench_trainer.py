@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _util import ROOT, alternate, machine, pair_ratios, ratio_spread_line, spread, timed
+from torch.nn.parallel import DistributedDataParallel
 
 from ark_core.config import ModelConfig, SplitConfig, TaskConfig, TrainConfig
 from ark_core.data.dataset import BadFileCounter
@@ -143,13 +144,17 @@ def trainer_epochs(
 def task_epochs(
     student: ArkModel, teacher: ArkModel, batches: dict[str, list[dict]],
     specs: dict[str, TaskSpec], opt: torch.optim.Optimizer, cfg: TrainConfig, *, lam: float,
-    m: float, device: torch.device,
+    m: float, device: torch.device, ddp: DistributedDataParallel | None = None,
 ) -> int:
-    """Each task's epoch through the trainer, then the teacher's EMA; returns images."""
+    """Each task's epoch through the trainer, then the teacher's EMA; returns images.
+
+    ``ddp``: the student wrapped for data-parallel training (its process group started).
+    """
     seen = 0
     for name, loader in batches.items():
         stats = train_task_epoch(student, teacher, loader, specs[name], opt, cfg, lam=lam,
-                                 device=device, bad_files=BadFileCounter(name), progress=False)
+                                 device=device, bad_files=BadFileCounter(name), progress=False,
+                                 ddp=ddp)
         ema_update(teacher, student, m)
         seen += int(stats["num-examples"])
     return seen

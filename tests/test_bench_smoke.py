@@ -22,7 +22,8 @@ EXPECTED = {
                              "peak_rss_above_start_ours_over_flower[2 sites]",
                              "time_ours_over_inplace_adds[2 sites]",
                              "serverapp_round_peak_rss_above_start_over_model[2 sites]"],
-    "bench_gpu_step.py": ["bf16_over_fp32_images_per_s[cpu smoke, tiny]"],
+    "bench_gpu_step.py": ["bf16_over_fp32_images_per_s[cpu smoke, tiny]",
+                          "ddp_world1_over_plain_images_per_s[cpu smoke, tiny]"],
     "bench_data.py": [f"ours_over_pil_images_per_s_per_core[{f}]" for f in ("png", "jpeg", "dicom")],
     "bench_transfer.py": [f"{what}_over_fp32[{enc}]"
                           for enc in ("bf16", "int8-delta+ef", "bf16-both", "int8-both")
