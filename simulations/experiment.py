@@ -53,7 +53,7 @@ from ark_core.model.checkpoint import read_metadata
 from ark_core.model.factory import load_model
 from client.app import app as client_app
 from server.app import federation_from_run_config
-from server.loop import ArkFederation
+from server.loop import ArkFederation, FederationStopped
 from simulations.demo import calibrated_copy, centralized_baseline, union_tasks
 from simulations.inprocess import InProcessGrid
 from simulations.site_heads import site_head_predictions
@@ -293,7 +293,8 @@ def run_experiment(path: Path, *, out_dir: Path | None = None, progress: bool = 
             yaml.safe_dump(simulation_for(exp, raw, split, arm, seed, sim_yaml.parent)),
             encoding="utf-8")
     todo = [(arm, run_dir) for _, arm, _, run_dir in runs
-            if not (run_dir / f"predictions-{exp.evaluate_on}.npz").exists()]
+            if not (run_dir / f"predictions-{exp.evaluate_on}.npz").exists()
+            and not _failure(run_dir, exp.evaluate_on)]
     reusing = _reusing(todo, sim_yaml.parent)
     with tqdm(total=len(todo), desc="experiment", disable=not progress, unit="run") as bar:
         for second in (False, True):
@@ -309,11 +310,21 @@ def run_experiment(path: Path, *, out_dir: Path | None = None, progress: bool = 
                     done.result()
                     bar.update()
     scored: dict[str, dict[str, Scored]] = {split.name: {} for split in exp.site_splits}
+    failed: dict[tuple[str, str], dict[int, str]] = {}  # (split, arm) -> seed -> reason
     for split, arm, seed, run_dir in runs:
+        if (reason := _failure(run_dir, exp.evaluate_on)) is not None:
+            failed.setdefault((split.name, arm.name), {})[seed] = reason
+            continue
         sim, _, _ = load_simulation(run_dir / "simulation.yaml", str(sim_yaml.parent), str(run_dir))
         _collect(scored[split.name], run_dir / f"predictions-{exp.evaluate_on}.npz",
                  held_out(sim, sim_yaml.parent, exp.evaluate_on), arm.name, seed)
-    return write_summary(exp, scored, out)
+    return write_summary(exp, scored, out, failed)
+
+
+def _failure(run_dir: Path, split: str) -> str | None:
+    """Why the run failed to train (a diverged run, recorded once), or None."""
+    file = run_dir / f"failed-{split}.json"
+    return json.loads(file.read_text(encoding="utf-8"))["reason"] if file.exists() else None
 
 
 def _reusing(todo: list[tuple[Arm, Path]], base: Path) -> set[Path]:
@@ -340,7 +351,16 @@ def run_one(arm: Arm, run_dir: Path, base: Path, evaluate_on: str) -> None:
     if sim.train.threads:
         torch.set_num_threads(sim.train.threads)
     tasks = held_out(sim, base, evaluate_on)
-    model = _train(arm, sim_path, base, run_dir)
+    try:
+        model = _train(arm, sim_path, base, run_dir)
+    except (FederationStopped, FloatingPointError) as e:
+        # A diverged arm is a result, not a crash: recorded, reported, and not run again
+        # (delete the file to retry); the other runs go on.
+        failure = {"error": type(e).__name__, "reason": str(e).splitlines()[0][:500]}
+        partial = run_dir / f"failed-{evaluate_on}.partial.json"
+        partial.write_text(json.dumps(failure), encoding="utf-8")
+        partial.replace(run_dir / f"failed-{evaluate_on}.json")
+        return
     if not arm.centralized and sim.heads == "per_site":  # each site scores with its own heads
         preds = site_head_predictions(model, run_dir / "fed", tasks, sim, base, evaluate_on)
     else:
@@ -369,11 +389,16 @@ def _collect(scored: dict[str, Scored], file: Path, tasks: list[TaskData], arm: 
         s.probs[arm, seed] = preds[f"{name}.probs"]
 
 
-def write_summary(exp: ExperimentConfig, scored: dict[str, dict[str, Scored]], out: Path) -> dict:
+def write_summary(exp: ExperimentConfig, scored: dict[str, dict[str, Scored]], out: Path,
+                  failed: dict[tuple[str, str], dict[int, str]] | None = None) -> dict:
     """results-, summary- (.md) and summary-<split>.png in ``out``; returns what they say.
 
     ``scored``: site split -> task -> the held-out images with every run's probabilities.
+    ``failed``: (site split, arm) -> seed -> why that run did not train to the end. An arm
+    that failed in any seed is compared with nothing (its seeds are no longer paired); its
+    other seeds' AUCs stay in the table.
     """
+    failed = failed or {}
     split = exp.evaluate_on
     aucs = {(ss, arm, seed, task): float(task_auc(s.labels(), p, np.ones((1, len(s.target))))[0])
             for ss, by_task in scored.items() for task, s in by_task.items()
@@ -383,10 +408,15 @@ def write_summary(exp: ExperimentConfig, scored: dict[str, dict[str, Scored]], o
         w.writerow(["site_split", "arm", "seed", "task", "auc", "split"])
         for (ss, arm, seed, task), v in sorted(aucs.items()):
             w.writerow([ss, arm, seed, task, f"{v:.6f}", split])
-    others = [a.name for a in exp.arms if a.name != exp.reference]
     summary: dict[str, Any] = {"reference": exp.reference, "split": split, "seeds": exp.seeds,
                                "summary": str(out / f"summary-{split}.md"), "site_splits": {}}
     for ss, by_task in scored.items():
+        if (ss, exp.reference) in failed:
+            raise ValueError(f"site split {ss}: the reference arm {exp.reference!r} failed "
+                             f"(seeds {sorted(failed[ss, exp.reference])}: "
+                             f"{next(iter(failed[ss, exp.reference].values()))}): nothing can "
+                             "be compared with it")
+        others = [a.name for a in exp.arms if a.name != exp.reference and (ss, a.name) not in failed]
         table = summary_rows({(a, s, t): v for (x, a, s, t), v in aucs.items() if x == ss})
         diffs = {(arm, task): paired_difference(s, arm, exp.reference, n_boot=exp.n_boot)
                  for task, s in by_task.items() for arm in others}
@@ -394,7 +424,9 @@ def write_summary(exp: ExperimentConfig, scored: dict[str, dict[str, Scored]], o
                   for arm in others}
         summary["site_splits"][ss] = {
             "table": {f"{a}|{t}": v for (a, t), v in table.items()},
-            "differences": {f"{a}|{t}": v for (a, t), v in diffs.items()}, "ratios": ratios}
+            "differences": {f"{a}|{t}": v for (a, t), v in diffs.items()}, "ratios": ratios,
+            "failed": {a: {str(k): v for k, v in seeds.items()}
+                       for (x, a), seeds in failed.items() if x == ss}}
     (out / f"summary-{split}.md").write_text(_markdown(exp, scored, summary), encoding="utf-8")
     _picture(exp, scored, summary, out / f"summary-{split}.png")
     return summary
@@ -419,8 +451,13 @@ def _markdown(exp: ExperimentConfig, scored: dict[str, dict[str, Scored]], summa
             text = [f"{c[0]:.3f} ± {c[1]:.3f}" if c else "-" for c in cells]
             mean = f"{np.mean(means):.3f}" if means else "-"
             r = res["ratios"].get(arm.name)
-            ratio = "reference" if r is None else f"{r['ratio']:.3f} " + (
-                f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]" if r["ci"] else "[undefined]")
+            if arm.name in res["failed"]:
+                ratio = f"failed in seed(s) {', '.join(res['failed'][arm.name])}"
+            elif r is None:
+                ratio = "reference"
+            else:
+                ratio = f"{r['ratio']:.3f} " + (
+                    f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]" if r["ci"] else "[undefined]")
             lines.append(f"| {arm.name} | " + " | ".join(text) + f" | {mean} | {ratio} |")
         lines += ["", "| arm | task | difference | 95% CI | half-width |", "|---|---|---|---|---|"]
         for key, d in res["differences"].items():
@@ -428,6 +465,10 @@ def _markdown(exp: ExperimentConfig, scored: dict[str, dict[str, Scored]], summa
             ci = f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d["ci"] else "undefined"
             hw = f"{d['half_width']:.3f}" if d["half_width"] is not None else "-"
             lines.append(f"| {arm} | {task} | {d['difference']:+.3f} | {ci} | {hw} |")
+        if res["failed"]:
+            lines += ["", "Runs that did not train to the end (compared with nothing):", ""]
+            lines += [f"- {arm} seed {seed}: {reason}" for arm, seeds in res["failed"].items()
+                      for seed, reason in seeds.items()]
         lines.append("")
     return "\n".join(lines)
 

@@ -233,3 +233,25 @@ def test_an_arm_with_site_heads_scores_each_sites_share_with_its_own_heads(tmp_p
                        split="train")
         assert auc[task] == pytest.approx(res[task]["auc_mean"], abs=1e-6)
         assert untrained != pytest.approx(res[task]["auc_mean"], abs=1e-6)
+
+
+def test_a_diverged_arm_is_recorded_and_the_experiment_goes_on(tmp_path):
+    # A learning rate of 1e6 makes the first loss non-finite: each site fails its round and
+    # the federation stops; the other arm, and the tables, still come out.
+    arms = [{"name": "fedavg"}, {"name": "blowup", "train": {"lr": 1.0e6}}]
+    path = _write(tmp_path, arms=arms, seeds=[0], rounds=1, reference="fedavg")
+    summary = run_experiment(path, progress=False)
+    res = summary["site_splits"]["natural"]
+    assert set(res["failed"]) == {"blowup"} and "0" in res["failed"]["blowup"]
+    assert "rounds" in res["failed"]["blowup"]["0"] or "round" in res["failed"]["blowup"]["0"]
+    assert res["ratios"] == {} and res["differences"] == {}
+    assert {k.split("|")[0] for k in res["table"]} == {"fedavg"}
+    md = (tmp_path / "out" / "summary-test.md").read_text()
+    assert "| blowup |" in md and "failed in seed(s) 0" in md and "- blowup seed 0:" in md
+    rows = list(csv.DictReader(open(tmp_path / "out" / "results-test.csv")))
+    assert {r["arm"] for r in rows} == {"fedavg"}
+    # Recorded once: a rerun does not train it again, and says the same.
+    failure = tmp_path / "out" / "natural" / "blowup" / "seed-0" / "failed-test.json"
+    before = failure.stat().st_mtime_ns
+    assert run_experiment(path, progress=False) == summary
+    assert failure.stat().st_mtime_ns == before
