@@ -14,7 +14,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from conftest import DEMO, RECIPE, demo_task  # noqa: E402
 
 from ark_core.config import ArkConfig  # noqa: E402
-from ark_core.data.dataset import BadFileCounter  # noqa: E402
+from ark_core.data.dataset import BadFileCounter, TooManyBadFiles  # noqa: E402
 from ark_core.data.loaders import load_task_data, make_loader  # noqa: E402
 from ark_core.model.factory import create_model  # noqa: E402
 from ark_core.model.network import make_teacher  # noqa: E402
@@ -23,6 +23,7 @@ from ark_core.train.cyclic import build_optimizer, train_cyclic, train_task_epoc
 
 BATCH = 4  # the global batch; 9 and 10 films leave a last batch of 1 and of 2
 SIZES = {"nih": 9, "pediatric": 10}
+MISSING = (2, 7)  # pediatric films that are not there: 2 of 10 unreadable
 
 
 def setup():
@@ -31,10 +32,13 @@ def setup():
         "model": {"preset": "tiny", "img_size": 64, "work_size": 64,
                   "backbone_kwargs": {"drop_path_rate": 0.0}},
         "tasks": [{**demo_task("nih"), "labels": None}, demo_task("pediatric")],
-        "train": {**RECIPE, "batch_size": BATCH, "grad_clip": 1.0, "threads": 1}})
+        "train": {**RECIPE, "batch_size": BATCH, "grad_clip": 1.0, "threads": 1,
+                  "bad_file_fraction": 0.25}})
     tasks = load_task_data(cfg.tasks, DEMO)
     for td in tasks:
         td.train = td.train.subset(range(SIZES[td.spec.name]))
+    for i in MISSING:
+        tasks[1].train.paths[i] = f"missing/{i}.jpeg"
     return cfg, tasks
 
 
@@ -46,7 +50,8 @@ def models(cfg: ArkConfig, tasks, seed: int):
 
 
 def run(world: distributed.World | None) -> dict:
-    """Per-step losses of one task-epoch, then a whole round (2 passes, EMA, consistency)."""
+    """Per-step losses of each task's epoch; a whole round (2 passes, EMA, consistency);
+    whether a task-epoch with too many unreadable files is refused."""
     cfg, tasks = setup()
     device = torch.device("cpu")
     # 1. Step by step: each step's loss over the whole batch.
@@ -68,8 +73,18 @@ def run(world: distributed.World | None) -> dict:
     result = train_cyclic(student, teacher, tasks, cfg.train, img_size=64, work_size=64,
                           lr=cfg.train.lr, local_epochs=2, ema_step=0, ema_total_steps=4,
                           progress=False, world=world)
-    return {"steps": losses, "metrics": result.metrics, "student": student.state_dict(),
-            "teacher": teacher.state_dict()}
+    out = {"steps": losses, "metrics": result.metrics,
+           "student": {k: v.clone() for k, v in student.state_dict().items()},
+           "teacher": {k: v.clone() for k, v in teacher.state_dict().items()}}
+    # 3. 2 unreadable films of 10 are too many at 15%, though neither rank holds both.
+    strict = cfg.train.model_copy(update={"bad_file_fraction": 0.15})
+    try:
+        train_cyclic(student, teacher, tasks[1:], strict, img_size=64, work_size=64, lr=0.0,
+                     local_epochs=1, ema_step=0, ema_total_steps=1, progress=False, world=world)
+        refused = None
+    except TooManyBadFiles as e:
+        refused = str(e)
+    return out | {"refused": refused}
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_helpers import BATCH, run, setup
+from ddp_helpers import BATCH, MISSING, run, setup
 
 from ark_core.data.loaders import make_loader
 from ark_core.train.distributed import World
@@ -56,6 +56,9 @@ def test_two_gloo_ranks_train_as_one_process(tmp_path):
     assert ranks[0]["metrics"].keys() == one["metrics"].keys()
     for key, value in one["metrics"].items():
         assert ranks[0]["metrics"][key] == pytest.approx(value, rel=1e-4), key
+    assert one["metrics"]["bad-files"] == 2 * len(MISSING)  # per pass
+    # Every rank refuses the epoch as one process does, naming both files.
+    assert one["refused"] and all(r["refused"] == one["refused"] for r in ranks)
 
 
 def test_shards_of_a_step_make_up_the_batch_of_one_process():
