@@ -14,7 +14,8 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from ark_core.data.readers import ImageReadError, read_image, read_image_resized
+from ark_core.data import readers
+from ark_core.data.readers import ImageReadError, read_image, read_image_near, read_image_resized
 
 NIH = Path(__file__).resolve().parents[1] / "simulations" / "demo_data" / "nih" / "images"
 PEDIATRIC = Path(__file__).resolve().parents[1] / "simulations" / "demo_data" / "pediatric" / "train"
@@ -383,3 +384,29 @@ def test_a_file_that_is_not_metaimage_is_refused_by_name(tmp_path):
     f.write_bytes(Image.new("L", (4, 4)).tobytes() + b"\x89PNG")
     with pytest.raises(ImageReadError, match=r"film\.mha: header line .* is not 'Key = value'"):
         read_image(f)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(bits_stored=12, window=(1800, 2500)),
+    dict(bits_stored=12, rescale=(2, -1024), window=(40, 400), photometric="MONOCHROME1"),
+    dict(signed=True, window=([0, 500], [200, 1000]), voi_function="SIGMOID"),
+    dict(bits_stored=12),  # no window: min-max stretch of what the image holds
+])
+def test_dicom_per_value_table_equals_the_per_pixel_pipeline(tmp_path, kw):
+    # Large enough (256x256) for the table path; the pipeline run on every pixel is the truth.
+    rng = np.random.default_rng(0)
+    lo = -1500 if kw.get("signed") else 300
+    stored = rng.integers(lo, 3900, (256, 256))
+    ds = pydicom.dcmread(write_dicom(tmp_path / "t.dcm", stored, **kw))
+    pi = kw.get("photometric", "MONOCHROME2")
+    got = read_image(tmp_path / "t.dcm")
+    np.testing.assert_array_equal(got, readers._display(ds.pixel_array, ds, pi))
+    assert len(np.unique(got)) > 50
+
+
+def test_near_keeps_sizes_one_resampling_can_take(tmp_path):
+    Image.fromarray(np.zeros((90, 120), np.uint8)).save(tmp_path / "a.png")
+    assert read_image_near(tmp_path / "a.png", 100).shape == (90, 120)  # within 1.5x: as decoded
+    assert read_image_near(tmp_path / "a.png", 80).shape == (90, 120)  # 120 = 1.5 x 80
+    assert read_image_near(tmp_path / "a.png", 80, max_over=1.4).shape == (80, 80)
+    assert read_image_near(tmp_path / "a.png", 50).shape == (50, 50)  # 2.4x: resized first

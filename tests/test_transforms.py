@@ -21,6 +21,7 @@ NIH = Path(__file__).resolve().parents[1] / "simulations" / "demo_data" / "nih" 
 needs_data = pytest.mark.skipif(not NIH.is_dir(), reason="no data")
 
 IMG, WORK = 32, 40
+ONE_LEVEL = 1.001 / 255 / min(IMAGENET_STD)  # one grey level, normalised
 
 
 def real_image(size: int = WORK, k: int = 0) -> np.ndarray:
@@ -115,7 +116,8 @@ def test_without_augmentation_student_equals_teacher():
         scale_range=(1.0, 1.0), intensity_p=0.0,
     )  # fmt: skip
     student, teacher = transform(real_image(), gen(0))
-    assert torch.allclose(student, teacher, atol=1e-4)
+    assert (student - teacher).abs().max() <= ONE_LEVEL  # warpAffine vs resize: same map
+    assert (student - teacher).abs().mean() < ONE_LEVEL / 4  # most pixels equal
 
 
 @needs_data
@@ -129,7 +131,7 @@ def test_intensity_change_happens_with_its_probability():
     changed = 0
     for seed in range(200):
         student, teacher = transform(img, gen(seed))
-        changed += not torch.allclose(student, teacher, atol=1e-3)
+        changed += bool((student - teacher).abs().max() > ONE_LEVEL)
     assert 35 <= changed <= 85  # Binomial(200, 0.3): mean 60, sd 6.5
 
 

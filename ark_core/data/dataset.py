@@ -31,7 +31,7 @@ from .readers import (
     ImageReadError,
     is_dicom,
     native_pixel_bytes,
-    read_image_resized,
+    read_image_near,
 )
 from .transforms import TwoViewTransform
 
@@ -87,7 +87,7 @@ def _too_many(n_bad: int, total: int, max_fraction: float) -> bool:
 
 # ---------------------------------------------------------------------------------- dataset
 class ArkDataset(Dataset):
-    """Images of one manifest, decoded at the working size and passed through a transform.
+    """Images of one manifest, decoded near the working size and passed through a transform.
 
     Items are dicts: ``student``, ``teacher``, ``target``, ``index`` when the transform returns
     two views (:class:`~ark_core.data.transforms.TwoViewTransform`); ``image``, ``target``,
@@ -97,9 +97,10 @@ class ArkDataset(Dataset):
     Args:
         manifest: Files and targets (see :mod:`ark_core.data.manifest` for the target
             convention: float (C,) for multi-label/binary, int64 scalar for multi-class).
-        transform: Called on a ``uint8`` (H, W) image. A :class:`TwoViewTransform` also gets a
+        transform: Called on a ``uint8`` (H, W) image of any size (as decoded when within 1.5x
+            the working size, else resized to it). A :class:`TwoViewTransform` also gets a
             generator when ``seed`` is set.
-        work_size: Decoding size; default the transform's ``work_size`` (else ``img_size``).
+        work_size: Working size; default the transform's ``work_size`` (else ``img_size``).
         seed: When set, each item's augmentation is drawn from a generator seeded by
             ``(seed, epoch, index)``: views then do not depend on worker count or order.
         max_pixels: Refuse images with more pixels than this.
@@ -143,7 +144,7 @@ class ArkDataset(Dataset):
         try:
             img = self.cache.read(self.manifest.paths[index], path) if self.cache else None
             if img is None:
-                img = read_image_resized(path, self.work_size, self.max_pixels)
+                img = read_image_near(path, self.work_size, max_pixels=self.max_pixels)
         except ImageReadError as e:
             return {"bad": str(path), "reason": e.reason, "index": index}
         target = torch.from_numpy(np.asarray(self.manifest.targets[index]).copy())

@@ -16,6 +16,7 @@ import math
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -96,7 +97,35 @@ def read_image_resized(
     return _read(path, size, max_pixels)
 
 
-def _read(path: str | os.PathLike, size: int | None, max_pixels: int) -> np.ndarray:
+def read_image_near(
+    path: str | os.PathLike, size: int, max_over: float = 1.5,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Read an image as greyscale, resized to ``size`` x ``size`` only when much larger.
+
+    The transforms resample each view once from an image of any size, so resizing here would
+    be a second resampling. Images whose sides are both at most ``max_over * size`` come back
+    as decoded (a larger shrink is better done by an antialiased resize first); larger ones as
+    :func:`read_image_resized` gives them. JPEGs are decoded at a reduced scale when that
+    still leaves at least ``size`` pixels a side.
+
+    Args:
+        path: The image file.
+        size: The working size.
+        max_over: Largest side, as a multiple of ``size``, kept as decoded.
+        max_pixels: Refuse images with more pixels than this.
+
+    Raises:
+        ImageReadError: As :func:`read_image`.
+    """
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    return _read(path, size, max_pixels, max_over)
+
+
+def _read(
+    path: str | os.PathLike, size: int | None, max_pixels: int, max_over: float | None = None
+) -> np.ndarray:
     path = Path(path)
     _check_file(path)
     try:
@@ -114,7 +143,9 @@ def _read(path: str | os.PathLike, size: int | None, max_pixels: int) -> np.ndar
         raise
     except Exception as e:  # any decoder failure means the file is unusable
         raise ImageReadError(path, f"cannot decode ({type(e).__name__}: {e})") from e
-    if size is not None and arr.shape != (size, size):
+    if size is not None and arr.shape != (size, size) and (
+        max_over is None or max(arr.shape) > max_over * size
+    ):
         arr = np.array(Image.fromarray(arr).resize((size, size), Image.Resampling.BILINEAR))
     return arr
 
@@ -145,10 +176,22 @@ def _read_pil(path: Path, size: int | None, max_pixels: int) -> np.ndarray:
         raise ImageReadError(path, "not an image (unknown format)") from e
     with im:
         _check_shape(path, im.height, im.width, max_pixels)
+        if im.format == "PNG" and im.mode == "L" and (arr := _grey_png(path)) is not None:
+            return arr
         if size is not None and im.format == "JPEG":
             im.draft("L", (size, size))
         im.load()  # raises OSError on truncated data (LOAD_TRUNCATED_IMAGES stays off)
         return _pil_to_grey(im)
+
+
+def _grey_png(path: Path) -> np.ndarray | None:
+    """An 8-bit grey PNG through OpenCV's libpng, straight into an array.
+
+    About 15% cheaper than PIL's decoder and its copy out; None where libpng refuses the
+    file, for PIL to say why.
+    """
+    arr = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    return arr if arr is not None and arr.ndim == 2 and arr.dtype == np.uint8 else None
 
 
 def _pil_to_grey(im: Image.Image) -> np.ndarray:
@@ -199,8 +242,6 @@ def dicom_to_uint8(ds, path: str | os.PathLike = "<dataset>") -> np.ndarray:
     Returns:
         A 2-D ``uint8`` array, bright = dense.
     """
-    from pydicom.pixels import apply_modality_lut, apply_voi  # noqa: PLC0415 - only DICOM data pays for pydicom
-
     pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     arr = ds.pixel_array
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
@@ -213,6 +254,22 @@ def dicom_to_uint8(ds, path: str | os.PathLike = "<dataset>") -> np.ndarray:
         return np.clip(np.rint(arr[..., :3] @ _LUMA), 0, 255).astype(np.uint8)
     if pi not in ("MONOCHROME1", "MONOCHROME2"):
         raise ImageReadError(path, f"unsupported photometric interpretation {pi!r}")
+    if arr.dtype.kind in "iu":
+        # Each stored value has one grey level: run the pipeline once per value in the
+        # image's range (a few thousand) instead of once per pixel, then look them up.
+        lo, hi = int(arr.min()), int(arr.max())
+        if hi - lo < arr.size // 4:
+            table = _display(np.arange(lo, hi + 1, dtype=arr.dtype), ds, pi)
+            if lo >= 0:
+                return np.take(np.concatenate([np.zeros(lo, np.uint8), table]), arr)
+            return np.take(table, arr.astype(np.int64) - lo)
+    return _display(arr, ds, pi)
+
+
+def _display(arr: np.ndarray, ds, pi: str) -> np.ndarray:
+    """Stored values -> grey levels: modality LUT, VOI LUT or window, MONOCHROME1 inverted."""
+    from pydicom.pixels import apply_modality_lut, apply_voi  # noqa: PLC0415 - only DICOM data pays for pydicom
+
     modality = apply_modality_lut(arr, ds)
     arr = modality.astype(np.float64)
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:

@@ -1,8 +1,10 @@
 """The teacher-student views of Ark+ and the evaluation transform.
 
-Images arrive as greyscale ``uint8`` arrays already resized to the working size (the dataset
-does that while decoding). The teacher sees the whole image resized to the input size, with
-no crop and no intensity change, exactly what evaluation sees. The student sees a
+Images arrive as greyscale ``uint8`` arrays. The method resizes each image to a working size
+(896 for a 768 input) before augmenting; here that resize is folded into the one resampling
+each view needs: the crop box is drawn on the working-size square and mapped onto the image
+as it was decoded, whatever its size. The teacher sees the whole image resized to the input
+size, with no crop and no intensity change, exactly what evaluation sees. The student sees a
 RandomResizedCrop, a small shift/scale/rotate and, with p=0.3, a brightness/contrast or gamma
 change. There is no horizontal flip: laterality carries meaning on a chest film. Both views
 become 3 channels with ImageNet mean/std.
@@ -10,24 +12,33 @@ become 3 channels with ImageNet mean/std.
 All randomness is drawn from an optional ``torch.Generator``, so a seeded generator gives the
 same views on every run and in every DataLoader worker.
 
-Speed (a GPU eats hundreds of 768 px views a second): the geometry runs on the uint8 grey
-levels (torchvision's uint8 antialiased resize, OpenCV's warpAffine), and the intensity change
-and normalisation are one 256-entry lookup table per channel. The views equal those of the
-same steps on float tensors to within the rounding of interpolated values to grey levels
-(half a level, 0.002 before normalisation).
+Speed (a GPU eats hundreds of 768 px views a second): each view is ONE bilinear resampling of
+the uint8 grey levels (OpenCV's ``resize`` for the teacher; ``warpAffine`` for the student:
+crop, resize, shift, scale and rotation together), after a Gaussian blur that gives it the
+blur of the step-by-step pipeline's resamplings (antialiased resize to the working size,
+crop-resize, affine: their variances add up). The intensity change and the normalisation are
+one 256-entry lookup table per channel. Against the step-by-step pipeline the views differ
+by interpolation only (about half a grey level on average at 1024 -> 896 -> 768;
+tests/test_bench_data.py).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import torch
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "EvalTransform", "TwoViewTransform", "create_transform"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "EvalTransform",
+    "StudentDraw",
+    "TwoViewTransform",
+    "create_transform",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,30 +46,65 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _LEVELS = np.arange(256, dtype=np.float64) / 255.0  # grey level -> [0, 1]
 
+# Below this sigma a Gaussian's outer taps weigh under 1/512: no grey level would change.
+_MIN_SIGMA = 0.28
 
-def _to_uint8(img: np.ndarray | torch.Tensor, size: int | None) -> np.ndarray:
-    """A (H, W) uint8 array, resized to ``size`` x ``size`` when it is not."""
+
+def _to_uint8(img: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The (H, W) uint8 array behind ``img``."""
     a = img.numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
     if a.ndim != 2 or a.dtype != np.uint8:
         raise ValueError(f"expected a 2-D uint8 greyscale image, got {a.dtype} {tuple(a.shape)}")
-    if size is not None and a.shape != (size, size):
-        return _resize(a, size)
     return a
 
 
-def _resize(
-    a: np.ndarray, size: int, box: tuple[int, int, int, int] | None = None
-) -> np.ndarray:
-    """Bilinear, antialiased resize of a uint8 image (or of its ``box`` = top, left, h, w).
+def _steps_variance(*steps: float) -> float:
+    """Blur (variance, in image pixels^2) of the step-by-step pipeline's resamplings.
 
-    torchvision's uint8 path: the same filter as on floats, several times cheaper.
+    Args:
+        steps: Each resampling in turn, as its input pixels per output pixel. An antialiased
+            shrink's triangle filter has variance s^2/6 in its input pixels, bilinear
+            enlarging 1/6, a step that keeps the size none.
     """
-    t = torch.from_numpy(np.array(a, copy=not a.flags.writeable)).unsqueeze(0)
-    if box is None:
-        t = F.resize(t, [size, size], InterpolationMode.BILINEAR, antialias=True)
-    else:
-        t = F.resized_crop(t, *box, [size, size], InterpolationMode.BILINEAR, antialias=True)
-    return t[0].numpy()
+    var, unit = 0.0, 1.0
+    for s in steps:
+        if s != 1:
+            var += unit**2 * max(s, 1.0) ** 2 / 6
+        unit *= s
+    return var
+
+
+def _blur(a: np.ndarray, var_x: float, var_y: float) -> np.ndarray:
+    """Blur ``a`` so that it plus one bilinear resampling (1/6) has these variances."""
+    kx, ky = (_gaussian(math.sqrt(max(v - 1 / 6, 0.0))) for v in (var_x, var_y))
+    if len(kx) == len(ky) == 1:
+        return a
+    return cv2.sepFilter2D(a, -1, kx, ky, borderType=cv2.BORDER_REPLICATE)
+
+
+def _gaussian(sigma: float) -> np.ndarray:
+    if sigma < _MIN_SIGMA:
+        return np.ones(1, np.float32)
+    r = max(1, round(3 * sigma))
+    x = np.arange(-r, r + 1)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).astype(np.float32)
+
+
+def _shrink(a: np.ndarray, size: int, work_size: int) -> np.ndarray:
+    """The whole of ``a`` resized to ``size`` x ``size``, as blurred as via ``work_size``."""
+    h, w = a.shape
+    if (h, w) == (size, size):
+        return a
+    a = _blur(a, _steps_variance(w / work_size, work_size / size),
+              _steps_variance(h / work_size, work_size / size))
+    return cv2.resize(a, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def _warp(a: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
+    """``a`` resampled through the forward affine map ``m`` (2x3, pixel centres), 0 outside."""
+    return cv2.warpAffine(a, m, (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
 def _normalize(a: np.ndarray, levels: np.ndarray = _LEVELS) -> torch.Tensor:
@@ -71,24 +117,59 @@ def _normalize(a: np.ndarray, levels: np.ndarray = _LEVELS) -> torch.Tensor:
     levels = np.clip(levels, 0.0, 1.0)
     out = np.empty((3, *a.shape), np.float32)
     for c in range(3):
-        out[c] = cv2.LUT(a, ((levels - IMAGENET_MEAN[c]) / IMAGENET_STD[c]).astype(np.float32))
+        cv2.LUT(a, ((levels - IMAGENET_MEAN[c]) / IMAGENET_STD[c]).astype(np.float32), dst=out[c])
     return torch.from_numpy(out)
 
 
-def _affine(
-    x: np.ndarray, angle: float, translate: tuple[float, float], scale: float
+def affine_matrix(
+    size: int, angle: float, translate: tuple[float, float], scale: float
 ) -> np.ndarray:
-    """Rotate (degrees), scale and shift a uint8 image about its centre, bilinear, 0 fill.
+    """Forward 3x3 map of rotate (degrees), scale and shift about the centre of a square image.
 
-    The same geometry as torchvision's ``affine`` (checked in the tests), through OpenCV's
-    ``warpAffine``, which is about 50x faster than ``grid_sample`` on one CPU core.
+    The same geometry as torchvision's ``affine`` (checked in the tests).
     """
-    h, w = x.shape
-    m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), -angle, scale)
+    m = cv2.getRotationMatrix2D(((size - 1) / 2, (size - 1) / 2), -angle, scale)
     m[:, 2] += translate
-    return cv2.warpAffine(
-        x, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
-    )
+    return np.vstack([m, [0.0, 0.0, 1.0]])
+
+
+@dataclass(frozen=True)
+class StudentDraw:
+    """The random choices behind one student view.
+
+    Attributes:
+        box: RandomResizedCrop box (top, left, height, width) on the working-size square.
+        angle: Rotation, degrees.
+        translate: Shift (x, y), pixels of the view.
+        scale: Zoom of the affine step.
+        brightness: Brightness factor, or None.
+        contrast: Contrast factor (drawn with ``brightness``), or None.
+        gamma: Gamma, or None.
+    """
+
+    box: tuple[int, int, int, int]
+    angle: float
+    translate: tuple[float, float]
+    scale: float
+    brightness: float | None = None
+    contrast: float | None = None
+    gamma: float | None = None
+
+    def levels(self, view: np.ndarray) -> np.ndarray:
+        """The [0, 1] value of each grey level of ``view`` after the intensity change.
+
+        torchvision's order and rules: brightness (clipped), then contrast about the mean of
+        the brightened view; or gamma.
+        """
+        levels = _LEVELS
+        if self.brightness is not None and self.contrast is not None:
+            levels = np.clip(levels * self.brightness, 0.0, 1.0)
+            hist = cv2.calcHist([view], [0], None, [256], [0, 256]).ravel()
+            mean = float(hist @ levels) / view.size
+            levels = self.contrast * levels + (1.0 - self.contrast) * mean
+        elif self.gamma is not None:
+            levels = levels**self.gamma
+        return levels
 
 
 class EvalTransform:
@@ -96,9 +177,9 @@ class EvalTransform:
 
     Args:
         img_size: Network input size (square).
-        work_size: Size the dataset decodes images to before this transform; ``None`` means
-            decode straight to ``img_size``. Passing the training ``work_size`` makes this
-            output identical to the teacher view of :class:`TwoViewTransform`.
+        work_size: Size the dataset decodes images near (``None``: ``img_size``); the view
+            itself is the same from an image of any size, and identical to the teacher view
+            of :class:`TwoViewTransform`.
     """
 
     def __init__(self, img_size: int, work_size: int | None = None) -> None:
@@ -108,13 +189,11 @@ class EvalTransform:
         self.work_size = work_size or img_size
 
     def __call__(self, img: np.ndarray | torch.Tensor) -> torch.Tensor:
-        return self.view(_to_uint8(img, self.work_size))
+        return _normalize(self.grey(_to_uint8(img)))
 
-    def view(self, work: np.ndarray) -> torch.Tensor:
-        """Resize a (W, W) uint8 image to the input size and normalise it."""
-        if work.shape != (self.img_size, self.img_size):
-            work = _resize(work, self.img_size)
-        return _normalize(work)
+    def grey(self, img: np.ndarray) -> np.ndarray:
+        """A uint8 image of any size resized to the (S, S) input, before normalisation."""
+        return _shrink(img, self.img_size, self.work_size)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(img_size={self.img_size}, work_size={self.work_size})"
@@ -125,7 +204,8 @@ class TwoViewTransform:
 
     Args:
         img_size: Network input size (square).
-        work_size: Size images are decoded to; inputs of another size are resized to it first.
+        work_size: The method's working size: the crop box is drawn on a square of this side,
+            then mapped onto the image as given (of any size).
         crop_scale: RandomResizedCrop area range, as a fraction of the image.
         crop_ratio: RandomResizedCrop aspect-ratio range (w/h).
         max_rotate: Largest rotation, degrees (either way).
@@ -176,44 +256,56 @@ class TwoViewTransform:
         self, img: np.ndarray | torch.Tensor, rng: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(student, teacher)``, each a (3, img_size, img_size) float32 tensor."""
-        work = _to_uint8(img, self.work_size)
-        return _normalize(*self.student_view(work, rng)), self.teacher.view(work)
+        img = _to_uint8(img)
+        draw = self.draw(rng)
+        view = self.student_grey(img, draw)
+        return _normalize(view, draw.levels(view)), _normalize(self.teacher.grey(img))
 
-    def student_view(
-        self, work: np.ndarray, rng: torch.Generator | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Augment a (W, W) uint8 image into the student's (S, S) view.
-
-        Geometry works on grey levels (uint8, as decoding gives them); the intensity change,
-        pointwise, is returned as the [0, 1] value of each grey level for normalisation.
-
-        Returns:
-            The (S, S) uint8 view and its 256 levels.
-        """
+    def draw(self, rng: torch.Generator | None = None) -> StudentDraw:
+        """The random choices of one student view, from ``rng`` (else torch's global RNG)."""
 
         def u(lo: float, hi: float) -> float:
             return lo + (hi - lo) * torch.rand((), generator=rng).item()
 
-        box = self._crop_box(work.shape[-2], work.shape[-1], u)
-        x = _resize(work, self.img_size, box)
+        box = self._crop_box(self.work_size, self.work_size, u)
         shift = self.max_shift * self.img_size
-        x = _affine(
-            x,
-            angle=u(-self.max_rotate, self.max_rotate),
-            translate=(u(-shift, shift), u(-shift, shift)),
-            scale=u(*self.scale_range),
-        )
-        levels = _LEVELS
+        draw = StudentDraw(box, angle=u(-self.max_rotate, self.max_rotate),
+                           translate=(u(-shift, shift), u(-shift, shift)),
+                           scale=u(*self.scale_range))
         if u(0.0, 1.0) < self.intensity_p:
             if u(0.0, 1.0) < 0.5:  # torchvision's adjust_brightness, then adjust_contrast
-                levels = np.clip(levels * u(1 - self.brightness, 1 + self.brightness), 0.0, 1.0)
-                contrast = u(1 - self.contrast, 1 + self.contrast)
-                mean = float(np.bincount(x.ravel(), minlength=256) @ levels) / x.size
-                levels = contrast * levels + (1.0 - contrast) * mean
-            else:  # adjust_gamma
-                lo, hi = (math.log(g) for g in self.gamma_range)
-                levels = levels ** math.exp(u(lo, hi))
-        return x, levels
+                return StudentDraw(**{**draw.__dict__,
+                                      "brightness": u(1 - self.brightness, 1 + self.brightness),
+                                      "contrast": u(1 - self.contrast, 1 + self.contrast)})
+            lo, hi = (math.log(g) for g in self.gamma_range)
+            return StudentDraw(**{**draw.__dict__, "gamma": math.exp(u(lo, hi))})
+        return draw
+
+    def student_grey(self, img: np.ndarray, draw: StudentDraw) -> np.ndarray:
+        """The student's (S, S) uint8 view of ``img`` (any size), before intensity change.
+
+        The crop box lies on the working-size square; scaled onto ``img``, then crop, resize
+        and affine are one map, and one resampling of the pixels inside the box (0 outside
+        it, as the affine step's fill).
+        """
+        size = self.img_size
+        fy, fx = img.shape[0] / self.work_size, img.shape[1] / self.work_size
+        top, left, h, w = draw.box
+        x0, y0, bw, bh = left * fx, top * fy, w * fx, h * fy
+        r0, c0 = round(y0), round(x0)
+        roi = img[r0 : max(round(y0 + bh), r0 + 1), c0 : max(round(x0 + bw), c0 + 1)]
+        kx, ky = size / bw, size / bh  # box pixels -> view pixels, centre-aligned
+        crop = np.array([[kx, 0, (c0 + 0.5 - x0) * kx - 0.5],
+                         [0, ky, (r0 + 0.5 - y0) * ky - 0.5],
+                         [0, 0, 1]])
+        m = affine_matrix(size, draw.angle, draw.translate, draw.scale) @ crop
+        # As blurred as the steps: resize to the working size, crop-resize, then the affine
+        # (a bilinear resampling of the view unless it is the identity).
+        moves = (draw.angle, draw.translate, draw.scale) != (0.0, (0.0, 0.0), 1.0)
+        var = [_steps_variance(f, b / size) + moves * (f * b / size) ** 2 / 6
+               for f, b in ((fx, w), (fy, h))]
+        roi = _blur(roi, *var)
+        return _warp(roi, m[:2], size)
 
     def _crop_box(self, height: int, width: int, u) -> tuple[int, int, int, int]:
         """RandomResizedCrop's box (top, left, h, w), drawn from ``u`` (torchvision's rule)."""
