@@ -5,9 +5,11 @@ the master between them; the per-round cosines say when that happens. Streaming 
 never holds two updates, so each accepted update's difference from the master is reduced to
 a ``dim``-sized sketch as it is folded in: every coordinate ``i`` of a shared tensor is
 added, with a random sign ``s(i)``, to a random bucket ``h(i)`` (a count sketch; ``h`` and
-``s`` drawn from a generator seeded by the tensor's name and the round, the same for every
-site). The inner product of two sketches is an unbiased estimate of the inner product of
-the two differences; with 4,096 buckets a cosine is off by about 1/sqrt(4096) = 0.016.
+``s`` drawn from a generator seeded by the tensor's name, the round and the slice of
+:data:`SLICE` coordinates ``i`` falls in, the same for every site; slices keep the hashes'
+memory to a few times a slice, whatever the tensor's size). The inner product of two
+sketches is an unbiased estimate of the inner product of the two differences; with 4,096
+buckets a cosine is off by about 1/sqrt(4096) = 0.016.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import torch
 
 from .aggregate import as_tensor, head_task
 
-__all__ = ["UpdateSketch"]
+__all__ = ["SLICE", "UpdateSketch"]
+
+SLICE = 1 << 20  # coordinates hashed at a time
 
 
 class UpdateSketch:
@@ -37,8 +41,8 @@ class UpdateSketch:
         self.master, self.dim, self.seed = master, dim, seed
         self.sketches: dict[str, torch.Tensor] = {}
 
-    def _hash(self, name: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(zlib.crc32(name.encode()) ^ self.seed)
+    def _hash(self, name: str, part: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed((zlib.crc32(name.encode()) ^ self.seed) + (part << 32))
         buckets = torch.randint(0, self.dim, (n,), generator=g)
         signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.int8).float().mul_(2).sub_(1)
         return buckets, signs
@@ -49,9 +53,12 @@ class UpdateSketch:
         for name in update:
             if head_task(name) is not None:
                 continue
-            d = (as_tensor(update[name]).float() - self.master[name].detach().cpu().float()).flatten()
-            buckets, signs = self._hash(name, d.numel())
-            sketch.index_add_(0, buckets, (d * signs).double())
+            x = as_tensor(update[name]).flatten()
+            ref = self.master[name].detach().cpu().flatten()
+            for part, start in enumerate(range(0, x.numel(), SLICE)):
+                d = x[start:start + SLICE].float() - ref[start:start + SLICE].float()
+                buckets, signs = self._hash(name, part, d.numel())
+                sketch.index_add_(0, buckets, (d * signs).double())
         self.sketches[site] = sketch
 
     def cosines(self) -> dict[str, float]:
