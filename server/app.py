@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from ark_core.config import load_config, resolve_path
 from ark_core.fed.federation import FederationConfig, load_simulation
 from ark_core.io import ExclusiveLock, LockHeld
+from ops.memory import fix_mmap_threshold
 from server.loop import ArkFederation
 
 app = ServerApp()
@@ -49,6 +50,7 @@ def federation_from_run_config(run_config: dict) -> tuple[FederationConfig, Path
 def main(grid: Grid, context: Context) -> None:
     """Run or resume the federation the run config describes."""
     cfg, run_dir = federation_from_run_config(dict(context.run_config))
+    fix_mmap_threshold()  # each reply's tensors, freed one by one, leave no RSS behind
     # Two ServerApps on one run directory would both write its rounds: one left over from
     # an earlier start (ark-server stops such runs) gets a minute to go, then this one stops.
     try:
