@@ -68,7 +68,7 @@ def to_tensor(array: Array) -> torch.Tensor:
     """
     if array.stype == RAW_STYPE:
         arr = _raw(array)
-    elif array.stype == NPY_STYPE and isinstance(array.data, bytes):
+    elif array.stype == NPY_STYPE and isinstance(array.data, bytes | bytearray):
         try:
             arr = _npy(array.data)
         except UpdateRejected:
@@ -136,7 +136,10 @@ def payload_nbytes(
             return len(a.data)
         return int(a.numel() * a.element_size()) if isinstance(a, torch.Tensor) else int(a.nbytes)
 
-    total = sum(size(a) for a in (arrays or {}).values())
-    total += sum(size(a) for a in (scales or {}).values())
+    def record(r: Mapping[str, Any] | None) -> int:
+        sized = getattr(r, "nbytes", None)  # pulled lazily (server.pull.LazyArrays): by name
+        return sum(sized(k) for k in r) if sized else sum(size(a) for a in (r or {}).values())
+
+    total = record(arrays) + record(scales)
     total += sum(len(k.encode()) + len(str(v).encode()) for k, v in (manifest or {}).items())
     return int(total)

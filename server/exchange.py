@@ -2,9 +2,10 @@
 
 :class:`Exchange` pushes one message per site (the shared tensors and that site's own
 heads, the instruction), pulls the replies one message id at a time until every site has
-answered or the time is up, and hands each reply to the round's handler. It knows the
-connected and enrolled nodes and what each was sent; the round policy (what is folded, when
-a round has enough sites) is :mod:`server.loop`'s.
+answered or the time is up, and hands each reply to the round's handler. From a
+SuperLink, a reply's tensors are pulled one at a time as the handler reads them
+(:mod:`server.pull`). It knows the connected and enrolled nodes and what each was sent;
+the round policy (what is folded, when a round has enough sites) is :mod:`server.loop`'s.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,8 @@ from server.audit import ServerAudit
 from server.downlink import Downlink
 from server.enrolment import FILE as ENROLMENT_FILE
 from server.enrolment import enrolled_nodes
+from server.pull import ObjectPull
+from server.retry import RetryingGrid
 
 log = logging.getLogger("flwr.ark.server")
 
@@ -54,7 +58,13 @@ class Reply:
     arrays: Tensors | None  # the reply's tensors, decoded when read
     manifest: dict | None = None  # of an encoded reply (ark_core.fed.transfer)
     scales: Tensors | None = None
-    nbytes: int = 0  # of the tensor payload as received (ops.arrays.payload_nbytes)
+
+    @cached_property
+    def nbytes(self) -> int:
+        """Bytes of the tensor payload as received (:func:`ops.arrays.payload_nbytes`)."""
+        return payload_nbytes(self.arrays.record if self.arrays is not None else None,
+                              self.scales.record if self.scales is not None else None,
+                              self.manifest)
 
     def update(self, master: Mapping[str, torch.Tensor], expected: str) -> Mapping[str, Any]:
         """The tensors to fold in: the arrays, or a decoding view of an encoded reply."""
@@ -65,8 +75,12 @@ class Impersonation(ValueError):
     """A reply names a site other than the one its node is enrolled as."""
 
 
-def read_reply(msg: Message, node: int, enrolled: Mapping[int, str] | None = None) -> Reply:
+def read_reply(msg: Message, node: int, enrolled: Mapping[int, str] | None = None,
+               records: Mapping[str, Mapping[str, Array]] | None = None) -> Reply:
     """Parse the reply of ``node``; raises ``ValueError`` naming what is malformed.
+
+    ``records`` replaces the message's ArrayRecords (those of :mod:`server.pull`, whose
+    tensors are pulled when read).
 
     The node comes from the message id the reply answers: an error reply the SuperLink
     makes (a lost or expired message) names the SuperLink as its sender, not the site.
@@ -87,7 +101,8 @@ def read_reply(msg: Message, node: int, enrolled: Mapping[int, str] | None = Non
             raise Impersonation(f"node {node} is enrolled as site {enrolled[node]}, but its reply "
                                 f"says it is site {name!r}: impersonation attempt, reply rejected")
         name = enrolled[node]
-    arrays, scales = c.array_records.get(ARRAYS), c.array_records.get(SCALES)
+    records = c.array_records if records is None else records
+    arrays, scales = records.get(ARRAYS), records.get(SCALES)
     manifest = dict(c.config_records[ENCODING]) if ENCODING in c.config_records else None
     return Reply(
         node_id=node,
@@ -97,7 +112,6 @@ def read_reply(msg: Message, node: int, enrolled: Mapping[int, str] | None = Non
                  if isinstance(v, int | float)},
         arrays=None if arrays is None else Tensors(arrays), manifest=manifest,
         scales=None if scales is None else Tensors(scales),
-        nbytes=payload_nbytes(arrays, scales, manifest),
     )
 
 
@@ -126,10 +140,11 @@ class Exchange:
         # A deployment: node id -> enrolled site (re-read every exchange).
         self.enrolled: dict[int, str] | None = {} if cfg.deployment else None
         self._told: set[tuple[int, int]] = set()  # (round, node) of strangers already logged
+        self._records: Mapping[str, Mapping[str, Array]] | None = None  # of the reply at hand
 
     def read(self, msg: Message, node: int) -> Reply:
         """The reply of ``node``, its site named by enrolment (see :func:`read_reply`)."""
-        return read_reply(msg, node, self.enrolled)
+        return read_reply(msg, node, self.enrolled, self._records)
 
     def admitted(self, grid: Grid, round_: int) -> list[int]:
         """Connected nodes that may get work: all (simulation) or the enrolled ones.
@@ -210,7 +225,9 @@ class Exchange:
         site that holds the previous reference gets the difference instead. Memory stays
         flat in the number of sites: every tensor is serialised once and shared by all
         messages, released once pushed, and replies are pulled one message id at a time, so
-        at most one is held while ``handle`` folds it in.
+        at most one is held while ``handle`` folds it in; from a SuperLink, not even that one:
+        its tensors stay there, each pulled when read, and the reply is confirmed (its
+        objects dropped) once ``handle`` returns.
 
         Returns:
             The number of sites the message went to.
@@ -230,15 +247,25 @@ class Exchange:
         # message id -> node: error replies made by the SuperLink do not name the node
         pending = {m: n for m, n in zip(ids, nodes, strict=False) if m}
         deadline = time.monotonic() + (ttl if timeout is None else timeout)
+        puller = (ObjectPull(grid, grid._call if isinstance(grid, RetryingGrid) else None)
+                  if ObjectPull.supports(grid) else None)
         while pending:
             for mid in list(pending):
-                for reply in grid.pull_messages([mid]):
+                pulled = (puller.pull([mid]) if puller is not None
+                          else [(m, None) for m in grid.pull_messages([mid])])
+                for reply, self._records in pulled:
                     node = pending.pop(reply.metadata.reply_to_message_id,
                                        reply.metadata.src_node_id)
                     if reply.has_error():  # its tasks are asked again before its next master
                         self.node_sites.pop(node, None)
-                    handle(reply, node)
+                    try:
+                        handle(reply, node)
+                    finally:
+                        self._records = None
+                        if puller is not None and reply.metadata.message_id:  # drop its objects
+                            puller.confirm(reply.metadata.message_id)
                     del reply
+                del pulled
             if not pending or time.monotonic() >= deadline:
                 break
             time.sleep(self.poll_interval)
@@ -308,7 +335,7 @@ class Exchange:
         if unknown:
             def handle(msg: Message, node: int) -> None:
                 try:
-                    r = read_reply(msg, node, self.enrolled)
+                    r = self.read(msg, node)
                 except ValueError as e:
                     log.warning("round %d: a site did not say its tasks: %s", round_, e)
                     if isinstance(e, Impersonation):
