@@ -32,7 +32,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _util import machine, ratio_line
+from _util import machine, ratio_spread_line
 from bench_labels import ADAPTER_FILE, fetch_wheel, generate
 
 GOAL = "<= 2"
@@ -114,7 +114,7 @@ def main() -> None:
         for name in ("sniff", "check"):
             r = [a / b for a, b in zip(times[name], times["stat"], strict=True)]
             print(f"{name} / stat: median {statistics.median(r):.2f} [{min(r):.2f}, {max(r):.2f}]")
-            print(ratio_line(f"data_check_{name}_over_stat_walk", statistics.median(r), GOAL))
+            print(ratio_spread_line(f"data_check_{name}_over_stat_walk", r, GOAL))
 
 
 if __name__ == "__main__":

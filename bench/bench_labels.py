@@ -42,7 +42,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from _util import MIB, current_rss_bytes, machine, peak_rss_bytes, ratio_line, run_child
+from _util import MIB, current_rss_bytes, machine, peak_rss_bytes, ratio_spread_line, run_child
 
 WHEEL = "torchxrayvision-1.5.7-py3-none-any.whl"
 WHEEL_SHA256 = "95f6c3475661f3515d4258deb0855bd5d1b1a56e0b65384251d3dd3fa61fac41"
@@ -200,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                     ratios = [a[field] / b[field] for a, b in pairs]
                     print(f"  {arm} over pandas, {what}: {_mid(ratios)}")
                     goal = GOALS[what] if arm == "ours" else "none: for the record"
-                    print(ratio_line(f"{name}_{what}_over_pandas[{key}]",
-                                     statistics.median(ratios), goal))
+                    print(ratio_spread_line(f"{name}_{what}_over_pandas[{key}]", ratios, goal))
     return 0
 
 
