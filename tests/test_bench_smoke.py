@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import run_all  # noqa: E402
+
 RATIO = re.compile(r"^RATIO (\S.*?) = (-?[0-9.]+|nan|inf) \(goal .*\)$", re.M)
 
 # script -> ratio names its quick mode must print
@@ -24,7 +27,8 @@ EXPECTED = {
                              "serverapp_round_peak_rss_above_start_over_model[2 sites]"],
     "bench_gpu_step.py": ["bf16_over_fp32_images_per_s[cpu smoke, tiny]",
                           "ddp_world1_over_plain_images_per_s[cpu smoke, tiny]"],
-    "bench_data.py": [f"ours_over_pil_images_per_s_per_core[{f}]" for f in ("png", "jpeg", "dicom")],
+    "bench_data.py": [f"ours_over_fair_pil_images_per_s_per_core[{f}]"
+                      for f in ("png", "jpeg", "dicom")],
     "bench_transfer.py": [f"{what}_over_fp32[{enc}]"
                           for enc in ("bf16", "int8-delta+ef", "bf16-both", "int8-both")
                           for what in ("bytes_per_site_round", "wire_bytes_uplink",
@@ -80,3 +84,17 @@ def test_compact_transfer_meets_its_byte_goals(outputs):
     assert ratios["wire_bytes_both_ways_over_fp32[int8-both]"] <= 0.3
     assert ratios["wire_bytes_both_ways_over_fp32[bf16-both]"] <= 0.51
     assert ratios["wire_bytes_both_ways_over_fp32[int8-delta+ef]"] > 0.6  # fp32 down
+
+
+@pytest.mark.slow
+def test_the_table_holds_every_figure_with_its_spread(outputs):
+    stdout = {name: run.stdout for name, run in outputs.items()}
+    table = run_all.table(stdout, quick=True, when=run_all.datetime.datetime(2026, 1, 2))
+    assert "2026-01-02" in table and "machine: " in table and "CPU cores" in table
+    for name, out in stdout.items():
+        for figure, value in RATIO.findall(out):
+            row = next(r for r in table.splitlines() if f"| `{figure}` |" in r)
+            assert f"| {value} |" in row and name in row
+    data = run_all.parse("bench_data.py", stdout["bench_data.py"])
+    assert data and all(r.n is not None and float(r.lo) <= float(r.value) <= float(r.hi)
+                        for r in data)
