@@ -8,9 +8,13 @@ back what rank 0 wrote: the trained student and the round's metrics, which it en
 sends as one process would (so the egress guard sees them). Rank 0 alone saves the teacher
 and the other state.
 
-Workers die with the ClientApp: the kernel kills each one when the ClientApp ends, killed
-or not (Linux), and a rank that fails makes the ClientApp stop the others and fail the
-site's round with that rank's exit and last output.
+With a launcher (``deployment.launcher``: torchrun, or srun in a Slurm job) the ClientApp
+starts that one command instead, with the rank's command appended; the ranks take their
+places from the launcher's variables (:class:`ark_core.train.distributed.World`).
+
+Workers die with the ClientApp: the kernel kills each one (or the launcher, and the ranks
+with it) when the ClientApp ends, killed or not (Linux), and a rank that fails makes the
+ClientApp stop the others and fail the site's round with that rank's exit and last output.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,59 +42,78 @@ class RankFailed(RuntimeError):
     """A worker of a data-parallel round ended with an error; the site's round fails."""
 
 
-def run_ranks(state_dir: Path, name: str, processes: int, **job: Any) -> dict[str, Any]:
-    """Train site ``name``'s round on ``processes`` ranks; what rank 0 wrote.
+def run_ranks(state_dir: Path, name: str, processes: int, launcher: Sequence[str] | None = None,
+              **job: Any) -> dict[str, Any]:
+    """Train site ``name``'s round on ``processes`` ranks (or the launcher's); rank 0's result.
 
     Args:
         state_dir: The site's state directory (the scratch folder goes there).
         name: The site's name, for errors.
-        processes: How many ranks.
+        processes: How many ranks (without a launcher).
+        launcher: A command that starts the ranks itself (``deployment.launcher``).
         **job: What :func:`client.rank.train_rank` reads: site, ins, master, server_teacher.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="round-", dir=state_dir))
     try:
         torch.save(job, folder / "round.pt")
-        _wait(_start(folder, processes), folder, name)
+        _wait(_start(folder, processes, launcher), folder, name, launcher)
         return torch.load(folder / "result.pt", weights_only=False)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _start(folder: Path, size: int) -> list[subprocess.Popen]:
-    env = child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(size),
+def _start(folder: Path, size: int, launcher: Sequence[str] | None) -> list[subprocess.Popen]:
+    env = child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                     PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    rank_cmd = [sys.executable, "-m", "client.rank", str(folder)]
+    if launcher:  # one process: the launcher, tied to this one, starting the ranks
+        cmds = [([sys.executable, "-m", "client.rank", "--exec", str(os.getpid()), *launcher,
+                  *rank_cmd, "0"], {})]
+    else:
+        cmds = [([*rank_cmd, str(os.getpid())],
+                 {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(size)})
+                for r in range(size)]
     procs = []
     try:
-        for rank in range(size):
-            with open(folder / f"rank{rank}.log", "wb") as log:
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "client.rank", str(folder), str(os.getpid())],
-                    env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                ))
+        for r, (cmd, world) in enumerate(cmds):
+            with open(folder / f"rank{r}.log", "wb") as log:
+                procs.append(subprocess.Popen(cmd, env={**env, **world}, stdout=log,
+                                              stderr=subprocess.STDOUT, cwd=ROOT))
     except BaseException:
         _stop(procs)
         raise
     return procs
 
 
-def _wait(procs: list[subprocess.Popen], folder: Path, name: str) -> None:
+def _wait(procs: list[subprocess.Popen], folder: Path, name: str,
+          launcher: Sequence[str] | None) -> None:
     """Until every rank has exited 0; the first that fails stops the others and raises."""
     try:
         while True:
             codes = [p.poll() for p in procs]
             for rank, code in enumerate(codes):
                 if code:
+                    who = (f"the launcher ({' '.join(launcher)})" if launcher else
+                           f"rank {rank} of the {len(procs)} data-parallel processes")
                     raise RankFailed(
-                        f"site {name!r}: rank {rank} of the {len(procs)} data-parallel processes "
-                        f"{_ended(code)}, so this round fails; its last output:\n"
+                        f"site {name!r}: {who} {_ended(code)}, so this round fails; its last "
+                        "output:\n"
                         + (folder / f"rank{rank}.log").read_text(errors="replace")[-TAIL:])
             if all(code == 0 for code in codes):
                 return
             time.sleep(0.2)
     finally:
         _stop(procs)
+        _echo(folder, len(procs))
+
+
+def _echo(folder: Path, size: int) -> None:
+    """The ranks' output (warnings about unreadable files, ...) on the ClientApp's stderr."""
+    for rank in range(size):
+        log = folder / f"rank{rank}.log"
+        for line in log.read_text(errors="replace").splitlines() if log.exists() else ():
+            print(f"[rank {rank}] {line}", file=sys.stderr)
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:

@@ -1,7 +1,10 @@
-"""One rank of a site's data-parallel round: ``python -m client.rank FOLDER PARENT_PID``.
+"""One rank of a site's data-parallel round, started by :mod:`client.parallel`.
 
-Started by :mod:`client.parallel`. It ties its life to the ClientApp's before anything
-heavy loads, then trains the round with the others; rank 0 writes the result.
+``python -m client.rank FOLDER PARENT_PID``: a rank. It ties its life to its parent's (the
+ClientApp, or a launcher: PARENT_PID 0) before anything heavy loads, then trains the round
+with the others; rank 0 writes the result. ``python -m client.rank --exec PARENT_PID CMD...``
+ties its life to the ClientApp's and becomes ``CMD`` (a launcher such as torchrun or srun,
+which keeps the tie across exec).
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ from pathlib import Path
 
 
 def die_with_parent(parent: int) -> None:
-    """Have the kernel SIGKILL this process when ``parent`` (which started it) ends (Linux)."""
+    """Have the kernel SIGKILL this process when the one that started it ends (Linux).
+
+    ``parent``: that process's id, checked in case it ended already; 0 skips the check.
+    """
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # it ended before the line above
+    if parent and os.getppid() != parent:  # it ended before the line above
         os._exit(1)
 
 
@@ -42,5 +48,8 @@ def train_rank(folder: Path) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--exec":
+        die_with_parent(int(sys.argv[2]))
+        os.execvp(sys.argv[3], sys.argv[3:])
     die_with_parent(int(sys.argv[2]))
     train_rank(Path(sys.argv[1]))

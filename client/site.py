@@ -200,17 +200,17 @@ class Site:
 
         With ``teacher: server`` the teacher is ``server_teacher``, the round's fixed
         consistency target, and the site stores none. A site deployed with several
-        processes (``deployment.data_parallel`` or ``gpus``) trains on that many ranks
-        (:mod:`client.parallel`); ``world`` is set in each of them, and rank 0 saves.
+        processes (``deployment.data_parallel`` or ``gpus``, or a ``launcher``) trains on
+        that many ranks (:mod:`client.parallel`); ``world`` is set in each, rank 0 saves.
 
         Returns:
             The student's float tensors (shared parts and this site's heads) and metrics.
         """
-        processes = self.cfg.deployment.processes if self.cfg.deployment else 1
-        if world is None and processes > 1:
+        dep = self.cfg.deployment
+        if world is None and dep is not None and (dep.launcher or dep.processes > 1):
             fixed = None if server_teacher is None else _tensors(server_teacher)
-            out = run_ranks(self.state_dir, self.cfg.name, processes, site=self, ins=ins,
-                            master=_tensors(master), server_teacher=fixed)
+            out = run_ranks(self.state_dir, self.cfg.name, dep.processes, dep.launcher,
+                            site=self, ins=ins, master=_tensors(master), server_teacher=fixed)
             return out["student"], out["metrics"]
         saves = world is None or world.main
         on_site = ins.teacher == "sites"

@@ -49,9 +49,21 @@ def _train_reply(tmp: Path, **deployment):
     return arrays, dict(reply.content["metrics"]), run_dir
 
 
-def test_client_app_on_two_ranks_replies_as_one_process(tmp_path):
-    two, m2, run2 = _train_reply(tmp_path / "two", data_parallel=2)
-    one, m1, _ = _train_reply(tmp_path / "one")
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    return _train_reply(tmp_path_factory.mktemp("one"))
+
+
+TORCHRUN = {"launcher": [str(Path(sys.executable).with_name("torchrun")), "--standalone",
+                        "--nproc-per-node=2", "--no-python"]}
+TWO_WAYS = pytest.mark.parametrize("deployment", [{"data_parallel": 2}, TORCHRUN],
+                                   ids=["ranks", "torchrun"])
+
+
+@TWO_WAYS
+def test_client_app_on_two_ranks_replies_as_one_process(tmp_path, one_process, deployment):
+    two, m2, run2 = _train_reply(tmp_path / "two", **deployment)
+    one, m1, _ = one_process
     assert two.keys() == one.keys()
     diff = {k: (two[k] - one[k]).abs().max().item() for k in one}
     assert max(diff.values()) <= 1e-5, (sorted(diff.items(), key=lambda kv: -kv[1])[:3], m1, m2)
@@ -67,13 +79,13 @@ PARENT = """
 import sys
 sys.path[:0] = {paths!r}
 from test_site_parallel import start_round
-start_round({tmp!r})
+start_round({tmp!r}, {deployment!r})
 """
 
 
-def start_round(tmp: str) -> None:
+def start_round(tmp: str, deployment: dict) -> None:
     """A two-rank round of a site, in this process (the ClientApp's part)."""
-    rc = _sim(Path(tmp), data_parallel=2)
+    rc = _sim(Path(tmp), **deployment)
     sim, _, _ = load_simulation(rc["sim-config"], rc["data-root"], rc["run-dir"])
     fed_cfg = sim.federation()
     master = float_state(create_model(fed_cfg.model, fed_cfg.task_specs()))
@@ -81,14 +93,18 @@ def start_round(tmp: str) -> None:
     site.train(Instruction.for_round(fed_cfg, 1, 1e-3), master)
 
 
-def _parent_with_ranks(tmp: Path) -> tuple[subprocess.Popen, dict[int, int]]:
-    """A process training a two-rank round, once both workers run: it and {rank: pid}."""
-    code = PARENT.format(paths=[str(TESTS), str(TESTS.parent)], tmp=str(tmp))
+def _parent_with_ranks(tmp: Path, deployment: dict) -> tuple[subprocess.Popen, dict[int, int]]:
+    """A process training a two-rank round, once both ranks run: it and {rank: pid}."""
+    code = PARENT.format(paths=[str(TESTS), str(TESTS.parent)], tmp=str(tmp),
+                         deployment=deployment)
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        ranks = {_rank(pid): pid for pid in descendants(parent.pid)}
+        ranks: dict[int, int] = {}
+        for pid in descendants(parent.pid):  # parents before children: a rank before its own
+            if (rank := _rank(pid)) is not None:
+                ranks.setdefault(rank, pid)
         if set(ranks) == {0, 1}:
             return parent, ranks
         assert parent.poll() is None, parent.communicate()[0]
@@ -120,7 +136,7 @@ def _gone(pid: int, within_s: float) -> bool:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 def test_a_killed_worker_fails_the_round_and_leaves_no_process(tmp_path):
-    parent, ranks = _parent_with_ranks(tmp_path)
+    parent, ranks = _parent_with_ranks(tmp_path, {"data_parallel": 2})
     os.kill(ranks[1], signal.SIGKILL)
     out, _ = parent.communicate(timeout=60)
     assert parent.returncode != 0
@@ -130,9 +146,11 @@ def test_a_killed_worker_fails_the_round_and_leaves_no_process(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
-def test_workers_die_with_a_killed_client_app(tmp_path):
-    parent, ranks = _parent_with_ranks(tmp_path)
+@TWO_WAYS
+def test_workers_die_with_a_killed_client_app(tmp_path, deployment):
+    parent, ranks = _parent_with_ranks(tmp_path, deployment)
+    everyone = descendants(parent.pid)  # with torchrun: it, and the ranks below it
     parent.kill()
     parent.wait()
     # At once: left alone, a worker would live on for seconds (imports, then its round).
-    assert all(_gone(pid, within_s=2) for pid in ranks.values())
+    assert all(_gone(pid, within_s=2) for pid in everyone)

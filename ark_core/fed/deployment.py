@@ -90,6 +90,13 @@ class SiteDeployment(Strict):
         "one per GPU); train.batch_size stays the batch of a step, split over them. Unset: one "
         "per GPU in gpus, one process without gpus.",
     )
+    launcher: list[str] | None = Field(
+        None, min_length=1,
+        description="A command that starts the ranks itself, such as [torchrun, --standalone, "
+        "--nproc-per-node=4, --no-python] or, inside a Slurm job, [srun, --ntasks=4, "
+        "--gpus-per-task=1]; the rank's own command (python -m client.rank ...) is appended. "
+        "Unset: the ClientApp starts data_parallel ranks itself.",
+    )
     trusted_entities: Path | None = Field(
         None,
         description="Flower --trusted-entities YAML: run only app bundles signed by these "
