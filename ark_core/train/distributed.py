@@ -59,12 +59,13 @@ class World:
 def start(world: World, device: str | torch.device, timeout_s: float = 1800.0) -> torch.device:
     """Join the site's process group (MASTER_ADDR/MASTER_PORT); return this rank's device.
 
-    NCCL on GPUs (one per rank, by local rank), gloo on CPUs. ``timeout_s`` bounds how long
+    NCCL on GPUs (one per rank: the local rank's among those visible, or the one a launcher
+    such as srun --gpus-per-task=1 left visible), gloo on CPUs. ``timeout_s`` bounds how long
     a rank waits for the others in a collective, so a stuck rank fails the round.
     """
     device = torch.device(device)
     if device.type == "cuda":
-        device = torch.device("cuda", world.local_rank)
+        device = torch.device("cuda", world.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=world.rank,
                             world_size=world.size, timeout=timedelta(seconds=timeout_s))
