@@ -1,12 +1,12 @@
 """A site's round on several processes: the ClientApp starts one worker per rank and waits.
 
 The ClientApp stays the site's one Flower client. For a round it writes what the ranks need
-(the site, the instruction, the tensors it received) to a scratch folder in the site's state
-directory, starts ``python -m client.rank FOLDER PID`` once per rank with torchrun's
-environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), and reads
-back what rank 0 wrote: the trained student and the round's metrics, which it encodes and
-sends as one process would (so the egress guard sees them). Rank 0 alone saves the teacher
-and the other state.
+(the site and the instruction as JSON, the tensors it received as safetensors) to a scratch
+folder in the site's state directory, starts ``python -m client.rank FOLDER PID`` once per
+rank with torchrun's environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT), and reads back what rank 0 wrote: the trained student and the round's
+metrics, which it encodes and sends as one process would (so the egress guard sees them).
+Rank 0 alone saves the teacher and the other state.
 
 With a launcher (``deployment.launcher``: torchrun, or srun in a Slurm job) the ClientApp
 starts that one command instead, with the rank's command appended; the ranks take their
@@ -19,6 +19,7 @@ ClientApp stop the others and fail the site's round with that rank's exit and la
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -26,12 +27,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ark_core.model.checkpoint import load_tensors, save_tensors
 from ops.procs import child_env, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,23 +44,31 @@ class RankFailed(RuntimeError):
     """A worker of a data-parallel round ended with an error; the site's round fails."""
 
 
-def run_ranks(state_dir: Path, name: str, processes: int, launcher: Sequence[str] | None = None,
-              **job: Any) -> dict[str, Any]:
-    """Train site ``name``'s round on ``processes`` ranks (or the launcher's); rank 0's result.
+def run_ranks(state_dir: Path, name: str, processes: int, launcher: Sequence[str] | None,
+              job: Mapping[str, Any], tensors: Mapping[str, Mapping[str, torch.Tensor]],
+              ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Train site ``name``'s round on ``processes`` ranks (or the launcher's).
 
     Args:
         state_dir: The site's state directory (the scratch folder goes there).
         name: The site's name, for errors.
         processes: How many ranks (without a launcher).
         launcher: A command that starts the ranks itself (``deployment.launcher``).
-        **job: What :func:`client.rank.train_rank` reads: site, ins, master, server_teacher.
+        job: What :func:`client.rank.train_rank` reads, as JSON (``site``, ``ins``).
+        tensors: Named sets of tensors it reads (``master``, ``server_teacher``).
+
+    Returns:
+        Rank 0's trained student and metrics.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="round-", dir=state_dir))
-    try:
-        torch.save(job, folder / "round.pt")
+    try:  # safetensors and JSON: nothing a rank reads can run code
+        (folder / "job.json").write_text(json.dumps(job), encoding="utf-8")
+        for key, value in tensors.items():
+            save_tensors(value, folder / f"{key}.safetensors")
         _wait(_start(folder, processes, launcher), folder, name, launcher)
-        return torch.load(folder / "result.pt", weights_only=False)
+        return (load_tensors(folder / "student.safetensors"),
+                json.loads((folder / "metrics.json").read_text(encoding="utf-8")))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -29,20 +29,26 @@ def die_with_parent(parent: int) -> None:
 
 def train_rank(folder: Path) -> None:
     """Join the site's process group, train the round, and (rank 0) write the result."""
-    import torch  # noqa: PLC0415 - loaded once this rank is tied to its parent
+    import json  # noqa: PLC0415 - loaded once this rank is tied to its parent
 
     from ark_core.fed.federation import site_train_config  # noqa: PLC0415
+    from ark_core.fed.protocol import Instruction  # noqa: PLC0415
+    from ark_core.model.checkpoint import load_tensors, save_tensors  # noqa: PLC0415
     from ark_core.model.runtime import resolve_device  # noqa: PLC0415
     from ark_core.train import distributed  # noqa: PLC0415
+    from client.site import Site  # noqa: PLC0415
 
-    job = torch.load(folder / "round.pt", weights_only=False, mmap=True)
-    site, ins = job["site"], job["ins"]
+    job = json.loads((folder / "job.json").read_text(encoding="utf-8"))
+    site, ins = Site.from_json(job["site"]), Instruction.from_config(job["ins"])
+    fixed = folder / "server_teacher.safetensors"
     world = distributed.World.from_env()
     distributed.start(world, resolve_device(site_train_config(ins.train, site.cfg.train).device))
     try:
-        student, metrics = site.train(ins, job["master"], job["server_teacher"], world=world)
+        student, metrics = site.train(ins, load_tensors(folder / "master.safetensors"),
+                                      load_tensors(fixed) if fixed.exists() else None, world=world)
         if world.main:
-            torch.save({"student": student, "metrics": metrics}, folder / "result.pt")
+            save_tensors(student, folder / "student.safetensors")
+            (folder / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
     finally:
         distributed.stop()
 

@@ -8,6 +8,7 @@ the end, of its teacher) restricted to the shared parts and its own heads, and n
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -105,6 +106,17 @@ class Site:
             "no site configuration: start the SuperNode with --node-config "
             "'site-config=\"/path/to/site.yaml\"'"
         )
+
+    def to_json(self) -> str:
+        """This site as JSON, for another process (:meth:`from_json`)."""
+        return json.dumps({"cfg": self.cfg.model_dump(mode="json"), "progress": self.progress,
+                           "data_root": str(self.data_root), "state_dir": str(self.state_dir)})
+
+    @classmethod
+    def from_json(cls, text: str) -> Site:
+        d = json.loads(text)
+        return cls(SiteConfig.model_validate(d["cfg"]), Path(d["data_root"]),
+                   Path(d["state_dir"]), bool(d["progress"]))
 
     # -- helpers -------------------------------------------------------------------
     @property
@@ -208,10 +220,12 @@ class Site:
         """
         dep = self.cfg.deployment
         if world is None and dep is not None and (dep.launcher or dep.processes > 1):
-            fixed = None if server_teacher is None else _tensors(server_teacher)
-            out = run_ranks(self.state_dir, self.cfg.name, dep.processes, dep.launcher,
-                            site=self, ins=ins, master=_tensors(master), server_teacher=fixed)
-            return out["student"], out["metrics"]
+            tensors = {"master": master}
+            if server_teacher is not None:
+                tensors["server_teacher"] = server_teacher
+            job = {"site": self.to_json(), "ins": ins.to_config()}
+            return run_ranks(self.state_dir, self.cfg.name, dep.processes, dep.launcher, job,
+                             tensors)
         saves = world is None or world.main
         on_site = ins.teacher == "sites"
         if not on_site and server_teacher is None:
@@ -379,10 +393,6 @@ class Site:
         metrics["teacher-round"] = float(rounds[-1])
         teacher = store.load(rounds[-1])
         return (_shared(teacher) if ins.heads == "per_site" else teacher), metrics
-
-
-def _tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(tensors[k]) for k in tensors}
 
 
 def _heads(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
