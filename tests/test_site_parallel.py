@@ -16,6 +16,7 @@ from fed_helpers import NIH, PED, write_sim
 from test_client_app import _call, _message
 
 from ark_core.fed.aggregate import float_state
+from ark_core.fed.deployment import SiteDeployment
 from ark_core.fed.federation import load_simulation
 from ark_core.fed.protocol import Instruction
 from ark_core.model.factory import create_model
@@ -154,3 +155,13 @@ def test_workers_die_with_a_killed_client_app(tmp_path, deployment):
     parent.wait()
     # At once: left alone, a worker would live on for seconds (imports, then its round).
     assert all(_gone(pid, within_s=2) for pid in everyone)
+
+
+def test_ranks_of_a_deployment():
+    assert SiteDeployment(**DEPLOYMENT).processes == 1
+    assert SiteDeployment(**DEPLOYMENT, gpus=[]).processes == 1
+    assert SiteDeployment(**DEPLOYMENT, gpus=[0, 1, 2, 3]).processes == 4
+    assert SiteDeployment(**DEPLOYMENT, gpus=[0, 1, 2, 3], data_parallel=2).processes == 2
+    assert SiteDeployment(**DEPLOYMENT, data_parallel=2).processes == 2  # CPU ranks, or a job's GPUs
+    with pytest.raises(ValueError, match="data_parallel: 3 ranks for the 2 GPUs"):
+        SiteDeployment(**DEPLOYMENT, gpus=[0, 1], data_parallel=3)

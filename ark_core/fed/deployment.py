@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..config import Strict, require_unique
 
@@ -114,6 +114,13 @@ class SiteDeployment(Strict):
     runtime_port: int = Field(
         9094, ge=1, le=65535, description="Loopback port of the SuperNode's app runtime API."
     )
+
+    @model_validator(mode="after")
+    def _one_rank_per_gpu(self) -> SiteDeployment:
+        if self.gpus and self.data_parallel and self.data_parallel > len(self.gpus):
+            raise ValueError(f"data_parallel: {self.data_parallel} ranks for the "
+                             f"{len(self.gpus)} GPUs in gpus {self.gpus}: one rank per GPU")
+        return self
 
     @property
     def processes(self) -> int:
