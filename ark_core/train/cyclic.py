@@ -30,7 +30,7 @@ from ..model.network import ArkModel, ema_update
 from ..model.runtime import accelerate, autocast_for
 from ..schedule import consistency_weight, momentum_schedule
 from ..tasks import TaskSpec, TaskType
-from .distributed import StepLosses, World, merge_bad_files, step_losses, wrap
+from .distributed import StepLosses, World, join_round, merge_bad_files, step_losses, wrap
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,10 @@ def train_cyclic(
     _check_schedule(ema_step, local_epochs, len(tasks), ema_total_steps)
     optimizer = _ready(student, teacher, cfg, device, optimizer, lr)
     prox = Proximal(student, prox_mu) if prox_mu > 0 else None
-    ddp = wrap(student, device) if world is not None else None
+    ddp = None
+    if world is not None:
+        ddp = wrap(student, device)
+        join_round(world, teacher)
     momentum = momentum_schedule(ema_total_steps, cfg.ema_m0)
     tally = _Tally()
     for epoch in range(local_epochs):

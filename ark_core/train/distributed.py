@@ -24,7 +24,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ..data.dataset import BadFileCounter
 from ..model.network import ArkModel
 
-__all__ = ["StepLosses", "World", "merge_bad_files", "start", "step_losses", "stop", "wrap"]
+__all__ = ["StepLosses", "World", "join_round", "merge_bad_files", "start", "step_losses", "stop",
+           "wrap"]
 
 # Environment variables of the launchers: torchrun (and torch's own), then Slurm's srun.
 _LAUNCHERS = (("RANK", "WORLD_SIZE", "LOCAL_RANK"),
@@ -102,6 +103,17 @@ def wrap(student: ArkModel, device: torch.device) -> DistributedDataParallel:
         find_unused_parameters=len(student.heads) > 1, forward_sync_buffers=False,
         gradient_as_bucket_view=True,
     )
+
+
+def join_round(world: World, teacher: nn.Module) -> None:
+    """Every rank's teacher made rank 0's, and each rank's own random stream (drop-path).
+
+    Ranks build their teachers alike, so the broadcast (once a round) only guards against a
+    difference in how they were built; DDP does the same for the student.
+    """
+    for t in [*teacher.parameters(), *teacher.buffers()]:
+        dist.broadcast(t.data, src=0)
+    torch.manual_seed(torch.initial_seed() + world.rank)
 
 
 @dataclass(frozen=True)
