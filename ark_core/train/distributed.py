@@ -98,8 +98,11 @@ def wrap(student: ArkModel, device: torch.device) -> DistributedDataParallel:
     are constant (Swin's index tables), so they are not broadcast each step. Gradients are
     views of DDP's buckets, which saves one copy of the model's gradients.
     """
+    gpu = None
+    if device.type == "cuda":  # "cuda" without an index: the rank's, set by start()
+        gpu = [torch.cuda.current_device() if device.index is None else device.index]
     return DistributedDataParallel(
-        _TaskForward(student), device_ids=[device.index] if device.type == "cuda" else None,
+        _TaskForward(student), device_ids=gpu,
         find_unused_parameters=len(student.heads) > 1, forward_sync_buffers=False,
         gradient_as_bucket_view=True,
     )
