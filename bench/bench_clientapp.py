@@ -131,13 +131,14 @@ def child(arm: str, sim_yaml: Path, master_file: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="the tiny Swin at 64 px (CI smoke run)")
-    p.add_argument("--reps", type=int, default=3, help="runs of each arm")
+    p.add_argument("--reps", type=int, help="runs of each arm (default 3; --quick: 1)")
     p.add_argument("--child", nargs=3, metavar=("ARM", "SIM", "MASTER"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child[0], Path(args.child[1]), Path(args.child[2]))))
         return 0
     print(f"machine: {machine()}")
+    reps = args.reps or (1 if args.quick else 3)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sim_yaml = tmp / "sim.yaml"
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         write_master(sim_yaml, tmp / "master.pkl")
         model = int((tmp / "model_bytes").read_text())
         rows: dict[str, list[int]] = {"clientapp": [], "plain": []}
-        for rep in range(args.reps):
+        for rep in range(reps):
             arms = ("clientapp", "plain") if rep % 2 == 0 else ("plain", "clientapp")
             for arm in arms:
                 r = run_child(Path(__file__), [arm, str(sim_yaml), str(tmp / "master.pkl")])

@@ -36,6 +36,7 @@ EXPECTED = {
     "bench_data_check.py": ["data_check_sniff_over_stat_walk", "data_check_check_over_stat_walk"],
     "bench_labels.py": [f"{arm}_{what}_over_pandas[generated]" for what in ("memory", "time")
                         for arm in ("label_read", "chestxray14_adapter")],
+    "bench_clientapp.py": ["clientapp_peak_rss_above_plain_loop_over_model[tiny]"],
 }
 
 
