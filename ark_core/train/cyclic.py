@@ -152,9 +152,7 @@ def _losses(forward, teacher: ArkModel, batch: dict, spec: TaskSpec, lam: float,
             cfg: TrainConfig, device: torch.device, fmt: torch.memory_format,
             long_tail: LongTail | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One process's batch: task loss, consistency loss and their weighted sum."""
-    xs = batch["student"].to(device, non_blocking=True, memory_format=fmt)
-    xt = batch["teacher"].to(device, non_blocking=True, memory_format=fmt)
-    y = batch["target"].to(device, non_blocking=True)
+    xs, xt, y = _on_device(batch, device, fmt)
     with autocast_for(device, cfg.amp):
         z_s, logits = forward(xs, spec.name)
         loss_task = task_loss(logits, y, spec, long_tail)
@@ -174,9 +172,7 @@ def _ddp_losses(ddp: DistributedDataParallel, teacher: ArkModel, batch: dict, sp
     n = int(batch["n"])
     if n == 0:  # an empty share still joins DDP's step
         batch = _blank(spec, teacher.img_size)
-    xs = batch["student"].to(device, non_blocking=True, memory_format=fmt)
-    xt = batch["teacher"].to(device, non_blocking=True, memory_format=fmt)
-    y = batch["target"].to(device, non_blocking=True)
+    xs, xt, y = _on_device(batch, device, fmt)
     with autocast_for(device, cfg.amp):
         z_s, logits = ddp(xs, spec.name)
         task_sum = task_loss_sum(logits, y, spec, long_tail)
@@ -186,6 +182,14 @@ def _ddp_losses(ddp: DistributedDataParallel, teacher: ArkModel, batch: dict, sp
                 z_t = teacher.embed(xt)
             cons_sum = (z_s.float() - z_t.float()).pow(2).sum() * float(n > 0)
         return step_losses(task_sum, labelled_cells(y, spec), cons_sum, n, z_s.shape[1], lam)
+
+
+def _on_device(batch: dict, device: torch.device, fmt: torch.memory_format
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The student's view, the teacher's view and the targets on ``device``."""
+    return (batch["student"].to(device, non_blocking=True, memory_format=fmt),
+            batch["teacher"].to(device, non_blocking=True, memory_format=fmt),
+            batch["target"].to(device, non_blocking=True))
 
 
 def _blank(spec: TaskSpec, size: int) -> dict:
