@@ -64,22 +64,8 @@ def task_loss(logits: torch.Tensor, target: torch.Tensor, spec: TaskSpec,
     ``long_tail`` (training only) shifts the logits and/or weighs the classes; the loss stays
     a mean over labelled cells (images, for cross-entropy) as without it.
     """
-    logits, weight = _adjusted(logits, long_tail)
-    if spec.task_type is TaskType.MULTICLASS:
-        labelled = (target >= 0).sum()
-        if labelled == 0:
-            return logits.sum() * 0.0
-        if weight is None:
-            return F.cross_entropy(logits, target.long(), ignore_index=-1)
-        return F.cross_entropy(logits, target.long(), weight=weight, ignore_index=-1,
-                               reduction="sum") / labelled
-    mask = ~torch.isnan(target)
-    bce = F.binary_cross_entropy_with_logits(
-        logits, torch.nan_to_num(target, nan=0.0), reduction="none"
-    )
-    if weight is not None:
-        bce = bce * weight
-    return (bce * mask).sum() / mask.sum().clamp(min=1)
+    # A tensor count, not an int: no host sync in the training step.
+    return task_loss_sum(logits, target, spec, long_tail) / _labelled(target, spec).clamp(min=1)
 
 
 def task_loss_sum(logits: torch.Tensor, target: torch.Tensor, spec: TaskSpec,
@@ -103,9 +89,13 @@ def task_loss_sum(logits: torch.Tensor, target: torch.Tensor, spec: TaskSpec,
 
 def labelled_cells(target: torch.Tensor, spec: TaskSpec) -> int:
     """How many entries of ``target`` carry a label (images, for multi-class tasks)."""
+    return int(_labelled(target, spec))
+
+
+def _labelled(target: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
     if spec.task_type is TaskType.MULTICLASS:
-        return int((target >= 0).sum())
-    return int((~torch.isnan(target)).sum())
+        return (target >= 0).sum()
+    return (~torch.isnan(target)).sum()
 
 
 def _adjusted(logits: torch.Tensor, long_tail: LongTail | None
