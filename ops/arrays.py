@@ -111,6 +111,18 @@ class Tensors(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self.record)
 
+    def fields(self, name: str) -> tuple[tuple[int, ...], str]:
+        """``name``'s shape and dtype as its ``Array`` declares them, its data left unread.
+
+        A record that pulls data on access (:class:`server.pull.LazyArrays`) answers from what
+        it holds without the data.
+        """
+        fields = getattr(self.record, "fields", None)
+        if fields is not None:
+            return fields(name)
+        array = self.record[name]
+        return tuple(array.shape), array.dtype
+
 
 def raw_array(x: np.ndarray | torch.Tensor) -> Array:
     """An encoded payload as bare little-endian bytes; the ``Array``'s fields say dtype and shape."""

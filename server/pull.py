@@ -96,6 +96,11 @@ class LazyArrays(Mapping[str, PulledArray]):
     def __len__(self) -> int:
         return len(self.stubs)
 
+    def fields(self, name: str) -> tuple[tuple[int, ...], str]:
+        """``name``'s shape and dtype as the reply declares them, nothing pulled."""
+        stub = self.stubs[name]
+        return tuple(stub.shape), stub.dtype
+
     def nbytes(self, name: str) -> int:
         """Bytes of ``name``'s data (pulled, and dropped, if it has not been read yet)."""
         if name not in self.sizes:

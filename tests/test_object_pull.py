@@ -20,11 +20,12 @@ from flwr.proto.node_pb2 import Node
 from flwr.proto.runtime_pb2 import PullAppMessagesResponse
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 
-from ark_core.fed.aggregate import UpdateRejected
+from ark_core.fed.aggregate import UpdateRejected, UpdateValidator
 from ark_core.fed.federation import load_simulation
+from ark_core.fed.transfer import TransferConfig, encode_update
 from ark_core.model.checkpoint import load_tensors
 from client.app import app as client_app
-from ops.arrays import Tensors, payload_nbytes
+from ops.arrays import Tensors, payload_nbytes, raw_array
 from server.exchange import read_reply
 from server.loop import ArkFederation
 from server.pull import ObjectPull
@@ -119,6 +120,33 @@ def test_a_reply_is_read_tensor_by_tensor_and_each_tensor_pulls_only_its_chunks(
     assert r.nbytes == payload_nbytes(whole)
     pull.confirm(msg.metadata.message_id)
     assert store.confirmed == [reply.object_id]
+
+
+def test_an_encoded_reply_is_checked_from_its_fields_and_pulled_once_by_the_validator():
+    rng = np.random.default_rng(1)
+    master = {"big": torch.from_numpy(rng.standard_normal((3, 700_000), dtype=np.float32)),
+              "bias": torch.zeros(7)}
+    student = {k: v + 0.01 for k, v in master.items()}
+    p = encode_update(student, master, TransferConfig(dtype="int8", delta=True))
+    ins = Message(RecordDict({}), dst_node_id=5, message_type="train")
+    ins.metadata.__dict__["_message_id"] = "ins-1"
+    reply = Message(RecordDict({
+        "arrays": ArrayRecord({k: raw_array(v) for k, v in p.arrays.items()}),
+        "scales": ArrayRecord({k: raw_array(v) for k, v in p.scales.items()}),
+        "encoding": ConfigRecord(p.manifest),
+        "metrics": MetricRecord({"num-examples": 12.0}),
+        "site": ConfigRecord({"name": "hosp-a", "tasks": []}),
+    }), reply_to=ins)
+    store = Store(lambda ids: [reply] if ids == ["ins-1"] else [])
+    [(msg, records)] = ObjectPull(Grid1(store)).pull(["ins-1"])
+    update = read_reply(msg, 5, records=records).update(master, "int8-delta")
+    validator = UpdateValidator(master)
+    before = store.pulled
+    update.check_encoding(validator.expected([]))
+    assert store.pulled - before < 1_000  # the scales vector: the tensors' fields sufficed
+    validator.check(update, [])
+    payload = sum(a.nbytes for a in p.arrays.values())
+    assert payload < store.pulled - before < 1.01 * payload  # each tensor pulled once
 
 
 def test_lost_objects_reject_the_tensor_or_make_an_error_reply():

@@ -356,6 +356,18 @@ def _meta(value: Any) -> tuple[tuple[int, ...], str]:
     return tuple(value.shape), name
 
 
+def _declared(payloads: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, dtype) of each payload, from declared fields where the mapping has them.
+
+    With ``fields`` (``ops.arrays.Tensors.fields``) the check reads no data: the validator's
+    value check reads it anyway, and a reply pulled tensor by tensor is then pulled once.
+    """
+    fields = getattr(payloads, "fields", None)
+    if fields is None:
+        return {k: _meta(a) for k, a in payloads.items()}
+    return {k: (shape, np.dtype(dtype).name) for k in payloads for shape, dtype in [fields(k)]}
+
+
 class EncodedUpdate(Mapping[str, torch.Tensor]):
     """A site's encoded reply seen as its fp32 weights, decoded tensor by tensor on access.
 
@@ -386,8 +398,8 @@ class EncodedUpdate(Mapping[str, torch.Tensor]):
         See :func:`check_declared`; payload shapes must be those of ``specs``, and each int8
         scale must be finite and >= 0.
         """
-        check_declared({k: _meta(a) for k, a in self.arrays.items()}, self.manifest,
-                       {k: _meta(s) for k, s in self.scales.items()}, self.expected,
+        check_declared(_declared(self.arrays), self.manifest, _declared(self.scales),
+                       self.expected,
                        {k: s.shape for k, s in specs.items()})
         for name, value in self._scales_by_name().items():
             if not np.isfinite(value) or value < 0:
@@ -395,9 +407,11 @@ class EncodedUpdate(Mapping[str, torch.Tensor]):
                                      "and >= 0")
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        # check_encoding made sure the reply declares the run's encoding.
+        # check_encoding made sure the reply declares the run's encoding. Reading the payload
+        # checks its bytes against those fields (the error names the tensor).
+        payload = self.arrays[name]
         try:
-            x = decode_tensor(self.arrays[name], self.expected, self._scales_by_name().get(name),
+            x = decode_tensor(payload, self.expected, self._scales_by_name().get(name),
                               self.master.get(name))
         except UpdateRejected as e:  # a payload of another dtype than declared
             raise UpdateRejected(f"{name}: {e}") from None
@@ -490,9 +504,8 @@ def rebuild_master(
                          f"tensors (differ at {odd[:5]})")
     scales = dict(scales or {})
     try:
-        check_declared({k: _meta(a) for k, a in arrays.items()},
-                       {MANIFEST_KEY: manifest.get(MANIFEST_KEY)},
-                       {k: _meta(v) for k, v in scales.items()}, expected,
+        check_declared(_declared(arrays), {MANIFEST_KEY: manifest.get(MANIFEST_KEY)},
+                       _declared(scales), expected,
                        {k: tuple(v.shape) for k, v in reference.items()})
     except UpdateRejected as e:
         raise ValueError(f"master difference: {e}") from None
