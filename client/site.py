@@ -310,7 +310,7 @@ class Site:
                     f"the master rebuilt from this site's reference has SHA-256 {sha[:16]}, the "
                     f"server's {str(manifest.get(MASTER_KEY))[:16]}: the two sides decode "
                     "differently (run the same version on both)")
-        store.save(ins.round, {k: v for k, v in master.items()})
+        store.save(ins.round, dict(master))
         return master
 
     def _reference(self, store: ReferenceStore, sha: str) -> dict[str, torch.Tensor]:

@@ -143,18 +143,16 @@ def test_master_goes_down_in_int8_and_both_sides_hold_the_same_reference(tmp_pat
 
 def test_a_site_that_lost_its_reference_fails_once_then_gets_fp32(tmp_path):
     errors: list[str] = []
-    state: dict = {}
+    sites = tmp_path / "run" / "sites"
 
     def on_reply(reply: Message) -> None:
         meta = reply.metadata
         if reply.has_error():
             errors.append(reply.error.reason)
         elif meta.message_type == "train" and meta.group_id == "2" and meta.src_node_id == 1:
-            for p in state["sites"].glob("hosp-a/*/reference_round_*"):  # the state dir is wiped
+            for p in sites.glob("hosp-a/*/reference_round_*"):  # the state dir is wiped
                 p.unlink()
 
-    rc_dir = tmp_path
-    state["sites"] = rc_dir / "run" / "sites"
     _, _, grid = _federate(tmp_path, on_reply=on_reply, rounds=3, retries=1, min_sites=2)
     assert len(errors) == 1 and "does not hold" in errors[0], errors
     to_a = [(r, enc is not None) for r, n, enc, _ in grid.train if n == 1]
