@@ -7,6 +7,7 @@ or from the run config's ``sim-config``/``data-root``/``run-dir`` plus the node'
 
 from __future__ import annotations
 
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -33,17 +34,27 @@ def _reply(msg: Message, site: Site, metrics: dict[str, float], arrays=None) -> 
     return Message(content, reply_to=msg)
 
 
+def _take(content: RecordDict, name: str, required: bool = True) -> dict[str, torch.Tensor] | None:
+    """Record ``name`` of ``content`` as tensors over its bytes, removed from ``content``."""
+    if not required and name not in content:
+        return None
+    return dict(Tensors(content.pop(name)))
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round: the master student in, this site's student (run's encoding) and metrics out."""
     site, ins = site_of(msg, context), instruction_of(msg)
-    encoding, scales = msg.content.config_records.get(ENCODING), msg.content.array_records.get(SCALES)
-    master = site.receive(ins, Tensors(msg.content[ARRAYS]), encoding,
-                          None if scales is None else Tensors(scales))
-    teacher = msg.content.array_records.get(TEACHER)
-    student, metrics = site.train(ins, master, None if teacher is None else Tensors(teacher))
-    payload = site.encode(ins, master, student)
-    del student
+    content = msg.content
+    encoding, scales = content.config_records.get(ENCODING), content.array_records.get(SCALES)
+    # The master and a server teacher are taken out of the message (the mods read what they
+    # need before), so that once the models hold their values no copy is kept in training.
+    master = dict(site.receive(ins, _take(content, ARRAYS), encoding,
+                               None if scales is None else Tensors(scales)))
+    base = dict(master) if ins.transfer.delta else None  # what the reply is a difference from
+    student, metrics = site.train(ins, master, _take(content, TEACHER, required=False))
+    payload = site.encode(ins, base, student)
+    del student, base
     if not payload.manifest:  # plain fp32 weights: numpy Arrays, as Flower makes them
         return _reply(msg, site, metrics, {k: Array(v) for k, v in payload.arrays.items()})
     reply = _reply(msg, site, metrics, {k: raw_array(v) for k, v in payload.arrays.items()})

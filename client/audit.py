@@ -62,11 +62,15 @@ def _master_sha(msg: Message) -> str | None:
     return tensors_sha256(Tensors(master)) if master is not None else None
 
 
-def reply_record(msg: Message, reply: Message) -> dict:
-    """The audit record of ``reply`` (the answer to ``msg``)."""
+def request_record(msg: Message) -> dict:
+    """The audit record's fields about ``msg``, the message answered.
+
+    Read before the handler runs: the train handler takes the master out of the message once
+    the student holds it (so that it is not kept through training).
+    """
     config = dict(msg.content.config_records.get(CONFIG, {}))
     master = msg.content.array_records.get(ARRAYS)
-    rec: dict = {
+    return {
         "event": "reply", "kind": msg.metadata.message_type, "round": config.get("round"),
         "run_fingerprint": _fingerprint(msg), "run_id": msg.metadata.run_id,
         "master_sha256": _master_sha(msg),
@@ -74,6 +78,10 @@ def reply_record(msg: Message, reply: Message) -> dict:
         "received_heads": sorted({t for k in master if (t := head_task(k))}) if master else [],
         "bundle": bundle_info(),
     }
+
+
+def reply_record(rec: dict, reply: Message) -> dict:
+    """The audit record of ``reply``, given :func:`request_record` of the message it answers."""
     if reply.has_error():
         return {**rec, "error": reply.error.reason, "sent": {}, "bytes": 0}
     sent = reply.content.array_records.get(ARRAYS)
@@ -88,11 +96,12 @@ def reply_record(msg: Message, reply: Message) -> dict:
 
 def audit_mod(msg: Message, context: Context, call_next) -> Message:
     """ClientApp mod: log every reply in the site's state directory, then send it."""
+    rec = request_record(msg)
     reply = call_next(msg, context)
     try:
         state_dir = site_of(msg, context).state_dir
     except (OSError, ValueError) as e:  # no site config: the reply is an error already
         log.warning("audit: no state directory to log in (%s)", e)
         return reply
-    append_audit(Path(state_dir) / "audit.jsonl", reply_record(msg, reply))
+    append_audit(Path(state_dir) / "audit.jsonl", reply_record(rec, reply))
     return reply

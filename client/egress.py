@@ -164,11 +164,18 @@ class EgressPolicy:
 
 def egress_guard(msg: Message, context: Context, call_next) -> Message:
     """ClientApp mod: send the reply only if :class:`EgressPolicy` allows all of it."""
+    # The policy is read from the message before the handler, which may take the master out.
+    try:
+        policy: EgressPolicy | Exception = EgressPolicy.for_message(msg, context)
+    except (KeyError, OSError, ValueError) as e:  # blocks any reply but an error
+        policy = e
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
     try:
-        EgressPolicy.for_message(msg, context).check(reply)
+        if isinstance(policy, Exception):
+            raise policy
+        policy.check(reply)
     except (EgressBlocked, KeyError, ValueError) as e:
         log.error("egress guard BLOCKED the %s reply: %s", msg.metadata.message_type, e)
         return Message(Error(code=EGRESS_BLOCKED, reason=f"egress guard blocked the reply: {e}"),

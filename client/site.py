@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,11 +204,14 @@ class Site:
         return {"num-examples": sum(counts.values()), **counts}
 
     def train(
-        self, ins: Instruction, master: Mapping[str, torch.Tensor],
-        server_teacher: Mapping[str, torch.Tensor] | None = None,
+        self, ins: Instruction, master: MutableMapping[str, torch.Tensor],
+        server_teacher: MutableMapping[str, torch.Tensor] | None = None,
         world: World | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """One federated round: master student + the site's teacher -> cyclic training.
+
+        ``master`` and ``server_teacher`` are handed over: emptied once the models hold their
+        values, so that the copies a message brought are not kept through training.
 
         With ``teacher: server`` the teacher is ``server_teacher``, the round's fixed
         consistency target, and the site stores none. A site deployed with several
@@ -238,6 +241,7 @@ class Site:
                 td.train = td.train.epoch_part(ins.round - 1, parts, train.seed)
         seed_everything(train.seed + ins.round)
         student = self._own_heads(ins, self._model(ins, tasks, master), ins.round).to(device)
+        master.clear()
         if ins.head_refit:  # heads fitted to the master's features before joint training
             heads, _ = fit_heads(student, tasks, batch_size=train.batch_size, device=device)
             student.load_state_dict(heads, strict=False)
@@ -247,6 +251,7 @@ class Site:
             teacher = found[0] if found else make_teacher(student)
         else:
             teacher, found = make_teacher(self._model(ins, tasks, server_teacher)), None
+            server_teacher.clear()
         teacher = teacher.to(device)
         ema_step, ema_total = ema_position(ins.round, ins.num_rounds, ins.local_epochs, len(tasks))
         optimizer, opt_round = self._optimizer(ins, student, train, found[1] if found else None)
@@ -326,10 +331,12 @@ class Site:
             "a round, so the next round repairs this")
 
     def encode(
-        self, ins: Instruction, master: Mapping[str, torch.Tensor],
+        self, ins: Instruction, master: Mapping[str, torch.Tensor] | None,
         student: Mapping[str, torch.Tensor]
     ) -> Payload:
         """The train reply's payload in the run's transfer encoding (``ins.transfer``).
+
+        ``master`` (the one received) is read only with ``delta``; otherwise it may be None.
 
         With error feedback, the residual of the latest earlier round of this run is added
         and the new one saved for the next round (a replayed round reuses the same one).
@@ -339,7 +346,7 @@ class Site:
         store = ResidualStore(self.state_dir, ins.fingerprint, keep=2) if cfg.error_feedback else None
         prev = store.latest_before(ins.round) if store is not None else None
         residual = store.load(prev) if prev is not None else None
-        payload = encode_update(student, master, cfg, residual)
+        payload = encode_update(student, master if master is not None else {}, cfg, residual)
         if store is not None:
             store.save(ins.round, payload.residual)
         return payload

@@ -6,12 +6,15 @@ it assigns message ids on push and returns replies on pull; the ClientApp runs w
 is pulled, with a fresh Context per message (as each message starts a fresh ClientApp
 process in deployment), so replies are produced and folded in the order the server asks
 for them: by node, i.e. in site order. An exception in the ClientApp becomes an error reply,
-as Flower's runtime does. ``tests/test_simulation.py`` shows a run over it gives the losses
+as Flower's runtime does. Each ClientApp gets its own Message and RecordDict, as the wire
+gives each site its own copy, so a handler that takes a record out leaves the server's
+message whole. ``tests/test_simulation.py`` shows a run over it gives the losses
 of ``flwr run`` on the same configuration.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from uuid import uuid4
 
@@ -28,6 +31,17 @@ def set_server_identity(run_id: int = 1) -> None:
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = run_id
     TaskIdentity.node_id = SUPERLINK_NODE_ID
+
+
+def _delivered(msg: Message) -> Message:
+    """``msg`` as a site receives it: its own Message, metadata and RecordDict.
+
+    The records themselves are shared: nothing in the ClientApp writes into them.
+    """
+    out = copy.copy(msg)
+    out.__dict__["_metadata"] = copy.copy(msg.metadata)
+    out.__dict__["_content"] = RecordDict(dict(msg.content))
+    return out
 
 
 class InProcessGrid(Grid):
@@ -102,7 +116,7 @@ class InProcessGrid(Grid):
                 continue
             del self._pending[mid]
             try:
-                reply = self.app(msg, self._context(msg.metadata.dst_node_id))
+                reply = self.app(_delivered(msg), self._context(msg.metadata.dst_node_id))
             except Exception as e:  # noqa: BLE001 - Flower turns any ClientApp failure into an error reply
                 reply = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
             self.produced += 1

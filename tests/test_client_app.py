@@ -178,3 +178,42 @@ def test_an_instruction_the_site_cannot_read_is_answered_with_why(tmp_path, chan
     msg.content["config"]["instruction"] = json.dumps(data)
     with pytest.raises(InstructionError, match=re.escape(says)):
         app(msg, _context(rc))
+
+
+@pytest.mark.parametrize("transfer, kept", [({}, False),
+                                            ({"dtype": "int8", "delta": True}, True)])
+def test_received_master_is_not_kept_through_training(tmp_path, monkeypatch, transfer, kept):
+    """The train handler frees the master's bytes once the student holds them; a delta reply
+    needs the master after training, so then (only) it stays."""
+    import gc
+    import weakref
+
+    import client.site
+    import ops.arrays
+
+    rc, fed_cfg, master, _ = _setup(tmp_path, transfer=transfer)
+    views, alive = [], []
+    to_tensor, train_cyclic = ops.arrays.to_tensor, client.site.train_cyclic
+
+    def watched_to_tensor(array):  # the real decoder; remembers the tensors over the message
+        t = to_tensor(array)
+        views.append(weakref.ref(t))
+        return t
+
+    def watched_train_cyclic(*args, **kwargs):  # the real training, once it starts
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in views))
+        return train_cyclic(*args, **kwargs)
+
+    monkeypatch.setattr(ops.arrays, "to_tensor", watched_to_tensor)
+    monkeypatch.setattr(client.site, "train_cyclic", watched_train_cyclic)
+    msg = _message("train", fed_cfg, 1, master)
+    reply = _call(rc, msg)
+    assert len(views) >= len(master) and len(alive) == 1
+    assert alive[0] == (len(master) if kept else 0)
+    assert "arrays" not in msg.content  # taken out by the handler ...
+    audit = [json.loads(line) for line in (Path(rc["run-dir"]) / "sites" / "hosp-a" / "audit.jsonl")
+             .read_text().splitlines()]
+    assert audit[-1]["received_bytes"] > 0  # ... after the audit log read what it records
+    assert audit[-1]["master_sha256"] is not None and "error" not in audit[-1]
+    assert reply.content["arrays"]

@@ -28,10 +28,11 @@ FLIP = -10.0
 
 
 def _attack_mod(msg, context, call_next):
+    # Read before the handler, which takes the master out of the message it is given.
+    master = msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else None
     reply = call_next(msg, context)
     if (msg.metadata.message_type == "train" and not reply.has_error()
             and reply.content["site"]["name"] == ATTACKER):
-        master = msg.content["arrays"].to_torch_state_dict()
         mine = reply.content["arrays"].to_torch_state_dict()
         reply.content["arrays"] = ArrayRecord(
             {k: master[k] + FLIP * (v - master[k]) for k, v in mine.items()})
