@@ -272,8 +272,25 @@ def _predictions(path: Path, tasks: list[TaskData], sim: SimulationConfig) -> di
     return out
 
 
+def select_arms(exp: ExperimentConfig, names: list[str], path: Path) -> ExperimentConfig:
+    """``exp`` with only the arms ``names`` and its reference, in the YAML's order.
+
+    Raises:
+        ValueError: A name that is not an arm of ``path``, or nothing but the reference.
+    """
+    arms = [a.name for a in exp.arms]
+    unknown = [n for n in names if n not in arms]
+    if unknown:
+        raise ValueError(f"{path}: no arm(s) {unknown}; its arms are {arms}")
+    kept = [a for a in exp.arms if a.name in names or a.name == exp.reference]
+    if len(kept) < 2:
+        raise ValueError(f"{path}: --arms {names} leaves only the reference {exp.reference!r}: "
+                         "name an arm to compare with it")
+    return exp.model_copy(update={"arms": kept})
+
+
 def run_experiment(path: Path, *, out_dir: Path | None = None, progress: bool = True,
-                   jobs: int = 1) -> dict:
+                   jobs: int = 1, arms: list[str] | None = None) -> dict:
     """Run every (site split, arm, seed) not run yet, then write the tables and the picture.
 
     ``jobs`` runs train side by side in that many processes (each with the simulation's
@@ -281,6 +298,8 @@ def run_experiment(path: Path, *, out_dir: Path | None = None, progress: bool = 
     site split) go last, after the run that trains it.
     """
     exp = load_config(path, ExperimentConfig)
+    if arms:
+        exp = select_arms(exp, arms, path)
     here = Path(path).resolve().parent
     sim_yaml = resolve_path(exp.simulation, here)
     raw, _ = load_yaml(sim_yaml)
@@ -500,13 +519,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", type=Path, help="override out_dir")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained side by side, one process each (at most one per core)")
+    p.add_argument("--arms", nargs="+", metavar="NAME",
+                   help="only these arms and the reference: run what they lack, then "
+                        "summarise them (runs already made are read, never trained again)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be at least 1, got {args.jobs}")
     out = run_experiment(args.config, out_dir=args.out_dir.resolve() if args.out_dir else None,
-                         jobs=args.jobs)
+                         jobs=args.jobs, arms=args.arms)
     print(Path(out["summary"]).read_text(encoding="utf-8"), end="")
     print(f"written: {out['summary']}, and the split's results .csv and summary .png beside it")
     return 0

@@ -14,7 +14,7 @@ from ark_core.eval.evaluate import evaluate
 from ark_core.fed.federation import load_simulation
 from ark_core.model.checkpoint import load_tensors
 from ark_core.model.factory import load_model
-from simulations.experiment import ExperimentConfig, held_out, run_experiment
+from simulations.experiment import ExperimentConfig, held_out, run_experiment, select_arms
 
 TWO_SITES = Path(__file__).resolve().parent / "data" / "sim_two_sites.yaml"
 
@@ -163,6 +163,17 @@ def test_an_unknown_reference_or_a_centralized_arm_with_settings_is_refused(tmp_
     arms = [{"name": "a"}, {"name": "c", "centralized": True, "federation": {"prox_mu": 0.1}}]
     with pytest.raises(ConfigError, match="a centralized arm takes no federation settings"):
         load_config(_write(tmp_path, arms=arms), ExperimentConfig)
+
+
+def test_arms_named_on_the_command_line_keep_the_reference_and_the_yamls_order(tmp_path):
+    arms = [{"name": n} for n in ("ref", "a", "b", "c")]
+    path = _write(tmp_path, arms=arms, reference="ref")
+    exp = load_config(path, ExperimentConfig)
+    assert [a.name for a in select_arms(exp, ["c", "a"], path).arms] == ["ref", "a", "c"]
+    with pytest.raises(ValueError, match=r"no arm\(s\) \['d'\]; its arms are"):
+        select_arms(exp, ["a", "d"], path)
+    with pytest.raises(ValueError, match="leaves only the reference 'ref'"):
+        select_arms(exp, ["ref"], path)
 
 
 def test_the_demo_ratio_is_that_of_the_evaluated_aucs_with_a_paired_ci(tiny_run):
