@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ class RankFailed(RuntimeError):
 
 
 def run_ranks(state_dir: Path, name: str, processes: int, launcher: Sequence[str] | None,
-              job: Mapping[str, Any], tensors: Mapping[str, Mapping[str, torch.Tensor]],
+              job: Mapping[str, Any], tensors: Mapping[str, MutableMapping[str, torch.Tensor]],
               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Train site ``name``'s round on ``processes`` ranks (or the launcher's).
 
@@ -55,7 +55,9 @@ def run_ranks(state_dir: Path, name: str, processes: int, launcher: Sequence[str
         processes: How many ranks (without a launcher).
         launcher: A command that starts the ranks itself (``deployment.launcher``).
         job: What :func:`client.rank.train_rank` reads, as JSON (``site``, ``ins``).
-        tensors: Named sets of tensors it reads (``master``, ``server_teacher``).
+        tensors: Named sets of tensors it reads (``master``, ``server_teacher``), handed
+            over: each is emptied once written, so this process keeps no copy while the
+            ranks train.
 
     Returns:
         Rank 0's trained student and metrics.
@@ -66,6 +68,7 @@ def run_ranks(state_dir: Path, name: str, processes: int, launcher: Sequence[str
         (folder / "job.json").write_text(json.dumps(job), encoding="utf-8")
         for key, value in tensors.items():
             save_tensors(value, folder / f"{key}.safetensors")
+            value.clear()
         _wait(_start(folder, processes, launcher), folder, name, launcher)
         return (load_tensors(folder / "student.safetensors"),
                 json.loads((folder / "metrics.json").read_text(encoding="utf-8")))
