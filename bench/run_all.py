@@ -25,7 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CPU = ["bench_data.py", "bench_trainer.py", "bench_aggregation.py", "bench_transfer.py",
-       "bench_labels.py", "bench_data_check.py", "bench_round_overhead.py"]
+       "bench_labels.py", "bench_data_check.py", "bench_clientapp.py", "bench_round_overhead.py"]
 GPU = [("bench_gpu_step.py", ["--gpu"])]
 LINE = re.compile(r"^RATIO (?P<name>\S.*?) = (?P<value>\S+) \(goal (?P<goal>.*?)"
                   r"(?:; median of (?P<n>\d+), min (?P<lo>\S+), max (?P<hi>\S+))?\)$", re.M)
