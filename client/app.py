@@ -49,8 +49,8 @@ def train(msg: Message, context: Context) -> Message:
     encoding, scales = content.config_records.get(ENCODING), content.array_records.get(SCALES)
     # The master and a server teacher are taken out of the message (the mods read what they
     # need before), so that once the models hold their values no copy is kept in training.
-    master = dict(site.receive(ins, _take(content, ARRAYS), encoding,
-                               None if scales is None else Tensors(scales)))
+    master = site.receive(ins, _take(content, ARRAYS), encoding,
+                          None if scales is None else Tensors(scales))
     base = dict(master) if ins.transfer.delta else None  # what the reply is a difference from
     student, metrics = site.train(ins, master, _take(content, TEACHER, required=False))
     payload = site.encode(ins, base, student)

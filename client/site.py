@@ -283,9 +283,9 @@ class Site:
         return trained, metrics
 
     def receive(
-        self, ins: Instruction, arrays: Mapping[str, torch.Tensor],
+        self, ins: Instruction, arrays: dict[str, torch.Tensor],
         manifest: Mapping[str, Any] | None, scales: Mapping[str, Any] | None,
-    ) -> Mapping[str, torch.Tensor]:
+    ) -> dict[str, torch.Tensor]:
         """The master this round trains from: as sent, or rebuilt (compact downlink).
 
         With ``transfer.downlink`` bf16 or int8 the server sends either the master in fp32 or
@@ -315,7 +315,7 @@ class Site:
                     f"the master rebuilt from this site's reference has SHA-256 {sha[:16]}, the "
                     f"server's {str(manifest.get(MASTER_KEY))[:16]}: the two sides decode "
                     "differently (run the same version on both)")
-        store.save(ins.round, dict(master))
+        store.save(ins.round, master)
         return master
 
     def _reference(self, store: ReferenceStore, sha: str) -> dict[str, torch.Tensor]:
