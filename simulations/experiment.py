@@ -289,8 +289,22 @@ def select_arms(exp: ExperimentConfig, names: list[str], path: Path) -> Experime
     return exp.model_copy(update={"arms": kept})
 
 
+def select_splits(exp: ExperimentConfig, names: list[str], path: Path) -> ExperimentConfig:
+    """``exp`` with only the site splits ``names``, in the YAML's order.
+
+    Raises:
+        ValueError: A name that is not a site split of ``path``.
+    """
+    splits = [s.name for s in exp.site_splits]
+    unknown = [n for n in names if n not in splits]
+    if unknown:
+        raise ValueError(f"{path}: no site split(s) {unknown}; its site splits are {splits}")
+    return exp.model_copy(update={"site_splits": [s for s in exp.site_splits if s.name in names]})
+
+
 def run_experiment(path: Path, *, out_dir: Path | None = None, progress: bool = True,
-                   jobs: int = 1, arms: list[str] | None = None) -> dict:
+                   jobs: int = 1, arms: list[str] | None = None,
+                   splits: list[str] | None = None) -> dict:
     """Run every (site split, arm, seed) not run yet, then write the tables and the picture.
 
     ``jobs`` runs train side by side in that many processes (each with the simulation's
@@ -300,6 +314,8 @@ def run_experiment(path: Path, *, out_dir: Path | None = None, progress: bool = 
     exp = load_config(path, ExperimentConfig)
     if arms:
         exp = select_arms(exp, arms, path)
+    if splits:
+        exp = select_splits(exp, splits, path)
     here = Path(path).resolve().parent
     sim_yaml = resolve_path(exp.simulation, here)
     raw, _ = load_yaml(sim_yaml)
@@ -522,13 +538,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arms", nargs="+", metavar="NAME",
                    help="only these arms and the reference: run what they lack, then "
                         "summarise them (runs already made are read, never trained again)")
+    p.add_argument("--splits", nargs="+", metavar="NAME",
+                   help="only these site splits (combines with --arms)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be at least 1, got {args.jobs}")
     out = run_experiment(args.config, out_dir=args.out_dir.resolve() if args.out_dir else None,
-                         jobs=args.jobs, arms=args.arms)
+                         jobs=args.jobs, arms=args.arms, splits=args.splits)
     print(Path(out["summary"]).read_text(encoding="utf-8"), end="")
     print(f"written: {out['summary']}, and the split's results .csv and summary .png beside it")
     return 0

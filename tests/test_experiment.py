@@ -14,7 +14,7 @@ from ark_core.eval.evaluate import evaluate
 from ark_core.fed.federation import load_simulation
 from ark_core.model.checkpoint import load_tensors
 from ark_core.model.factory import load_model
-from simulations.experiment import ExperimentConfig, held_out, run_experiment, select_arms
+from simulations.experiment import ExperimentConfig, held_out, run_experiment, select_arms, select_splits
 
 TWO_SITES = Path(__file__).resolve().parent / "data" / "sim_two_sites.yaml"
 
@@ -174,6 +174,17 @@ def test_arms_named_on_the_command_line_keep_the_reference_and_the_yamls_order(t
         select_arms(exp, ["a", "d"], path)
     with pytest.raises(ValueError, match="leaves only the reference 'ref'"):
         select_arms(exp, ["ref"], path)
+
+
+def test_site_splits_named_on_the_command_line_keep_the_yamls_order(tmp_path):
+    splits = [{"name": "natural"}, {"name": "iid", "method": "iid"},
+              {"name": "skew", "method": "dirichlet", "alpha": 0.5}]
+    path = _write(tmp_path, site_splits=splits)
+    exp = load_config(path, ExperimentConfig)
+    assert [s.name for s in select_splits(exp, ["skew", "natural"], path).site_splits] == [
+        "natural", "skew"]
+    with pytest.raises(ValueError, match=r"no site split\(s\) \['x'\]; its site splits are"):
+        select_splits(exp, ["iid", "x"], path)
 
 
 def test_the_demo_ratio_is_that_of_the_evaluated_aucs_with_a_paired_ci(tiny_run):
