@@ -243,7 +243,10 @@ class Site:
         student = self._own_heads(ins, self._model(ins, tasks, master), ins.round).to(device)
         master.clear()
         if ins.head_refit:  # heads fitted to the master's features before joint training
-            heads, _ = fit_heads(student, tasks, batch_size=train.batch_size, device=device)
+            # Unstandardised: heads fitted on standardised features of an early master are
+            # large enough to make the first steps' loss non-finite.
+            heads, _ = fit_heads(student, tasks, batch_size=train.batch_size, device=device,
+                                 standardise=False)
             student.load_state_dict(heads, strict=False)
         if on_site:
             found = self._teacher(ins, tasks, ins.round)

@@ -52,6 +52,22 @@ def test_the_head_predicts_what_a_standardised_logistic_regression_predicts(task
     np.testing.assert_allclose(_probs(w, b, z, spec), fit_probe(z, target, spec)(z), atol=2e-4)
 
 
+def test_an_unstandardised_fit_keeps_a_head_on_barely_spread_embeddings_small():
+    # An untrained backbone embeds every film alike: dimensions spread by 1e-2.
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=(200, 6)) * 1e-2 + 0.3
+    spec = TaskSpec("t", ("a",), TaskType.BINARY)
+    target = (z[:, 0] + rng.normal(size=200) * 1e-2 > 0.3).astype(float)[:, None]
+    # At the optimum of an L2 logistic regression with a free intercept, sum_i (y_i - p_i) = 0
+    # and w = C * sum_i (y_i - p_i) (z_i - mean z): the raw weight's norm is at most
+    # C * sum_i ||z_i - mean z||. Standardising lifts that bound by 1 / spread.
+    bound = np.linalg.norm(z - z.mean(0), axis=1).sum()
+    raw, _ = fit_head(z, target, spec, _head(spec), standardise=False)
+    standardised, _ = fit_head(z, target, spec, _head(spec))
+    assert raw.norm() <= bound
+    assert standardised.norm() > 10 * bound
+
+
 def test_labels_the_site_cannot_fit_keep_a_safe_head():
     rng = np.random.default_rng(1)
     z = rng.normal(size=(40, 6))

@@ -17,7 +17,7 @@ def _site_refit_heads(rc: dict, master: dict) -> dict[str, torch.Tensor]:
     tasks = load_task_data(sim.sites[0].tasks, base, splits=("train",))
     model = create_model(sim.model.model_copy(update={"init": "random"}), [t.spec for t in tasks])
     model.load_state_dict(master, strict=False)
-    heads, _ = fit_heads(model, tasks, batch_size=sim.train.batch_size)
+    heads, _ = fit_heads(model, tasks, batch_size=sim.train.batch_size, standardise=False)
     return heads
 
 

@@ -28,20 +28,28 @@ ABSENT_LOGIT = -20.0
 """Bias of a class the site never saw: its probability stays ~2e-9 until others teach it."""
 
 
-def _standardised_fit(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
+def _fit(x: np.ndarray, y: np.ndarray, c: float, standardise: bool
+         ) -> tuple[np.ndarray, np.ndarray]:
     """Coefficients (K, D) and intercepts (K,) of a logistic regression, on raw ``x``."""
     from sklearn.linear_model import LogisticRegression  # noqa: PLC0415 - slow import, one use
 
     mean, scale = x.mean(0), x.std(0)
     scale[scale == 0] = 1.0
+    if not standardise:
+        mean, scale = np.zeros_like(mean), np.ones_like(scale)
     clf = LogisticRegression(C=c, max_iter=2000).fit((x - mean) / scale, y)
     coef = clf.coef_ / scale
     return coef, clf.intercept_ - coef @ mean
 
 
 def fit_head(z: np.ndarray, target: np.ndarray, spec: TaskSpec, current: torch.nn.Linear, *,
-             c: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+             c: float = 1.0, standardise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """A head's weight (C, D) and bias (C,) fitted on embeddings ``z`` (N, D).
+
+    ``standardise`` fits on standardised embeddings, which regularises every dimension alike
+    (the best scores); off, the L2 penalty acts on the head's own weight, which keeps it as
+    small as a head trained with weight decay: the start a head needs if it is to be trained
+    on (standardising divides by the tiny spread of an untrained backbone's dimensions).
 
     A label with one value only gets a zero weight and that value's (clipped) log-odds; a
     label without any known value keeps ``current``'s row.
@@ -53,7 +61,7 @@ def fit_head(z: np.ndarray, target: np.ndarray, spec: TaskSpec, current: torch.n
         ok = target >= 0
         classes = np.unique(target[ok]).astype(int)
         if len(classes) >= 2:
-            coef, icpt = _standardised_fit(z[ok], target[ok].astype(int), c)
+            coef, icpt = _fit(z[ok], target[ok].astype(int), c, standardise)
             if len(classes) == 2:  # sklearn's binary form: the log-odds of the second class
                 coef, icpt = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-icpt[0] / 2, icpt[0] / 2])
             w[:], b[:] = 0.0, ABSENT_LOGIT
@@ -69,7 +77,7 @@ def fit_head(z: np.ndarray, target: np.ndarray, spec: TaskSpec, current: torch.n
             if len(y) == 0:
                 continue
             if 0 < y.sum() < len(y):
-                coef, icpt = _standardised_fit(z[ok], y.astype(int), c)
+                coef, icpt = _fit(z[ok], y.astype(int), c, standardise)
                 w[col], b[col] = coef[0], icpt[0]
             else:
                 p = float(np.clip(y.mean(), 1e-4, 1 - 1e-4))
@@ -79,9 +87,11 @@ def fit_head(z: np.ndarray, target: np.ndarray, spec: TaskSpec, current: torch.n
 
 
 def fit_heads(model: ArkModel, tasks: Sequence[TaskData], *, batch_size: int = 64,
-              device: torch.device | str = "cpu", c: float = 1.0,
+              device: torch.device | str = "cpu", c: float = 1.0, standardise: bool = True,
               ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Every task's head fitted on ``model``'s frozen embeddings of the task's training split.
+
+    ``standardise``: see `fit_head`.
 
     Returns:
         ``heads.<task>.weight`` / ``.bias`` tensors, and the examples each fit saw
@@ -92,7 +102,8 @@ def fit_heads(model: ArkModel, tasks: Sequence[TaskData], *, batch_size: int = 6
     for td in tasks:
         name = td.spec.name
         e = embed(model, td.train, batch_size=batch_size, device=device)
-        weight, bias = fit_head(e.embedding, e.target, td.spec, model.heads[name], c=c)
+        weight, bias = fit_head(e.embedding, e.target, td.spec, model.heads[name], c=c,
+                                standardise=standardise)
         heads[f"heads.{name}.weight"], heads[f"heads.{name}.bias"] = weight, bias
         counts[f"num-examples.{name}"] = float(len(e.index))
     counts["num-examples"] = float(sum(counts.values()))
