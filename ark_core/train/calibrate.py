@@ -33,10 +33,11 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float, standardise: bool
     """Coefficients (K, D) and intercepts (K,) of a logistic regression, on raw ``x``."""
     from sklearn.linear_model import LogisticRegression  # noqa: PLC0415 - slow import, one use
 
-    mean, scale = x.mean(0), x.std(0)
-    scale[scale == 0] = 1.0
-    if not standardise:
-        mean, scale = np.zeros_like(mean), np.ones_like(scale)
+    if standardise:
+        mean, scale = x.mean(0), x.std(0)
+        scale[scale == 0] = 1.0
+    else:
+        mean, scale = np.zeros(x.shape[1]), np.ones(x.shape[1])
     clf = LogisticRegression(C=c, max_iter=2000).fit((x - mean) / scale, y)
     coef = clf.coef_ / scale
     return coef, clf.intercept_ - coef @ mean
