@@ -513,20 +513,24 @@ def _picture(exp: ExperimentConfig, scored: dict[str, dict[str, Scored]], summar
     plt = pyplot()
     splits = list(scored)
     n_tasks = max(len(t) for t in scored.values())
-    fig, axes = plt.subplots(1, len(splits), figsize=((2 + 1.6 * n_tasks) * len(splits), 3.6),
+    # The legend sits right of the bars, which it would hide with many arms; tab10 repeats
+    # its colours after ten arms, so larger grids take tab20.
+    fig, axes = plt.subplots(1, len(splits),
+                             figsize=((2 + 1.6 * n_tasks) * len(splits) + 2.2, 3.6),
                              squeeze=False, sharey=True)
     width = 0.8 / len(exp.arms)
+    colours = plt.get_cmap("tab10" if len(exp.arms) <= 10 else "tab20")
     for ax, ss in zip(axes[0], splits, strict=True):
         tasks, table = list(scored[ss]), summary["site_splits"][ss]["table"]
         for i, arm in enumerate(exp.arms):
             cells = [table.get(f"{arm.name}|{t}", (np.nan, 0.0, 0)) for t in tasks]
             ax.bar(np.arange(len(tasks)) + i * width, [c[0] for c in cells], width,
-                   yerr=[c[1] for c in cells], capsize=3, label=arm.name)
+                   yerr=[c[1] for c in cells], capsize=3, label=arm.name, color=colours(i))
         ax.set_xticks(np.arange(len(tasks)) + width * (len(exp.arms) - 1) / 2, tasks)
         ax.set_title(f"site split: {ss}", fontsize=9)
         ax.set_ylim(0.4, 1.0)
     axes[0][0].set_ylabel(f"AUC ({exp.evaluate_on}), mean ± sd over seeds")
-    axes[0][-1].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save_figure(fig, path)
 
 
